@@ -1,0 +1,123 @@
+"""Build megatron-core GPT model chunks from mswift's config (the model's shape + the layout).
+
+The model is built for the current rank's place in the layout: its pipeline stage (and virtual
+stages), its tensor-parallel slice and its experts. Parallel state must be initialised first
+(:func:`mswift.runtime.init_distributed`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mswift.config.schema import MswiftConfig
+from mswift.models.spec import gpt_block_spec
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's rule: pad the vocabulary to a multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    if not swiglu:
+        return 4 * hidden_size
+    return 64 * -(-(8 * hidden_size // 3) // 64)  # 8/3 H rounded up to a multiple of 64
+
+
+def params_dtype(cfg: MswiftConfig) -> torch.dtype:
+    if cfg.training.bf16:
+        return torch.bfloat16
+    if cfg.training.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
+    """megatron-core's TransformerConfig for ``cfg`` (validated by megatron-core itself)."""
+    m, par = cfg.model, cfg.parallel
+    dtype = params_dtype(cfg)
+    ffn = m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.swiglu)
+    moe = {}
+    if m.num_experts is not None:
+        moe = dict(
+            num_moe_experts=m.num_experts,
+            moe_router_topk=m.moe_router_topk,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size or ffn,
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+            moe_grouped_gemm=False,
+        )
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=ffn,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_parallel_size,
+        context_parallel_size=par.context_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=cfg.training.bf16,
+        fp16=cfg.training.fp16,
+        # Initialise each weight whole on the CPU and keep this rank's slice, so weights do
+        # not depend on the tensor-parallel size; on the CPU layer there is no other choice.
+        use_cpu_initialization=True,
+        # Loss is a sum over tokens; gradients are divided by the global token count.
+        calculate_per_token_loss=True,
+        **moe,
+    )
+
+
+def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
+    config = config or transformer_config(cfg)
+    m = cfg.model
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
+                              cfg.parallel.tensor_model_parallel_size)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for stage in range(vpp):
+        vp_stage = stage if vpp > 1 else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=gpt_block_spec(config, vp_stage=vp_stage),
+            vocab_size=vocab,
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                              vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                              vp_stage=vp_stage),
+            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+            position_embedding_type=m.position_embedding_type,
+            rotary_base=m.rotary_base,
+            vp_stage=vp_stage,
+        )
+        chunks.append(chunk)
+    return chunks

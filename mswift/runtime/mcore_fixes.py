@@ -1,0 +1,61 @@
+"""Fixes for megatron-core paths that break without apex / Transformer Engine (GPU or CPU).
+
+Without either package megatron-core falls back to ``torch.optim.Adam``, which keeps a
+per-parameter ``step`` tensor that the fused optimizers do not. Found with megatron-core 0.16.1:
+
+* loading a ``fully_reshardable`` distributed-optimizer checkpoint copies every state entry of
+  a parameter from the loaded tensors, ``step`` included, but the loaded tensors leave ``step``
+  out (it is restored from the param groups) -> ``KeyError: 'step'``.
+* a torch Adam that has not stepped has no state, and the distributed optimizer's
+  ``state_dict()`` (called while building the state dict to load into) asserts on its ``step``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_APPLIED = False
+
+
+def apply_mcore_fixes() -> None:
+    global _APPLIED
+    if _APPLIED:
+        return
+    from megatron.core.optimizer import distrib_optimizer
+
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        _skip_step_when_setting_param_state(distrib_optimizer.DistributedOptimizer)
+    _APPLIED = True
+
+
+def _skip_step_when_setting_param_state(cls) -> None:
+    original = cls._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        step = state.pop("step", None)
+        try:
+            return original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    cls._set_main_param_and_optimizer_states = set_states
+
+
+def init_empty_optimizer_state(optimizer) -> None:
+    """Give an optimizer that has not stepped the state entries a checkpoint load overwrites."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if opt.init_state_fn is not None:
+            opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if isinstance(inner, torch.optim.Adam):
+                    inner.state[param].setdefault("step", torch.tensor(0.0))

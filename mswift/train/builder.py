@@ -1,0 +1,92 @@
+"""Everything a training run holds: model chunks (DDP-wrapped), optimizer, LR schedule.
+
+megatron-core does the work: ``DistributedDataParallel`` reduces gradients over data-parallel
+ranks, ``get_megatron_optimizer`` builds the (distributed) Adam optimizer with fp32 main params
+and gradient clipping, ``OptimizerParamScheduler`` the warmup + decay schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mswift.config.schema import MswiftConfig
+from mswift.models.build import build_model, params_dtype, transformer_config
+
+
+@dataclass
+class TrainState:
+    cfg: MswiftConfig
+    config: TransformerConfig
+    model: list  # DDP-wrapped GPTModel chunks, one per virtual pipeline stage
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    iteration: int = 0  # optimizer steps taken
+
+
+def build_training(cfg: MswiftConfig) -> TrainState:
+    config = transformer_config(cfg)
+    chunks = build_model(cfg, config)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    model = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Gradient buckets of the second and later chunks are not overlapped (no VPP overlap).
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    optimizer = get_megatron_optimizer(optimizer_config(cfg), model)
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    return TrainState(cfg, config, model, optimizer, lr_scheduler(cfg, optimizer))
+
+
+def optimizer_config(cfg: MswiftConfig) -> OptimizerConfig:
+    t = cfg.training
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        params_dtype=params_dtype(cfg),
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+
+
+def lr_scheduler(cfg: MswiftConfig, optimizer) -> OptimizerParamScheduler:
+    """Warmup from 0 to ``lr`` over ``lr_warmup_iters``, then decay to ``min_lr`` (per step)."""
+    t = cfg.training
+    decay_iters = t.lr_decay_iters or t.train_iters
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if t.lr_warmup_iters else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=max(decay_iters, t.lr_warmup_iters + 1),
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.train_iters,
+        wd_incr_style="constant",
+    )

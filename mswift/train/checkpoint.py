@@ -1,0 +1,160 @@
+"""Save and load training state in megatron-core's reshardable ``torch_dist`` format.
+
+Layout (Megatron-LM's): ``SAVE/iter_0000010/`` holds one checkpoint, ``SAVE/
+latest_checkpointed_iteration.txt`` names the newest complete one. A checkpoint is written to
+``iter_XXXXXXX.tmp`` and renamed when every rank has finished, then the tracker is replaced
+atomically, so a crash mid-save never leaves a half-written checkpoint where a load looks.
+Model weights, optimizer state and the LR schedule are sharded tensors/objects that
+megatron-core reshards on load, so a run saved at one TP/PP/EP layout loads at another.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from mswift.runtime.mcore_fixes import init_empty_optimizer_state
+from mswift.train.builder import TrainState
+
+TRACKER = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's state is saved in a canonical per-parameter form (gathered over
+# data-parallel ranks), so it can be loaded at another TP/PP/EP/DP layout.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message says which file and why."""
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def _model_sharded_state_dict(state: TrainState) -> dict:
+    chunks = [ddp.module for ddp in state.model]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _rng_sharded_object() -> ShardedObject:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    rng["tracker"] = get_cuda_rng_tracker().get_states()
+    return ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)
+
+
+def _full_sharded_state_dict(state: TrainState, is_loading: bool, with_optim: bool) -> dict:
+    sd = _model_sharded_state_dict(state)
+    if with_optim:
+        merged = {}
+        for value in sd.values():
+            merged.update(value)
+        sd["optimizer"] = state.optimizer.sharded_state_dict(
+            merged, is_loading=is_loading, metadata=OPTIM_METADATA
+        )
+        sd["opt_param_scheduler"] = state.scheduler.state_dict()
+        sd["rng_state"] = _rng_sharded_object()
+    sd["iteration"] = state.iteration
+    return sd
+
+
+def save_checkpoint(state: TrainState, root: str | Path, extra: dict | None = None,
+                    weights_only: bool = False) -> Path:
+    """Write the training state for ``state.iteration`` under ``root``; returns its dir.
+
+    ``weights_only`` writes the model alone (e.g. initial weights, before the optimizer has
+    any state), loadable with ``load_optim=False``.
+    """
+    root = Path(root)
+    final = iteration_dir(root, state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
+        tmp.mkdir()
+    dist.barrier()
+    sd = _full_sharded_state_dict(state, is_loading=False, with_optim=not weights_only)
+    sd["extra"] = extra or {}
+    dist_checkpointing.save(sd, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_tracker(root, state.iteration)
+    dist.barrier()
+    return final
+
+
+def write_tracker(root: Path, iteration: int) -> None:
+    tmp = root / (TRACKER + ".tmp")
+    tmp.write_text(f"{iteration}\n")
+    os.replace(tmp, root / TRACKER)
+
+
+def read_tracker(root: str | Path) -> Path:
+    """The checkpoint dir the tracker names; CheckpointError for any inconsistency."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"load={root}: directory not found")
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        if (root / "metadata.json").is_file():  # a checkpoint dir given directly
+            return root
+        raise CheckpointError(f"load={root}: no {TRACKER} and not a torch_dist checkpoint")
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+    ckpt = iteration_dir(root, int(text))
+    if not (ckpt / "metadata.json").is_file():
+        raise CheckpointError(f"{tracker}: names iteration {int(text)}, but {ckpt} is missing "
+                              "or incomplete")
+    return ckpt
+
+
+def load_checkpoint(state: TrainState, root: str | Path, load_optim: bool = True,
+                    load_rng: bool = True) -> dict:
+    """Load ``root`` (a save dir with a tracker, or one checkpoint dir) into ``state``.
+
+    With ``load_optim=False`` only the weights are read (fine-tuning from a checkpoint); the
+    iteration then stays 0. Returns the ``extra`` dict saved with it (e.g. data position).
+    """
+    ckpt = read_tracker(root)
+    if load_optim:
+        init_empty_optimizer_state(state.optimizer)
+    sd = _full_sharded_state_dict(state, is_loading=True, with_optim=load_optim)
+    if load_optim:
+        sd["extra"] = {}
+    loaded = dist_checkpointing.load(sd, str(ckpt), strict=StrictHandling.RAISE_UNEXPECTED)
+    chunks = [ddp.module for ddp in state.model]
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for key, chunk in zip(keys, chunks):
+        chunk.load_state_dict(loaded[key], strict=True)
+    if not load_optim:
+        return {}
+    state.optimizer.load_state_dict(loaded["optimizer"])
+    state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    state.iteration = int(loaded["iteration"])
+    if load_rng:
+        _restore_rng(loaded["rng_state"])
+    return loaded.get("extra", {})
+
+
+def _restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().set_states(rng["tracker"])

@@ -1,0 +1,101 @@
+"""One optimizer step through megatron-core's pipeline schedules.
+
+The loss is a per-token mean over every loss token of the global batch (all micro-batches, all
+data-parallel ranks): each micro-batch returns its loss *sum* and token count, and
+megatron-core divides the gradients by the global count (``calculate_per_token_loss``).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mswift.train.builder import TrainState
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    # output_tensor: per-token cross entropy [batch, seq]
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output_tensor.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,  # causal mask is implied by the attention mask type
+        labels=batch["labels"],
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
+    """Forward/backward over ``micro_batches`` (this rank's share of the step), then update."""
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    seq_length = micro_batches[0]["tokens"].shape[1]
+    iterators = [iter(micro_batches) for _ in state.model]
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=state.model,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batches[0]["tokens"].shape[0],
+        forward_only=False,
+    )
+    updated, grad_norm, _ = state.optimizer.step()
+    if updated:
+        state.scheduler.step(increment=1)
+        state.iteration += 1
+    return {
+        "loss": global_mean_loss(outputs),
+        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "updated": bool(updated),
+    }
+
+
+def global_mean_loss(outputs: list[dict]) -> float:
+    """Mean loss per token over the global batch, the same number on every rank.
+
+    Only the last pipeline stage has losses; its tensor/context-parallel ranks hold copies, and
+    every data-parallel replica is duplicated alike, so summing (loss, count) over all ranks and
+    dividing gives the global per-token mean.
+    """
+    total = torch.zeros(2, dtype=torch.float64)
+    for out in outputs or []:
+        total += out["lm loss"].double()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else math.nan
+
+
+def eval_step(state: TrainState, micro_batches: list[dict]) -> float:
+    """Forward only: the global per-token mean loss of ``micro_batches`` (no update)."""
+    for chunk in state.model:
+        chunk.eval()
+    try:
+        iterators = [iter(micro_batches) for _ in state.model]
+        with torch.no_grad():
+            outputs = get_forward_backward_func()(
+                forward_step_func=_forward_step,
+                data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=state.model,
+                num_microbatches=len(micro_batches),
+                seq_length=micro_batches[0]["tokens"].shape[1],
+                micro_batch_size=micro_batches[0]["tokens"].shape[0],
+                forward_only=True,
+            )
+    finally:
+        for chunk in state.model:
+            chunk.train()
+    return global_mean_loss(outputs)

@@ -1,0 +1,45 @@
+"""mswift: Megatron-style LLM training on megatron-core.
+
+Install torch first (``pip install torch==2.13.0`` on a CPU machine picks the CPU build);
+a bare ``torch`` requirement on a machine without torch pulls a multi-GB CUDA build.
+"""
+import sys
+
+from setuptools import find_packages, setup
+
+if sys.version_info >= (3, 12):
+    MEGATRON = "megatron-core>=0.15,<0.18"
+else:  # 0.16.1 is the newest megatron-core release that supports Python 3.11
+    MEGATRON = "megatron-core>=0.15,<0.17"
+
+setup(
+    name="mswift",
+    version="0.1.0",
+    description="Megatron-style training for large language models on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mswift", "mswift.*"]) + ["mswift.kernels"]
+    + ["mswift.kernels." + p for p in find_packages("kernels")],
+    package_dir={"mswift.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        MEGATRON,
+        "transformers>=4.51",
+        "safetensors>=0.4",
+        "datasets>=3.0",
+        "triton>=3.2",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "psutil>=5.9",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # Transformer Engine and apex are built against the CUDA toolkit of the machine:
+        # use the NGC PyTorch image (docker/Dockerfile.gpu) or follow their install notes.
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "mpi": ["mpi4py>=3.1"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["mswift=mswift.cli:main"]},
+)
