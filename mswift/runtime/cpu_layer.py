@@ -7,7 +7,7 @@ covers (each found by running megatron-core 0.16.1 on CPU, see DESIGN.md):
 * ``torch.cuda`` calls: current device, set_device, RNG state get/set/seed, streams, events,
   synchronize, memory statistics -> CPU equivalents or no-ops. The "CUDA" RNG state that
   megatron's RNG tracker forks for tensor-parallel dropout is the CPU generator's state.
-* literal ``device='cuda'`` / ``.cuda()`` / ``.to('cuda')`` / ``record_stream`` / ``pin_memory``
+* literal ``device='cuda'`` / ``.cuda()`` / ``.to('cuda')`` / ``pin_memory``
   -> a :class:`torch.overrides.TorchFunctionMode` that maps every CUDA device to the CPU.
 * ``param.type()`` compared with ``'torch.cuda.FloatTensor'`` strings in the optimizers ->
   the mode answers with the CUDA type name.
@@ -103,8 +103,6 @@ class CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.cuda:
             return args[0]
-        if func in (torch.Tensor.record_stream,):
-            return None
         if func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.is_pinned:
@@ -215,6 +213,8 @@ def _patch_torch_cuda() -> None:
     cuda.max_memory_reserved = lambda device=None: 0
     cuda.reset_peak_memory_stats = lambda device=None: None
     cuda.memory_stats = lambda device=None: {}
+    # Argument parsing rejects the stand-in stream before any mode could intercept the call.
+    torch.Tensor.record_stream = lambda self, stream: None
     cuda.nvtx.range_push = lambda *a, **k: None
     cuda.nvtx.range_pop = lambda *a, **k: None
     cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()

@@ -1,0 +1,1 @@
+"""Model families: HF config -> megatron-core config, layer spec and weight map; builders."""

@@ -1,0 +1,1 @@
+"""The training driver: build, step, checkpoint, loop."""

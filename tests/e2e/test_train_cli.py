@@ -1,0 +1,50 @@
+"""The README's main job from the command line: torchrun + launch/pretrain_sft.py on real files."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from mswift.testing.ranks import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "tiny_llama_tp2.yaml"
+
+
+def run(cmd, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_llama_tp2_trains_and_checkpoints(tmp_path):
+    save = tmp_path / "run"
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "launch/pretrain_sft.py",
+                "--config", str(EXAMPLE), "train_iters=6", "log_interval=1", "save_interval=3",
+                f"save={save}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"^step +\d+/6 \| loss ([0-9.]+)", proc.stdout, re.M)]
+    assert len(losses) == 6, proc.stdout
+    assert losses[-1] < losses[0] - 0.5, f"loss did not fall: {losses}"
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert (save / "iter_0000003" / "metadata.json").is_file()
+    assert (save / "iter_0000006" / "metadata.json").is_file()
+    assert not list(save.glob("*.tmp"))
+
+
+def test_bad_layout_fails_fast_with_the_setting_named(tmp_path):
+    save = tmp_path / "run"
+    proc = run([sys.executable, "-m", "mswift", "train", "--config", str(EXAMPLE),
+                "tensor_model_parallel_size=3", "sequence_parallel=false", f"save={save}"],
+               timeout=120)
+    assert proc.returncode == 2
+    assert "tensor_model_parallel_size=3: must divide num_attention_heads=4" in proc.stderr
+    assert "world size 1: not divisible by tensor_model_parallel_size (3)" in proc.stderr
+    assert not save.exists()
+
+
+def test_cli_help_lists_commands():
+    proc = run([sys.executable, "-m", "mswift", "--help"], timeout=60)
+    assert proc.returncode == 0 and "train" in proc.stdout
+    proc = run([sys.executable, "-m", "mswift", "nonsense"], timeout=60)
+    assert proc.returncode == 2 and "unknown command 'nonsense'" in proc.stderr
