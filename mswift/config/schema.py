@@ -53,7 +53,9 @@ class _Section:
 class ModelConfig(_Section):
     """The transformer's shape (a GPT-style decoder built by megatron-core)."""
 
-    # HF model directory to start from; its config.json fills the fields below (bridge issue).
+    # HF model directory (config.json + safetensors) to start from: its config.json fills the
+    # fields below (mswift.models.registry.apply_hf_model) and its weights are loaded into the
+    # sharded model (mswift.bridge.load_hf_into_model).
     hf_model: Optional[str] = None
     num_layers: int = positive(2, "transformer layers")
     hidden_size: int = positive(64, "model width H")
@@ -69,10 +71,22 @@ class ModelConfig(_Section):
     swiglu: bool = True  # gated SiLU MLP (Llama/Qwen); False = GELU MLP
     position_embedding_type: str = choice("rope", ("rope", "learned_absolute", "none"))
     rotary_base: float = positive(10000.0, "RoPE theta")
+    # RoPE frequency scaling; None = plain RoPE. "llama3" = Llama-3.1's smooth low/high-frequency
+    # interpolation, with the four rope_* numbers below (HF rope_parameters of the same names).
+    rope_scaling_type: Optional[str] = choice(None, (None, "llama3"))
+    rope_scaling_factor: float = positive(8.0, "llama3: factor")
+    rope_low_freq_factor: float = positive(1.0, "llama3: low_freq_factor")
+    rope_high_freq_factor: float = positive(4.0, "llama3: high_freq_factor")
+    rope_original_max_position_embeddings: int = positive(
+        8192, "llama3: original_max_position_embeddings (context length before scaling)")
     untie_embeddings_and_output_weights: bool = True
     add_bias_linear: bool = False  # biases in every linear layer
     add_qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
     qk_layernorm: bool = False  # RMSNorm on q and k heads (Qwen3)
+    # Core attention: local = megatron-core's DotProductAttention (no packed sequences);
+    # torch / triton = mswift's varlen attention on its torch reference / Triton kernels;
+    # auto = triton with CUDA, else torch.
+    attention_backend: str = choice("auto", ("auto", "local", "torch", "triton"))
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     init_method_std: float = positive(0.02)
@@ -83,6 +97,15 @@ class ModelConfig(_Section):
     moe_token_dispatcher_type: str = choice("alltoall", ("alltoall", "allgather"))
     moe_aux_loss_coeff: float = 0.0
     moe_router_load_balancing_type: str = choice("aux_loss", ("aux_loss", "seq_aux_loss", "none"))
+    # How router logits become expert weights. softmax + pre_softmax=false: top-k of the logits,
+    # softmax over the k chosen (= softmax over all, renormalised over the top k; Qwen3-MoE with
+    # norm_topk_prob). pre_softmax=true: softmax over all experts, then top-k, not renormalised.
+    moe_router_score_function: str = choice("softmax", ("softmax", "sigmoid"))
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: Optional[float] = None  # multiply the top-k weights (None = 1)
+    # Which layers are MoE: one 1 (MoE) or 0 (dense MLP of ffn_hidden_size) per layer;
+    # None = every layer is MoE when num_experts is set.
+    moe_layer_freq: Optional[list[int]] = None
 
     def extra_problems(self):
         problems = []
@@ -101,6 +124,19 @@ class ModelConfig(_Section):
             problems.append(
                 f"moe_router_topk={self.moe_router_topk}: expected at most num_experts="
                 f"{self.num_experts}"
+            )
+        freq = self.moe_layer_freq
+        if freq is not None and (len(freq) != self.num_layers or set(freq) - {0, 1}
+                                 or self.num_experts is None):
+            problems.append(
+                f"moe_layer_freq={freq}: expected one 0 or 1 per layer (num_layers="
+                f"{self.num_layers}), with num_experts set"
+            )
+        if (self.rope_scaling_type == "llama3"
+                and self.rope_high_freq_factor <= self.rope_low_freq_factor):
+            problems.append(
+                f"rope_high_freq_factor={self.rope_high_freq_factor}: expected more than "
+                f"rope_low_freq_factor={self.rope_low_freq_factor}"
             )
         return problems
 

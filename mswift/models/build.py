@@ -13,19 +13,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mswift.config.schema import MswiftConfig
+from mswift.models.rope import apply_rope_scaling
+from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size  # noqa: F401
 from mswift.models.spec import gpt_block_spec
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron-LM's rule: pad the vocabulary to a multiple of ``divisible_by * tp``."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
-def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
-    if not swiglu:
-        return 4 * hidden_size
-    return 64 * -(-(8 * hidden_size // 3) // 64)  # 8/3 H rounded up to a multiple of 64
 
 
 def params_dtype(cfg: MswiftConfig) -> torch.dtype:
@@ -50,6 +40,10 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+            moe_router_score_function=m.moe_router_score_function,
+            moe_router_pre_softmax=m.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
+            moe_layer_freq=list(m.moe_layer_freq) if m.moe_layer_freq is not None else 1,
             moe_grouped_gemm=False,
         )
     return TransformerConfig(
@@ -107,7 +101,8 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
         vp_stage = stage if vpp > 1 else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_block_spec(config, vp_stage=vp_stage),
+            transformer_layer_spec=gpt_block_spec(config, vp_stage=vp_stage,
+                                                  attention_backend=m.attention_backend),
             vocab_size=vocab,
             max_sequence_length=m.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
@@ -119,5 +114,7 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
             rotary_base=m.rotary_base,
             vp_stage=vp_stage,
         )
+        if m.rope_scaling_type is not None:
+            apply_rope_scaling(chunk.rotary_pos_emb, m)
         chunks.append(chunk)
     return chunks

@@ -3,29 +3,40 @@
 A spec is a tree of ``ModuleSpec``; swapping an implementation means replacing a class in the
 tree, never editing a layer. :func:`gpt_block_spec` returns the block spec (layers + final norm)
 with every torch norm replaced by :class:`mswift.models.norm.Norm` so tensor + sequence
-parallelism work without Transformer Engine.
+parallelism work without Transformer Engine, and megatron-core's DotProductAttention by
+:class:`mswift.models.attention.VarlenCoreAttention` so packed sequences do too.
 """
 from __future__ import annotations
 
 import dataclasses
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mswift.models.attention import VarlenCoreAttention, kernel_backend
 from mswift.models.norm import Norm
 
 
 def replace_modules(spec, mapping: dict):
-    """Copy of a spec tree (ModuleSpec / submodule dataclasses / lists) with classes replaced."""
+    """Copy of a spec tree (ModuleSpec / submodule dataclasses / lists) with classes replaced.
+
+    ``mapping`` maps a class to a class or to a ``ModuleSpec`` (a class plus constructor params).
+    """
     if isinstance(spec, type):
         return mapping.get(spec, spec)
     if isinstance(spec, ModuleSpec):
+        module = replace_modules(spec.module, mapping)
+        params = dict(spec.params)
+        if isinstance(module, ModuleSpec):
+            module, params = module.module, {**params, **module.params}
         return dataclasses.replace(
             spec,
-            module=replace_modules(spec.module, mapping),
+            module=module,
+            params=params,
             submodules=replace_modules(spec.submodules, mapping),
         )
     if isinstance(spec, list):
@@ -41,13 +52,22 @@ def replace_modules(spec, mapping: dict):
 
 
 def gpt_block_spec(
-    config: TransformerConfig, vp_stage: int | None = None
+    config: TransformerConfig, vp_stage: int | None = None, attention_backend: str = "auto"
 ) -> TransformerBlockSubmodules:
-    """The layers this pipeline stage (and virtual stage) builds, plus the final norm."""
+    """The layers this pipeline stage (and virtual stage) builds, plus the final norm.
+
+    ``attention_backend``: ``local`` keeps megatron-core's DotProductAttention; ``torch``,
+    ``triton`` and ``auto`` use :class:`VarlenCoreAttention` (packed sequences).
+    """
     spec = get_gpt_decoder_block_spec(
         config,
         use_transformer_engine=False,
         normalization=config.normalization,
         vp_stage=vp_stage,
     )
-    return replace_modules(spec, {WrappedTorchNorm: Norm})
+    mapping = {WrappedTorchNorm: Norm}
+    if attention_backend != "local":
+        mapping[DotProductAttention] = ModuleSpec(
+            module=VarlenCoreAttention, params={"backend": kernel_backend(attention_backend)}
+        )
+    return replace_modules(spec, mapping)

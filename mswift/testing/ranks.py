@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -42,8 +43,9 @@ def _rank_main(rank, world_size, port, env, body, args, kwargs, results):
         MASTER_PORT=str(port),
     )
     try:
-        value = body(*args, **kwargs)
-        results.put((rank, True, value))
+        # Plain pickle bytes: a tensor sent through the queue as-is travels as a shared-memory
+        # handle that dies with this process, possibly before the parent reads it.
+        results.put((rank, True, pickle.dumps(body(*args, **kwargs))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -129,5 +131,5 @@ def _collect(procs, results, world_size, timeout) -> list[Any]:
             continue
         if not ok:
             raise RankFailure(f"rank {rank} of {world_size} failed:\n{value}")
-        values[rank] = value
+        values[rank] = pickle.loads(value)
     return [values[r] for r in range(world_size)]

@@ -11,6 +11,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mswift.train.builder import TrainState
@@ -25,14 +26,33 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def model_inputs(batch: dict) -> dict:
+    """GPTModel keyword arguments for a micro-batch.
+
+    A micro-batch has ``tokens`` (or ``input_ids``), ``labels``, ``loss_mask`` and
+    ``position_ids``, all ``[rows, seq]``. A packed one also has ``cu_seqlens`` (int32 sample
+    boundaries over the flattened rows) and ``max_seqlen``: it is then passed to megatron-core
+    as one THD sequence ``[1, rows * seq]`` with ``PackedSeqParams``, so attention stays
+    inside each sample. Labels of tokens without loss (-100 in the data pipeline) become 0:
+    the loss mask removes them, and the vocab-parallel cross entropy needs valid ids.
+    """
+    tokens = batch["tokens"] if "tokens" in batch else batch["input_ids"]
+    labels = batch["labels"].clamp(min=0)
+    position_ids = batch["position_ids"]
+    packed = None
+    if "cu_seqlens" in batch:
+        tokens, labels, position_ids = (t.reshape(1, -1) for t in (tokens, labels, position_ids))
+        cu = batch["cu_seqlens"].to(torch.int32)
+        longest = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=longest, max_seqlen_kv=longest)
+    return dict(input_ids=tokens, position_ids=position_ids, attention_mask=None, labels=labels,
+                packed_seq_params=packed)
+
+
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    output = model(
-        batch["tokens"],
-        batch["position_ids"],
-        None,  # causal mask is implied by the attention mask type
-        labels=batch["labels"],
-    )
+    output = model(**model_inputs(batch))
     return output, partial(_loss_func, batch["loss_mask"])
 
 
@@ -41,17 +61,7 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    seq_length = micro_batches[0]["tokens"].shape[1]
-    iterators = [iter(micro_batches) for _ in state.model]
-    outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step,
-        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=state.model,
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batches[0]["tokens"].shape[0],
-        forward_only=False,
-    )
+    outputs = _run_schedule(state, micro_batches, forward_only=False)
     updated, grad_norm, _ = state.optimizer.step()
     if updated:
         state.scheduler.step(increment=1)
@@ -84,18 +94,24 @@ def eval_step(state: TrainState, micro_batches: list[dict]) -> float:
     for chunk in state.model:
         chunk.eval()
     try:
-        iterators = [iter(micro_batches) for _ in state.model]
         with torch.no_grad():
-            outputs = get_forward_backward_func()(
-                forward_step_func=_forward_step,
-                data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                model=state.model,
-                num_microbatches=len(micro_batches),
-                seq_length=micro_batches[0]["tokens"].shape[1],
-                micro_batch_size=micro_batches[0]["tokens"].shape[0],
-                forward_only=True,
-            )
+            outputs = _run_schedule(state, micro_batches, forward_only=True)
     finally:
         for chunk in state.model:
             chunk.train()
     return global_mean_loss(outputs)
+
+
+def _run_schedule(state: TrainState, micro_batches: list[dict], forward_only: bool) -> list:
+    """megatron-core's schedule for the layout (no pipelining, 1F1B or interleaved)."""
+    shape = model_inputs(micro_batches[0])["input_ids"].shape  # [micro batch, seq] as fed
+    iterators = [iter(micro_batches) for _ in state.model]
+    return get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=state.model,
+        num_microbatches=len(micro_batches),
+        seq_length=shape[1],
+        micro_batch_size=shape[0],
+        forward_only=forward_only,
+    )

@@ -1,0 +1,120 @@
+"""Core attention for megatron-core's layer spec over mswift's varlen attention.
+
+:class:`VarlenCoreAttention` takes the place of megatron-core's ``DotProductAttention`` (same
+constructor and forward arguments). It runs ``mswift.kernels.varlen_attention``: the Triton
+kernels on GPUs (or under the Triton interpreter) or the torch reference, so packed sequences
+(``PackedSeqParams`` with ``qkv_format='thd'``) train without Transformer Engine and no token
+attends across a sample boundary. Separate q/k and v head dims (MLA) are supported.
+
+Backends (the ``attention_backend`` setting):
+  ``local``  megatron-core's DotProductAttention (no packed sequences),
+  ``torch``  this module on the torch reference (CPU or GPU),
+  ``triton`` this module on the Triton kernels (GPU, or CPU with TRITON_INTERPRET=1),
+  ``auto``   ``triton`` with CUDA, else ``torch``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mswift.kernels import varlen_attention
+
+ATTENTION_BACKENDS = ("auto", "local", "torch", "triton")
+
+
+def kernel_backend(name: str) -> str:
+    """The ``varlen_attention`` backend for an ``attention_backend`` setting."""
+    if name == "auto":
+        return "triton" if torch.cuda.is_available() else "torch"
+    if name in ("torch", "triton"):
+        return name
+    raise ValueError(f"attention_backend={name!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+class VarlenCoreAttention(MegatronModule):
+    """Drop-in for ``DotProductAttention`` with packed-sequence support."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        backend: str = "torch",
+    ):
+        super().__init__(config=config)
+        self.backend = kernel_backend(backend)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"attention_dropout={dropout}: the varlen attention backends do not "
+                             "implement attention dropout; use 0 or attention_backend=local")
+        if config.context_parallel_size > 1:
+            raise ValueError("context_parallel_size > 1: not supported by the varlen attention "
+                             "backends yet")
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+        window = getattr(config, "window_size", None)
+        self.window_size = tuple(window) if window is not None else (-1, -1)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        mask_type = attn_mask_type or self.attn_mask_type
+        if attention_bias is not None:
+            raise ValueError("attention_bias: not supported by the varlen attention backends")
+        causal = mask_type == AttnMaskType.causal
+        if not causal and mask_type != AttnMaskType.no_mask and attention_mask is not None:
+            raise ValueError(f"attention mask type {mask_type.name} with an explicit mask: use "
+                             "packed sequences (cu_seqlens) or attention_backend=local")
+        scale = self.softmax_scale or 1.0 / math.sqrt(query.shape[-1])
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._packed(query, key, value, packed_seq_params, causal, scale)
+        return self._batched(query, key, value, causal, scale)
+
+    def _packed(self, q, k, v, params: PackedSeqParams, causal: bool, scale: float):
+        # q: [tokens, heads, dq]; k: [tokens, groups, dq]; v: [tokens, groups, dv]
+        cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None \
+            else params.cu_seqlens_q
+        cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None \
+            else params.cu_seqlens_kv
+        out = varlen_attention(
+            q, k, v, cu_q.int(), cu_k.int(), params.max_seqlen_q, params.max_seqlen_kv,
+            softmax_scale=scale, causal=causal, window_size=self.window_size,
+            backend=self.backend,
+        )
+        return out.reshape(out.shape[0], -1)  # [tokens, heads * dv]
+
+    def _batched(self, q, k, v, causal: bool, scale: float):
+        # q: [seq, batch, heads, dq] -> one packed sample per batch row
+        sq, b = q.shape[0], q.shape[1]
+        sk = k.shape[0]
+
+        def to_thd(t):
+            return t.transpose(0, 1).reshape(b * t.shape[0], t.shape[2], t.shape[3])
+
+        cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
+        cu_k = torch.arange(0, (b + 1) * sk, sk, dtype=torch.int32, device=q.device)
+        out = varlen_attention(
+            to_thd(q), to_thd(k), to_thd(v), cu_q, cu_k, sq, sk,
+            softmax_scale=scale, causal=causal, window_size=self.window_size,
+            backend=self.backend,
+        )
+        # [batch * seq, heads, dv] -> [seq, batch, heads * dv]
+        return out.reshape(b, sq, -1).transpose(0, 1).contiguous()
