@@ -32,6 +32,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "psutil>=5.9",
+        "matplotlib>=3.7",  # mswift plot
         "numpy>=1.26",
     ],
     extras_require={

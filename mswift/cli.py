@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("mswift.train.cli", "main", "pre-train or fine-tune (same as launch/pretrain_sft.py)"),
     "preprocess": ("mswift.data.preprocess", "main",
                    "tokenize text into megatron-core's indexed .bin/.idx pre-training format"),
+    "plot": ("mswift.train.plot", "main", "draw a run's loss / lr / throughput curves to a PNG"),
     "env": ("mswift.runtime.report", "main", "print versions, devices and the CPU-layer state"),
 }
 

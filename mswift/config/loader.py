@@ -34,6 +34,8 @@ SECTIONS = {
 # Flat key -> section. Field names are unique across sections (checked below).
 KEY_SECTION = {f.name: name for name, cls in SECTIONS.items() for f in fields(cls)}
 assert len(KEY_SECTION) == sum(len(fields(c)) for c in SECTIONS.values()), "duplicate field names"
+# Other spellings users bring from elsewhere -> the setting's name here.
+ALIASES = {"exit_duration_minutes": "exit_duration_in_mins", "max_length": "seq_length"}
 
 
 def all_keys() -> list[str]:
@@ -108,6 +110,7 @@ def _collect(data: dict, values: dict, problems: list[str], where: str) -> None:
 
 def _put(key: str, value, values: dict, problems: list[str], where: str) -> None:
     section, _, name = key.rpartition(".")
+    name = ALIASES.get(name, name)
     if not section:
         section = KEY_SECTION.get(name, "")
     if section not in SECTIONS or name not in KEY_SECTION or KEY_SECTION[name] != section:

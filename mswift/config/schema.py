@@ -133,9 +133,9 @@ class ModelConfig(_Section):
                 f"{self.num_layers}), with num_experts set"
             )
         if (self.rope_scaling_type == "llama3"
-                and self.rope_high_freq_factor <= self.rope_low_freq_factor):
+                and self.rope_high_freq_factor < self.rope_low_freq_factor):
             problems.append(
-                f"rope_high_freq_factor={self.rope_high_freq_factor}: expected more than "
+                f"rope_high_freq_factor={self.rope_high_freq_factor}: expected at least "
                 f"rope_low_freq_factor={self.rope_low_freq_factor}"
             )
         return problems
@@ -173,13 +173,38 @@ class ParallelConfig(_Section):
 
 @dataclass(kw_only=True)
 class DataConfig(_Section):
-    """Where training tokens come from."""
+    """Where training tokens come from (see mswift/data/)."""
 
-    # Text file(s) for the built-in byte-level corpus reader (the data issue adds datasets,
-    # templates and packing).
+    # Local files or folders: .jsonl / .json / .parquet / .csv (chat or text rows), or, with
+    # tokenizer=byte, plain text files read as bytes. Several are mixed (dataset_ratios).
     dataset: list[str] = field(default_factory=list)
-    tokenizer: str = choice("byte", ("byte",), "byte = UTF-8 bytes as token ids (vocab 256)")
-    seq_length: int = positive(128, "tokens per sample")
+    # Passes over each dataset per epoch (0.5 = every other row); None = 1.0 each.
+    dataset_ratios: Optional[list[float]] = None
+    # Held-out data evaluated every eval_interval steps (same formats as dataset).
+    eval_dataset: list[str] = field(default_factory=list)
+    # A Hugging Face tokenizer folder, or "byte" (UTF-8 bytes as ids, vocab 256, plain text
+    # files). None = the tokenizer in hf_model's folder, or "byte" when hf_model is not set.
+    tokenizer: Optional[str] = None
+    seq_length: int = positive(128, "tokens per packed sequence (or padded row)")
+    row_format: str = choice("auto", ("auto", "messages", "sharegpt", "alpaca", "text"))
+    text_key: str = "text"  # the field of a text row that holds the document
+    # Chat template: auto = the tokenizer's own chat_template, else mswift's matching one.
+    template: str = choice("auto", ("auto", "tokenizer", "llama3", "llama4", "deepseek_v3",
+                                    "qwen2_5", "qwen3"))
+    # sft: which tokens carry loss (pt mode always trains on every token).
+    loss_on: str = choice("assistant", ("assistant", "last_assistant", "all"))
+    append_eod: bool = True  # end every text row with the tokenizer's end-of-sequence token
+    packing: bool = True  # several samples per sequence (cu_seqlens), else one padded per row
+    packing_window: int = positive(1000, "samples sorted together by first-fit-decreasing")
+    overlong: str = choice("truncate", ("truncate", "drop"))  # samples over seq_length
+    on_bad_row: str = choice("error", ("error", "skip"))  # stop at a bad row, or skip + count
+    shuffle_buffer: int = 10000  # samples in the seeded shuffle buffer; 0 keeps file order
+
+    def extra_problems(self):
+        ratios = self.dataset_ratios
+        if ratios is not None and len(ratios) != len(self.dataset):
+            return [f"dataset_ratios: {len(ratios)} values for {len(self.dataset)} datasets"]
+        return []
 
 
 @dataclass(kw_only=True)
@@ -203,6 +228,21 @@ class TrainingConfig(_Section):
     fp16: bool = False
     seed: int = 1234
     log_interval: int = positive(1)
+    # pt: loss on every token; sft: loss on the tokens data.loss_on selects (chat templates).
+    mode: str = choice("pt", ("pt", "sft"))
+    # Parameters whose names match one of these regular expressions are not trained
+    # (e.g. "embedding", "decoder.layers.[0-3]\\."); none = train everything.
+    freeze_parameters: list[str] = field(default_factory=list)
+    exit_interval: Optional[int] = None  # save and exit when the step is a multiple of this
+    exit_duration_in_mins: Optional[float] = None  # save and exit after this much wall time
+    # SIGTERM / SIGUSR1 (SLURM preemption): every rank saves at the next step and exits 0.
+    exit_signal_handler: bool = True
+    # A step whose loss or gradients are not finite on any rank never updates parameters;
+    # skip it (up to max_skipped_steps in a row) or stop the run.
+    nonfinite_policy: str = choice("skip", ("skip", "stop"))
+    max_skipped_steps: int = positive(5)
+    eval_interval: Optional[int] = None  # evaluate eval_dataset every N steps (and at the end)
+    eval_iters: int = positive(1, "global batches per evaluation")
 
     def extra_problems(self):
         problems = []
@@ -225,11 +265,17 @@ class CheckpointConfig(_Section):
     ckpt_format: str = choice("torch_dist", ("torch_dist",))
     no_load_optim: bool = False  # load weights only: fresh optimizer (fine-tuning)
     no_load_rng: bool = False
+    # Keep the newest N checkpoints under save (older ones are deleted after a newer one is
+    # complete); None keeps all.
+    save_total_limit: Optional[int] = None
 
     def extra_problems(self):
-        if self.save_interval is not None and self.save_interval <= 0:
-            return [f"save_interval={self.save_interval}: expected a positive number"]
-        return []
+        problems = []
+        for name in ("save_interval", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name}={value}: expected a positive number")
+        return problems
 
 
 @dataclass(kw_only=True)

@@ -8,6 +8,10 @@ per-parameter ``step`` tensor that the fused optimizers do not. Found with megat
   out (it is restored from the param groups) -> ``KeyError: 'step'``.
 * a torch Adam that has not stepped has no state, and the distributed optimizer's
   ``state_dict()`` (called while building the state dict to load into) asserts on its ``step``.
+* ``load_state_dict`` gives every parameter the *same* ``step`` tensor; torch Adam increments
+  each parameter's step in place, so after a resume the shared counter advanced once per
+  parameter per step and the bias correction (hence every update) differed from an
+  uninterrupted run.
 """
 from __future__ import annotations
 
@@ -26,7 +30,22 @@ def apply_mcore_fixes() -> None:
 
     if not distrib_optimizer.HAVE_APEX_OR_TE:
         _skip_step_when_setting_param_state(distrib_optimizer.DistributedOptimizer)
+        _unshare_step_after_load(distrib_optimizer.DistributedOptimizer)
     _APPLIED = True
+
+
+def _unshare_step_after_load(cls) -> None:
+    original = cls.load_state_dict
+
+    @functools.wraps(original)
+    def load_state_dict(self, state_dict):
+        result = original(self, state_dict)
+        for param_state in self.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+        return result
+
+    cls.load_state_dict = load_state_dict
 
 
 def _skip_step_when_setting_param_state(cls) -> None:

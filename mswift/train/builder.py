@@ -6,8 +6,10 @@ and gradient clipping, ``OptimizerParamScheduler`` the warmup + decay schedule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
+import torch
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -17,7 +19,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mswift.config.schema import MswiftConfig
+from mswift.config.schema import ConfigError, MswiftConfig
 from mswift.models.build import build_model, params_dtype, transformer_config
 
 
@@ -28,12 +30,14 @@ class TrainState:
     model: list  # DDP-wrapped GPTModel chunks, one per virtual pipeline stage
     optimizer: object
     scheduler: OptimizerParamScheduler
-    iteration: int = 0  # optimizer steps taken
+    iteration: int = 0  # steps taken (a step skipped for non-finite numbers counts)
+    extra: dict = field(default_factory=dict)  # loaded with the checkpoint (data position)
 
 
 def build_training(cfg: MswiftConfig) -> TrainState:
     config = transformer_config(cfg)
     chunks = build_model(cfg, config)
+    freeze_parameters(chunks, cfg.training.freeze_parameters)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -53,6 +57,29 @@ def build_training(cfg: MswiftConfig) -> TrainState:
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     return TrainState(cfg, config, model, optimizer, lr_scheduler(cfg, optimizer))
+
+
+def freeze_parameters(chunks: list, patterns: list[str]) -> None:
+    """Stop training every parameter whose name matches one of the regular expressions."""
+    if not patterns:
+        return
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ConfigError([f"freeze_parameters: {pattern!r} is not a regular expression "
+                               f"({err})"]) from None
+    trainable = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if any(p.search(name) for p in compiled):
+                param.requires_grad_(False)
+            trainable += param.requires_grad
+    total = torch.tensor([trainable])
+    torch.distributed.all_reduce(total)
+    if total.item() == 0:
+        raise ConfigError([f"freeze_parameters={patterns}: every parameter is frozen"])
 
 
 def optimizer_config(cfg: MswiftConfig) -> OptimizerConfig:

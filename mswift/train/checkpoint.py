@@ -70,11 +70,12 @@ def _full_sharded_state_dict(state: TrainState, is_loading: bool, with_optim: bo
 
 
 def save_checkpoint(state: TrainState, root: str | Path, extra: dict | None = None,
-                    weights_only: bool = False) -> Path:
+                    weights_only: bool = False, keep_last: int | None = None) -> Path:
     """Write the training state for ``state.iteration`` under ``root``; returns its dir.
 
     ``weights_only`` writes the model alone (e.g. initial weights, before the optimizer has
-    any state), loadable with ``load_optim=False``.
+    any state), loadable with ``load_optim=False``. ``keep_last`` prunes older checkpoints
+    once this one is complete.
     """
     root = Path(root)
     final = iteration_dir(root, state.iteration)
@@ -85,7 +86,7 @@ def save_checkpoint(state: TrainState, root: str | Path, extra: dict | None = No
         tmp.mkdir()
     dist.barrier()
     sd = _full_sharded_state_dict(state, is_loading=False, with_optim=not weights_only)
-    sd["extra"] = extra or {}
+    sd["extra"] = {**(extra or {}), "world_size": dist.get_world_size()}
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -93,14 +94,52 @@ def save_checkpoint(state: TrainState, root: str | Path, extra: dict | None = No
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_tracker(root, state.iteration)
+        if keep_last is not None:
+            prune_checkpoints(root, keep_last)
     dist.barrier()
     return final
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(iteration, dir) of every complete checkpoint under ``root``, oldest first."""
+    found = []
+    for path in root.glob("iter_*"):
+        name = path.name[len("iter_"):]
+        if name.isdigit() and (path / "metadata.json").is_file():
+            found.append((int(name), path))
+    return sorted(found)
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and crashed saves' temps.
+
+    The one the tracker names is never deleted.
+    """
+    for tmp in root.glob("iter_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    current = read_tracker(root)
+    for _, path in complete_checkpoints(root)[:-keep_last]:
+        if path != current:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def write_tracker(root: Path, iteration: int) -> None:
     tmp = root / (TRACKER + ".tmp")
     tmp.write_text(f"{iteration}\n")
     os.replace(tmp, root / TRACKER)
+
+
+def checkpoint_exists(root: str | Path) -> bool:
+    """Whether ``root`` holds anything to load: a tracker, checkpoint dirs, or is one.
+
+    A missing or empty directory holds nothing (a first run with ``load`` = ``save``); a
+    directory with checkpoints but a missing tracker is an error for :func:`read_tracker`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return False
+    return ((root / TRACKER).exists() or (root / "metadata.json").is_file()
+            or any(p.is_dir() and not p.name.endswith(".tmp") for p in root.glob("iter_*")))
 
 
 def read_tracker(root: str | Path) -> Path:
@@ -112,7 +151,9 @@ def read_tracker(root: str | Path) -> Path:
     if not tracker.is_file():
         if (root / "metadata.json").is_file():  # a checkpoint dir given directly
             return root
-        raise CheckpointError(f"load={root}: no {TRACKER} and not a torch_dist checkpoint")
+        found = ", ".join(p.name for _, p in complete_checkpoints(root)) or "none complete"
+        raise CheckpointError(f"load={root}: no {TRACKER} and not a torch_dist checkpoint "
+                              f"(checkpoints there: {found}); pass one iter_* dir as load")
     text = tracker.read_text().strip()
     if not text.isdigit():
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
@@ -129,13 +170,21 @@ def load_checkpoint(state: TrainState, root: str | Path, load_optim: bool = True
 
     With ``load_optim=False`` only the weights are read (fine-tuning from a checkpoint); the
     iteration then stays 0. Returns the ``extra`` dict saved with it (e.g. data position).
+    RNG states are per rank: they are restored only when the world size is the one saved.
     """
     ckpt = read_tracker(root)
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    extra = common.get("extra", {}) if isinstance(common, dict) else {}
+    has_optim = isinstance(common, dict) and "opt_param_scheduler" in common
+    if load_optim and not has_optim:
+        raise CheckpointError(f"{ckpt}: holds weights only (no optimizer state); load it with "
+                              "no_load_optim=true")
     if load_optim:
         init_empty_optimizer_state(state.optimizer)
     sd = _full_sharded_state_dict(state, is_loading=True, with_optim=load_optim)
-    if load_optim:
-        sd["extra"] = {}
+    same_world = extra.get("world_size") == dist.get_world_size()
+    if not (load_optim and load_rng and same_world):
+        sd.pop("rng_state", None)
     loaded = dist_checkpointing.load(sd, str(ckpt), strict=StrictHandling.RAISE_UNEXPECTED)
     chunks = [ddp.module for ddp in state.model]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
@@ -146,9 +195,9 @@ def load_checkpoint(state: TrainState, root: str | Path, load_optim: bool = True
     state.optimizer.load_state_dict(loaded["optimizer"])
     state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     state.iteration = int(loaded["iteration"])
-    if load_rng:
+    if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
-    return loaded.get("extra", {})
+    return extra
 
 
 def _restore_rng(rng: dict) -> None:

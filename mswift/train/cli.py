@@ -24,14 +24,21 @@ def main(argv: list[str] | None = None, prog: str = "mswift train") -> int:
     if args.list_settings:
         print("\n".join(all_keys()))
         return 0
+    from mswift.train.checkpoint import CheckpointError  # imports megatron-core: after --help
+    from mswift.train.loop import TrainingStopped, run_training
+
     try:
         cfg = load_config(args.config, overrides)
-        from mswift.train.loop import run_training
-
         run_training(cfg)
     except ConfigError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"{prog}: cannot load the checkpoint: {err}", file=sys.stderr)
+        return 2
+    except TrainingStopped as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
     finally:
         from mswift.runtime import destroy_distributed
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -10,13 +11,19 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from mswift.config.schema import ConfigError, MswiftConfig
-from mswift.data.byte_corpus import BYTE_VOCAB_SIZE, ByteCorpus
 from mswift.runtime import init_distributed
 from mswift.train.builder import TrainState, build_training
-from mswift.train.checkpoint import load_checkpoint, save_checkpoint
-from mswift.train.step import train_step
+from mswift.train.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from mswift.train.control import StopControl
+from mswift.train.data import TrainData, batch_stats
+from mswift.train.metrics import MetricsLog
+from mswift.train.step import eval_step, train_step
 
 log = logging.getLogger("mswift.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on a problem in the numbers (non-finite loss or gradients)."""
 
 
 def global_batch_size(cfg: MswiftConfig) -> int:
@@ -32,47 +39,131 @@ def seed_everything(seed: int) -> None:
 
 def setup(cfg: MswiftConfig) -> TrainState:
     """Process groups, seeds, model, optimizer and (if ``load`` is set) the checkpoint."""
-    if cfg.data.tokenizer == "byte" and cfg.model.vocab_size < BYTE_VOCAB_SIZE:
-        raise ConfigError([f"vocab_size={cfg.model.vocab_size}: tokenizer=byte needs at least "
-                           f"{BYTE_VOCAB_SIZE}"])
+    if not cfg.data.dataset:
+        raise ConfigError(["dataset: expected at least one file or folder to train on"])
     init_distributed(cfg)
     seed_everything(cfg.training.seed)
     state = build_training(cfg)
-    if cfg.checkpoint.load:
-        load_checkpoint(state, cfg.checkpoint.load, load_optim=not cfg.checkpoint.no_load_optim,
-                        load_rng=not cfg.checkpoint.no_load_rng)
+    if cfg.checkpoint.load and not checkpoint_exists(cfg.checkpoint.load):
+        if dist.get_rank() == 0:
+            print(f"load={cfg.checkpoint.load}: no checkpoint there yet; starting from scratch",
+                  flush=True)
+    elif cfg.checkpoint.load:
+        state.extra = load_checkpoint(state, cfg.checkpoint.load,
+                                      load_optim=not cfg.checkpoint.no_load_optim,
+                                      load_rng=not cfg.checkpoint.no_load_rng)
     return state
 
 
 def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dict]:
-    """Train until ``train_iters``; returns the metrics of each step (the same on every rank)."""
+    """Train until ``train_iters`` (or a stop condition); returns this run's step metrics."""
     state = state or setup(cfg)
-    corpus = ByteCorpus(cfg.data.dataset, cfg.data.seq_length, seed=cfg.training.seed)
-    gbs = global_batch_size(cfg)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
+    data = TrainData(cfg, cfg.data.dataset)
+    _restore_data(data, getattr(state, "extra", {}))
+    evaluator = Evaluator(cfg) if cfg.data.eval_dataset and cfg.training.eval_interval else None
+    control = StopControl(cfg.training)
+    metrics = MetricsLog(cfg.checkpoint.save, state.iteration, cfg.training.train_iters,
+                         cfg.training.log_interval)
+    history, skipped_in_a_row = [], 0
+    try:
+        while state.iteration < cfg.training.train_iters:
+            row = _one_step(cfg, state, data)
+            skipped_in_a_row = 0 if row["updated"] else skipped_in_a_row + 1
+            if evaluator is not None and state.iteration % cfg.training.eval_interval == 0:
+                row["eval_loss"] = evaluator.loss(state)
+            metrics.log(row)
+            history.append(row)
+            _check_nonfinite(cfg, row, skipped_in_a_row)
+            reason = control.reason_to_stop(state.iteration)
+            if _due(cfg, state.iteration) or reason:
+                _save(cfg, state, data)
+            if reason:
+                if dist.get_rank() == 0:
+                    print(f"stopping after step {state.iteration}: {reason}; checkpoint saved",
+                          flush=True)
+                return history
+        if cfg.checkpoint.save and not _due(cfg, state.iteration) and history:
+            _save(cfg, state, data)
+        return history
+    finally:
+        control.close()
+        metrics.close()
+
+
+def _one_step(cfg: MswiftConfig, state: TrainState, data: TrainData) -> dict:
+    start = time.perf_counter()
+    batches = data.next_step(state.iteration)
+    stats = batch_stats(batches)
+    dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+    out = train_step(state, batches)
+    seconds = time.perf_counter() - start
+    return {
+        "step": state.iteration,
+        "loss": out["loss"],
+        "lr": out["lr"],
+        "grad_norm": out["grad_norm"],
+        "tokens": int(stats[0]),
+        "tokens_per_s": stats[1].item() / seconds,
+        "step_time_s": seconds,
+        "padding_efficiency": (stats[1] / stats[2]).item(),
+        "updated": out["updated"],
+    }
+
+
+def _check_nonfinite(cfg: MswiftConfig, row: dict, skipped_in_a_row: int) -> None:
+    if row["updated"]:
+        return
+    t = cfg.training
+    if t.nonfinite_policy == "stop" or skipped_in_a_row > t.max_skipped_steps:
+        why = ("nonfinite_policy=stop" if t.nonfinite_policy == "stop"
+               else f"more than max_skipped_steps={t.max_skipped_steps} in a row")
+        raise TrainingStopped(
+            f"step {row['step']}: loss {row['loss']} or gradients not finite; no parameter was "
+            f"changed; stopping ({why})")
+
+
+def _due(cfg: MswiftConfig, iteration: int) -> bool:
     ckpt = cfg.checkpoint
-    history = []
-    while state.iteration < cfg.training.train_iters:
-        step = state.iteration
-        start = time.perf_counter()
-        batches = corpus.micro_batches(step, gbs, cfg.training.micro_batch_size, dp_rank, dp_size)
-        metrics = train_step(state, batches)
-        metrics.update(step=step + 1, seconds=time.perf_counter() - start)
-        metrics["tokens_per_s"] = gbs * cfg.data.seq_length / metrics["seconds"]
-        history.append(metrics)
-        if dist.get_rank() == 0 and (step + 1) % cfg.training.log_interval == 0:
-            print(progress_line(metrics, cfg.training.train_iters), flush=True)
-        if not metrics["updated"]:
-            state.iteration += 1  # a skipped update still consumes its batch
-        if ckpt.save and ckpt.save_interval and state.iteration % ckpt.save_interval == 0:
-            save_checkpoint(state, ckpt.save)
-    if ckpt.save and not (ckpt.save_interval and state.iteration % ckpt.save_interval == 0):
-        save_checkpoint(state, ckpt.save)
-    return history
+    return bool(ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0)
 
 
-def progress_line(m: dict, total: int) -> str:
-    return (f"step {m['step']:>5}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
-            f"grad norm {m['grad_norm']:.3f} | tokens/s {m['tokens_per_s']:.0f} | "
-            f"s/step {m['seconds']:.2f}")
+def _save(cfg: MswiftConfig, state: TrainState, data: TrainData) -> None:
+    if not cfg.checkpoint.save:
+        return
+    extra = {"data_states": _gather_data_states(data)}
+    save_checkpoint(state, cfg.checkpoint.save, extra=extra,
+                    keep_last=cfg.checkpoint.save_total_limit)
+
+
+def _gather_data_states(data: TrainData) -> list | None:
+    """Every data-parallel rank's pipeline position (rank 0 writes the common state)."""
+    state = data.state_dict()
+    if state is None:
+        return None
+    group = parallel_state.get_data_parallel_group()
+    states = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, state, group=group)
+    return states
+
+
+def _restore_data(data: TrainData, extra: dict) -> None:
+    states = (extra or {}).get("data_states")
+    if states is None:
+        return
+    if len(states) != data.dp_size:
+        raise ConfigError([f"load: the checkpoint's data position was saved by {len(states)} "
+                           f"data-parallel ranks; this run has {data.dp_size}. Keep the "
+                           "data-parallel size to resume the data stream exactly"])
+    data.load_state_dict(states[data.dp_rank])
+
+
+class Evaluator:
+    """The loss of the first ``eval_iters`` global batches of ``eval_dataset`` (fixed set)."""
+
+    def __init__(self, cfg: MswiftConfig):
+        data = TrainData(cfg, cfg.data.eval_dataset, stream_seed_offset=1)
+        self.steps = [data.next_step(i) for i in range(cfg.training.eval_iters)]
+
+    def loss(self, state: TrainState) -> float:
+        losses = [eval_step(state, batches) for batches in self.steps]
+        return sum(losses) / len(losses) if losses else math.nan

@@ -62,16 +62,37 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
     outputs = _run_schedule(state, micro_batches, forward_only=False)
-    updated, grad_norm, _ = state.optimizer.step()
+    loss = global_mean_loss(outputs)
+    finite = all_ranks_finite(state, loss)
+    lr = state.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+    updated, grad_norm = False, math.nan
+    if finite:  # otherwise no rank touches its parameters or optimizer state
+        updated, norm, _ = state.optimizer.step()
+        grad_norm = float(norm) if norm is not None else math.nan
     if updated:
         state.scheduler.step(increment=1)
-        state.iteration += 1
+    state.iteration += 1  # a skipped step still consumes its batch
     return {
-        "loss": global_mean_loss(outputs),
-        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-        "lr": state.optimizer.param_groups[0]["lr"],
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": lr,
         "updated": bool(updated),
+        "finite": finite,
     }
+
+
+def all_ranks_finite(state: TrainState, loss: float) -> bool:
+    """Whether the loss and every rank's reduced gradients are finite (agreed by all ranks)."""
+    bad = torch.zeros(1)
+    if not math.isfinite(loss):
+        bad += 1
+    for chunk in state.model:
+        for buffer in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
+            if not torch.isfinite(buffer.grad_data).all():
+                bad += 1
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
 
 
 def global_mean_loss(outputs: list[dict]) -> float:

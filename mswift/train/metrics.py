@@ -1,0 +1,74 @@
+"""Per-step metrics: a progress line on rank 0 and one JSON object per step in metrics.jsonl."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Rank 0 writes ``SAVE/metrics.jsonl``; rows past the resumed step are dropped first."""
+
+    def __init__(self, save_dir: str | None, resumed_step: int, total_steps: int,
+                 log_interval: int):
+        self.total, self.interval = total_steps, log_interval
+        self.path = None
+        self.tensorboard = None
+        if dist.get_rank() != 0 or save_dir is None:
+            return
+        self.path = Path(save_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.path, resumed_step)
+        self.tensorboard = _tensorboard(Path(save_dir) / "tensorboard")
+
+    def log(self, row: dict) -> None:
+        if dist.get_rank() != 0:
+            return
+        if row["step"] % self.interval == 0 or "eval_loss" in row:
+            print(progress_line(row, self.total), flush=True)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep rows of steps <= ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def progress_line(m: dict, total: int) -> str:
+    if "loss" not in m:
+        return f"step {m['step']:>5}/{total} | eval loss {m['eval_loss']:.4f}"
+    line = (f"step {m['step']:>5}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
+            f"grad norm {m['grad_norm']:.3f} | tokens/s {m['tokens_per_s']:.0f} | "
+            f"s/step {m['step_time_s']:.2f} | padding-free {m['padding_efficiency']:.1%}")
+    if not m.get("updated", True):
+        line += " | skipped (non-finite)"
+    if "eval_loss" in m:
+        line += f" | eval loss {m['eval_loss']:.4f}"
+    return line
