@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                    "tokenize text into megatron-core's indexed .bin/.idx pre-training format"),
     "plot": ("mswift.train.plot", "main", "draw a run's loss / lr / throughput curves to a PNG"),
     "env": ("mswift.runtime.report", "main", "print versions, devices and the CPU-layer state"),
+    "convert": ("mswift.bridge.cli", "convert_main",
+                "convert checkpoints: hf-to-mcore, mcore-to-hf, reshard (legacy layouts)"),
+    "verify": ("mswift.bridge.verify", "main",
+               "compare megatron-core logits with transformers' for an HF model / checkpoint"),
 }
 
 

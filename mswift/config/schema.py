@@ -214,7 +214,7 @@ class TrainingConfig(_Section):
     train_iters: int = positive(10)
     micro_batch_size: int = positive(1, "samples per rank per forward pass")
     global_batch_size: Optional[int] = None  # samples per step; None = micro x data-parallel
-    lr: float = positive(3e-4)
+    lr: float = 3e-4  # peak learning rate (0 = no update: e.g. a load/export dry run)
     min_lr: float = 0.0
     lr_warmup_iters: int = 0
     lr_decay_style: str = choice("cosine", ("constant", "linear", "cosine"))
@@ -248,6 +248,8 @@ class TrainingConfig(_Section):
         problems = []
         if self.bf16 and self.fp16:
             problems.append("bf16 and fp16: expected at most one of them to be true")
+        if self.lr < 0 or self.min_lr < 0:
+            problems.append(f"lr={self.lr}, min_lr={self.min_lr}: expected numbers >= 0")
         if self.min_lr > self.lr:
             problems.append(f"min_lr={self.min_lr}: expected at most lr={self.lr}")
         if self.lr_warmup_iters < 0:
@@ -268,6 +270,9 @@ class CheckpointConfig(_Section):
     # Keep the newest N checkpoints under save (older ones are deleted after a newer one is
     # complete); None keeps all.
     save_total_limit: Optional[int] = None
+    # At the end of training also write the model as HF safetensors to SAVE/hf (needs hf_model:
+    # its config and tokenizer files are copied along).
+    save_hf: bool = False
 
     def extra_problems(self):
         problems = []

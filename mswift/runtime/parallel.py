@@ -37,8 +37,9 @@ def layout_problems(cfg: MswiftConfig, world_size: int) -> list[str]:
             f"expert_model_parallel_size ({ep}) x pipeline_model_parallel_size ({pp}) = "
             f"{etp * ep * pp}"
         )
-    if model.hf_model is None:  # an HF model's shape is only known once its config is read
-        problems += model_fit_problems(cfg)
+    # With hf_model, the model section must already be filled from its config.json
+    # (mswift.models.registry.apply_hf_model), as the training driver does first.
+    problems += model_fit_problems(cfg)
     if not problems:
         problems += batch_problems(cfg, world_size)
     return problems

@@ -4,13 +4,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from mswift.bridge.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from mswift.config.schema import ConfigError, MswiftConfig
+from mswift.models.registry import apply_hf_model
 from mswift.runtime import init_distributed
 from mswift.train.builder import TrainState, build_training
 from mswift.train.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
@@ -38,26 +41,34 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: MswiftConfig) -> TrainState:
-    """Process groups, seeds, model, optimizer and (if ``load`` is set) the checkpoint."""
+    """Process groups, seeds, model, optimizer, then weights: the checkpoint in ``load`` if
+    there is one, else ``hf_model``'s weights, else a random start. ``state.cfg`` is ``cfg``
+    with the model section filled from ``hf_model``'s config.json."""
     if not cfg.data.dataset:
         raise ConfigError(["dataset: expected at least one file or folder to train on"])
+    if cfg.checkpoint.save_hf and cfg.model.hf_model is None:
+        raise ConfigError(["save_hf=true: needs hf_model (its config and tokenizer files)"])
+    cfg = apply_hf_model(cfg)
     init_distributed(cfg)
     seed_everything(cfg.training.seed)
     state = build_training(cfg)
-    if cfg.checkpoint.load and not checkpoint_exists(cfg.checkpoint.load):
-        if dist.get_rank() == 0:
-            print(f"load={cfg.checkpoint.load}: no checkpoint there yet; starting from scratch",
-                  flush=True)
-    elif cfg.checkpoint.load:
-        state.extra = load_checkpoint(state, cfg.checkpoint.load,
-                                      load_optim=not cfg.checkpoint.no_load_optim,
+    load = cfg.checkpoint.load
+    if load and checkpoint_exists(load):
+        state.extra = load_checkpoint(state, load, load_optim=not cfg.checkpoint.no_load_optim,
                                       load_rng=not cfg.checkpoint.no_load_rng)
+        return state
+    if load and dist.get_rank() == 0:
+        print(f"load={load}: no checkpoint there yet; starting from "
+              f"{'hf_model' if cfg.model.hf_model else 'scratch'}", flush=True)
+    if cfg.model.hf_model:
+        load_hf_checkpoint([ddp.module for ddp in state.model], cfg)
     return state
 
 
 def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dict]:
     """Train until ``train_iters`` (or a stop condition); returns this run's step metrics."""
     state = state or setup(cfg)
+    cfg = state.cfg
     data = TrainData(cfg, cfg.data.dataset)
     _restore_data(data, getattr(state, "extra", {}))
     evaluator = Evaluator(cfg) if cfg.data.eval_dataset and cfg.training.eval_interval else None
@@ -84,6 +95,11 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
                 return history
         if cfg.checkpoint.save and not _due(cfg, state.iteration) and history:
             _save(cfg, state, data)
+        if cfg.checkpoint.save and cfg.checkpoint.save_hf:
+            out = save_hf_checkpoint([ddp.module for ddp in state.model], cfg,
+                                     Path(cfg.checkpoint.save) / "hf")
+            if dist.get_rank() == 0:
+                print(f"saved the model as HF safetensors in {out}", flush=True)
         return history
     finally:
         control.close()

@@ -1,7 +1,7 @@
 """The same tiny GPT trained at every parallel layout gives the TP=1 run's losses (fp32, 1e-5).
 
 Each layout loads the reference run's initial weights from a torch_dist checkpoint (megatron-core
-reshards them), then trains 3 steps with megatron-core's DistributedOptimizer on the bundled text.
+reshards them), then trains 5 steps with megatron-core's DistributedOptimizer on the bundled text.
 """
 from pathlib import Path
 
@@ -28,7 +28,7 @@ def train_layout(overrides, load=None, save_init=None):
     from mswift.train.checkpoint import load_checkpoint, save_checkpoint
     from mswift.train.loop import run_training, setup
 
-    cfg = load_config(None, BASE + overrides)
+    cfg = load_config(None, BASE + ["train_iters=5"] + overrides)
     state = setup(cfg)
     if load is not None:
         load_checkpoint(state, load, load_optim=False)
@@ -52,7 +52,7 @@ def moe_reference(tmp_path_factory):
 
 
 def assert_same_losses(got, want):
-    assert len(got) == len(want) == 3
+    assert len(got) == len(want) == 5
     for step, (g, w) in enumerate(zip(got, want), start=1):
         assert abs(g - w) <= REL_TOL * abs(w), f"step {step}: loss {g!r} vs TP=1 {w!r}"
 
@@ -68,8 +68,9 @@ def test_reference_trains(dense_reference):
         (2, ["tensor_model_parallel_size=2"]),
         (2, ["tensor_model_parallel_size=2", "sequence_parallel=true"]),
         (2, ["pipeline_model_parallel_size=2"]),  # 1F1B, 4 micro-batches
+        (4, ["tensor_model_parallel_size=2", "pipeline_model_parallel_size=2"]),
     ],
-    ids=["tp2", "tp2-sp", "pp2-1f1b"],
+    ids=["tp2", "tp2-sp", "pp2-1f1b", "tp2-pp2"],
 )
 def test_dense_layout_matches_tp1(dense_reference, world, layout):
     init, want = dense_reference
@@ -84,8 +85,10 @@ def test_dense_layout_matches_tp1(dense_reference, world, layout):
         (2, ["expert_model_parallel_size=2"]),
         (4, ["expert_model_parallel_size=2", "tensor_model_parallel_size=2",
              "sequence_parallel=true"]),
+        (4, ["tensor_model_parallel_size=2", "sequence_parallel=true",
+             "pipeline_model_parallel_size=2"]),
     ],
-    ids=["ep2", "tp2-ep2-sp"],
+    ids=["ep2", "tp2-ep2-sp", "tp2-sp-pp2"],
 )
 def test_moe_layout_matches_tp1(moe_reference, world, layout):
     init, want = moe_reference

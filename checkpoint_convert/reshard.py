@@ -1,0 +1,10 @@
+"""Command-line tool over mswift.bridge; run with --help for its options (see mswift/bridge/cli.py).
+
+Runs as one process or under torchrun. Same as `mswift convert reshard`.
+"""
+import sys
+
+from mswift.bridge.cli import reshard_main
+
+if __name__ == "__main__":  # the torch_dist writer starts processes that re-import this file
+    raise SystemExit(reshard_main(sys.argv[1:], prog="reshard"))

@@ -1,0 +1,328 @@
+"""Checkpoint conversions: HF -> megatron (torch_dist or legacy), megatron -> HF, legacy reshard.
+
+Every tool checks all of its input first (config.json, tensor names and shapes, the layout) and
+then writes into ``OUT.tmp``, renamed to ``OUT`` only when complete; on any error the partial
+folder is removed. A megatron output carries what the way back needs: ``OUT/hf/`` (config.json,
+generation_config.json, tokenizer files, ...) and ``OUT/mswift_bridge.json`` (format, layout,
+padded vocabulary, and every HF tensor's name, dtype and shape in the original order).
+
+Legacy conversions need no process group: one process writes or reads every rank file (under
+torchrun the rank files are shared out). torch_dist conversions build the model at the layout
+(one process: TP1, which gives the same reshardable checkpoint) and use megatron-core's
+``dist_checkpointing``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mswift.bridge.errors import BridgeError
+from mswift.bridge.hf_io import (
+    DTYPE_NAMES,
+    HFCheckpoint,
+    HFShardWriter,
+    copy_aux_files,
+    dtype_from_name,
+)
+from mswift.bridge.layout import HFModel, Layout, build_chunks, launch_world_size
+from mswift.bridge.legacy import (
+    LegacyLayout,
+    LegacySource,
+    is_legacy,
+    megatron_args,
+    read_layout,
+    write_legacy,
+    write_tracker,
+)
+from mswift.bridge.model_io import HFSource, load_into_model, save_model_to_hf
+
+METADATA = "mswift_bridge.json"
+HF_SUBDIR = "hf"
+FORMATS = ("torch_dist", "legacy")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def check_new_output(out: Path, sources: list[Path]) -> None:
+    problems = []
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        problems.append(f"--out {out}: already exists; remove it or choose another path")
+    for src in sources:
+        if out.resolve() == src.resolve():
+            problems.append(f"--out {out}: is the input directory")
+    if problems:
+        raise BridgeError(problems)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path):
+    """Yield ``OUT.tmp`` to write into; rename it to ``OUT`` on success, remove it on error."""
+    tmp = out.with_name(out.name + ".tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that crashed
+        tmp.mkdir(parents=True)
+    barrier()
+    try:
+        yield tmp
+        barrier()
+    except BaseException:
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank() == 0:
+        if out.exists():
+            out.rmdir()  # empty (checked before)
+        tmp.rename(out)
+
+
+def ensure_process_group() -> None:
+    """A plain gloo group under torchrun, for tools that only need barriers."""
+    from mswift.bridge.layout import ensure_rendezvous_port
+    from mswift.runtime.launch_env import detect_launch_env
+
+    env = detect_launch_env()
+    if env.world_size > 1 and not dist.is_initialized():
+        ensure_rendezvous_port()
+        dist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                rank=env.rank, world_size=env.world_size)
+
+
+def write_metadata(out: Path, hf: HFModel, fmt: str, layout: Layout, padded_vocab: int,
+                   dtype: torch.dtype, tensors: list, iteration: int = 0) -> None:
+    (out / HF_SUBDIR).mkdir(exist_ok=True)
+    copy_aux_files(hf.hf_dir, out / HF_SUBDIR)
+    meta = {
+        "format": fmt, "family": hf.family.name, "iteration": iteration,
+        "layout": dataclasses.asdict(layout), "padded_vocab_size": padded_vocab,
+        "dtype": DTYPE_NAMES[dtype], "hf_tensors": tensors,
+    }
+    (out / METADATA).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+
+def read_metadata(root: Path) -> dict:
+    path = root / METADATA
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BridgeError(f"{path}: not valid JSON ({err})") from None
+
+
+def _dtype_arg(dtype: str | None, ckpt: HFCheckpoint) -> torch.dtype:
+    if dtype is not None:
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    source = ckpt.torch_dtype()
+    if source not in (torch.bfloat16, torch.float32):
+        raise BridgeError(f"{ckpt.dir}: weights are {source}; pass --dtype bf16 or fp32")
+    return source
+
+
+def conversion_layout(hf: HFModel, tp=1, pp=1, ep=1, etp=None, vpp=None) -> Layout:
+    # megatron-core runs MoE with TP only with sequence parallelism; it changes no weights.
+    moe_tp = hf.model.num_experts is not None and tp > 1
+    return Layout(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, sequence_parallel=moe_tp)
+
+
+# -- HF -> megatron -------------------------------------------------------------------------------
+
+
+def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, ep: int = 1,
+                etp: int | None = None, vpp: int | None = None, dtype: str | None = None,
+                progress: bool = True) -> Path:
+    """Convert an HF model directory into a megatron checkpoint at ``out``."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if fmt not in FORMATS:
+        raise BridgeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    hf = HFModel.open(hf_dir)
+    ckpt = HFCheckpoint(hf_dir)
+    layout = conversion_layout(hf, tp, pp, ep, etp, vpp)
+    world = launch_world_size()
+    hf.check_layout(layout, world if fmt == "torch_dist" and world > 1 else None)
+    if fmt == "legacy" and etp not in (None, tp):
+        raise BridgeError(f"--etp {etp}: the legacy format needs expert TP equal to --tp {tp}")
+    padded = hf.padded_vocab(tp)
+    wmap = hf.weight_map(padded)
+    ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.family.ignored_tensors)
+    dtype_t = _dtype_arg(dtype, ckpt)
+    check_new_output(out, [hf_dir])
+    if fmt == "legacy":
+        ensure_process_group()
+    with staged_output(out) as tmp:
+        if fmt == "legacy":
+            _write_legacy_from_hf(hf, ckpt, wmap, layout, tmp, dtype_t, progress)
+        else:
+            _write_torch_dist_from_hf(hf, ckpt, layout, padded, tmp, dtype_t, world)
+        if rank() == 0:
+            write_metadata(tmp, hf, fmt, layout, padded, dtype_t, ckpt.tensor_records())
+    return out
+
+
+def _write_legacy_from_hf(hf, ckpt, wmap, layout: Layout, tmp: Path, dtype, progress) -> None:
+    legacy = LegacyLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=layout.vpp)
+    args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, dtype, iteration=0)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = legacy.ranks()[rank()::world]
+    write_legacy(HFSource(ckpt, wmap), wmap, legacy, tmp, dtype, args, ranks=mine,
+                 progress=progress and rank() == 0)
+    barrier()
+    if rank() == 0:
+        write_tracker(tmp, 0)
+
+
+def _run_layout(layout: Layout, world: int) -> Layout:
+    """The layout the processes actually run: the one asked for under torchrun, else TP1."""
+    return layout if world > 1 else Layout()
+
+
+def _write_torch_dist_from_hf(hf, ckpt, layout, padded, tmp, dtype, world) -> None:
+    from mswift.bridge.torch_dist import save_torch_dist
+
+    run = _run_layout(layout, world)
+    # Pad the vocabulary as training at --tp will, whatever TP this conversion runs at.
+    model = dataclasses.replace(hf.model, make_vocab_size_divisible_by=padded // run.tp)
+    run_hf = dataclasses.replace(hf, model=model)
+    chunks = build_chunks(run_hf.run_config(run, dtype=dtype))
+    load_into_model(chunks, HFSource(ckpt, run_hf.weight_map(padded)))
+    save_torch_dist(chunks, tmp)
+
+
+# -- megatron -> HF -------------------------------------------------------------------------------
+
+
+def _template(root: Path, hf_dir) -> HFModel:
+    template = Path(hf_dir) if hf_dir else root / HF_SUBDIR
+    if not (template / "config.json").is_file():
+        raise BridgeError(f"{root}: carries no {HF_SUBDIR}/config.json (not converted by mswift); "
+                          "pass --hf-dir with the HF model's config and tokenizer")
+    return HFModel.open(template)
+
+
+def _hf_dtypes(meta: dict, template: HFModel) -> dict[str, torch.dtype]:
+    """Each HF tensor's dtype: as in the original checkpoint, else config.json's dtype."""
+    if meta.get("hf_tensors"):
+        return {name: dtype_from_name(dtype) for name, dtype, _ in meta["hf_tensors"]}
+    name = template.config.get("dtype") or template.config.get("torch_dtype")
+    if not name:
+        return {}
+    wmap = template.weight_map(template.padded_vocab(1))
+    return {hf_name: dtype_from_name(name) for hf_name in wmap.hf_shapes()}
+
+
+def mcore_to_hf(mcore_dir, out, hf_dir=None, tp: int = 1, pp: int = 1, ep: int = 1,
+                etp: int | None = None, max_shard_bytes: int | None = None,
+                progress: bool = True) -> Path:
+    """Convert a megatron checkpoint (torch_dist or legacy) into an HF model directory."""
+    from mswift.bridge.torch_dist import is_torch_dist
+
+    root, out = Path(mcore_dir), Path(out)
+    if not root.is_dir():
+        raise BridgeError(f"--mcore-dir {root}: not a directory")
+    template = _template(root, hf_dir)
+    meta = read_metadata(root)
+    dtypes = _hf_dtypes(meta, template)
+    legacy = is_legacy(root)
+    if not legacy and not is_torch_dist(root):
+        raise BridgeError(f"--mcore-dir {root}: neither a legacy nor a torch_dist checkpoint")
+    check_new_output(out, [root])
+    if legacy:
+        ensure_process_group()
+        source = LegacySource(root, template.weight_map(template.padded_vocab(1)))
+    with staged_output(out) as tmp:
+        if legacy:
+            if rank() == 0:
+                _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
+        else:
+            layout = conversion_layout(template, tp, pp, ep, etp)
+            _write_hf_from_torch_dist(template, root, layout, tmp, dtypes, max_shard_bytes,
+                                      progress)
+        if rank() == 0:
+            copy_aux_files(template.hf_dir, tmp)
+    return out
+
+
+def _write_hf_from_source(source: LegacySource, tmp: Path, dtypes, max_shard_bytes,
+                          progress: bool) -> None:
+    wmap = source.wmap
+    kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+    writer = HFShardWriter(tmp, **kwargs)
+    names = wmap.mcore_names(to_hf_only=True)
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc="writing HF tensors", unit="tensor")
+    for name in names:
+        rule, hf_names = wmap.lookup(name)
+        for hf_name, tensor in zip(hf_names, rule.transform.to_hf(source.full(name), wmap.dims)):
+            writer.add(hf_name, tensor.to(dtypes.get(hf_name, tensor.dtype)))
+    writer.close()
+
+
+def _write_hf_from_torch_dist(template: HFModel, root: Path, layout: Layout, tmp: Path, dtypes,
+                              max_shard_bytes, progress) -> None:
+    from mswift.bridge.torch_dist import load_torch_dist, stored_embedding
+
+    world = launch_world_size()
+    run = _run_layout(layout, world)
+    template.check_layout(run, world)
+    padded, dtype = stored_embedding(root)
+    if padded % run.tp or padded < template.model.vocab_size:
+        raise BridgeError(f"{root}: stored vocabulary of {padded} rows does not split over "
+                          f"TP {run.tp} (or is smaller than vocab_size)")
+    model = dataclasses.replace(template.model, make_vocab_size_divisible_by=padded // run.tp)
+    run_hf = dataclasses.replace(template, model=model)
+    chunks = build_chunks(run_hf.run_config(run, dtype=dtype))
+    load_torch_dist(chunks, root)
+    save_model_to_hf(chunks, run_hf.weight_map(padded), tmp, dtypes, max_shard_bytes,
+                     progress=progress)
+
+
+# -- legacy reshard -------------------------------------------------------------------------------
+
+
+def reshard(mcore_dir, out, tp: int, pp: int, ep: int, vpp: int | None = None, hf_dir=None,
+            progress: bool = True) -> Path:
+    """Rewrite a legacy checkpoint at another TP/PP/EP (+ virtual PP) layout."""
+    root, out = Path(mcore_dir), Path(out)
+    if not is_legacy(root):
+        raise BridgeError(f"--mcore-dir {root}: not a legacy (per-rank) checkpoint; torch_dist "
+                          "checkpoints are resharded by megatron-core when loaded")
+    template = _template(root, hf_dir)
+    layout = conversion_layout(template, tp, pp, ep, vpp=vpp)
+    template.check_layout(layout)
+    padded = template.padded_vocab(tp)
+    wmap = template.weight_map(padded)
+    check_new_output(out, [root])
+    ensure_process_group()
+    source = LegacySource(root, wmap)
+    target = LegacyLayout(tp=tp, pp=pp, ep=ep, vpp=vpp)
+    dtype = next(iter(source.pieces.values())).dtype
+    args = megatron_args(template.model, target, padded, dtype, source.iteration)
+    with staged_output(out) as tmp:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        write_legacy(source, wmap, target, tmp, None, args, iteration=source.iteration,
+                     ranks=target.ranks()[rank()::world], progress=progress and rank() == 0)
+        barrier()
+        if rank() == 0:
+            write_tracker(tmp, source.iteration)
+            meta = read_metadata(root)
+            write_metadata(tmp, template, "legacy", layout, padded, dtype,
+                           meta.get("hf_tensors", []), source.iteration)
+    return out
+
+
+def legacy_layout(root) -> LegacyLayout:
+    return read_layout(root)[0]

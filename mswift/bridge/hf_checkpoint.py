@@ -1,0 +1,69 @@
+"""Start training from an HF checkpoint and end with one, with no separate conversion step.
+
+The training driver's two calls, for a run whose ``model.hf_model`` names an HF directory
+(``mswift.models.registry.apply_hf_model`` fills the model section from its config.json):
+
+    chunks = build_model(cfg)
+    load_hf_checkpoint(chunks, cfg)            # each rank reads only its slices
+    ...
+    save_hf_checkpoint(chunks, cfg, "out/hf")  # gathered to rank 0, streamed to disk
+
+The saved directory has the original's config, generation config and tokenizer files, and each
+tensor in the original's dtype.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from mswift.bridge.errors import BridgeError
+from mswift.bridge.hf_io import HFCheckpoint, copy_aux_files, read_hf_config
+from mswift.bridge.model_io import load_hf_into_model, save_model_to_hf
+from mswift.bridge.rules import WeightMap
+from mswift.config.schema import MswiftConfig
+from mswift.models.registry import dims_for, family_for, padded_vocab_for
+
+
+def _hf_dir(cfg: MswiftConfig) -> Path:
+    if cfg.model.hf_model is None:
+        raise BridgeError("hf_model is not set: name the HF model directory to load or to take "
+                          "config and tokenizer files from")
+    return Path(cfg.model.hf_model)
+
+
+def weight_map_for(cfg: MswiftConfig) -> tuple[WeightMap, tuple[str, ...]]:
+    """The weight map of ``cfg``'s model at its TP size, and the family's ignored HF tensors."""
+    hf_dir = _hf_dir(cfg)
+    family = family_for(read_hf_config(hf_dir), where=str(hf_dir / "config.json"))
+    padded = padded_vocab_for(cfg.model, cfg.parallel.tensor_model_parallel_size)
+    return WeightMap(family.weight_rules, dims_for(cfg.model, padded)), family.ignored_tensors
+
+
+def load_hf_checkpoint(chunks, cfg: MswiftConfig) -> int:
+    """Load ``cfg.model.hf_model``'s weights into this rank's model chunks."""
+    wmap, ignored = weight_map_for(cfg)
+    return load_hf_into_model(chunks, _hf_dir(cfg), wmap, ignored)
+
+
+def save_hf_checkpoint(chunks, cfg: MswiftConfig, out_dir: str | Path,
+                       max_shard_bytes: int | None = None) -> Path:
+    """Write the model as an HF directory (every rank calls this). Written to ``OUT.tmp`` and
+    renamed when complete; an existing ``out_dir`` is replaced."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    wmap, _ = weight_map_for(cfg)
+    source = HFCheckpoint(_hf_dir(cfg))
+    dtypes = {name: source.dtype(name) for name in source.names}
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_model_to_hf(chunks, wmap, tmp, dtypes, max_shard_bytes)
+    if rank == 0:
+        copy_aux_files(source.dir, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out

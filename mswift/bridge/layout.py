@@ -1,0 +1,153 @@
+"""An HF model at a parallel layout: the run config, its checks, and the built model chunks."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mswift.bridge.errors import BridgeError
+from mswift.bridge.hf_io import read_hf_config
+from mswift.bridge.rules import WeightMap
+from mswift.config.schema import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    MswiftConfig,
+    ParallelConfig,
+    TrainingConfig,
+)
+from mswift.models.family import ModelFamily
+from mswift.models.registry import dims_for, model_config_from_hf, padded_vocab_for
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the model is split: Megatron-LM's sizes (etp None = tp; vpp None = no interleaving)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    vpp: int | None = None
+    sequence_parallel: bool = False
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or self.tp
+
+    def describe(self) -> str:
+        text = f"TP{self.tp} PP{self.pp} EP{self.ep}"
+        text += f" ETP{self.etp}" if self.etp else ""
+        text += f" VPP{self.vpp}" if self.vpp else ""
+        return text + (" SP" if self.sequence_parallel else "")
+
+
+@dataclass
+class HFModel:
+    """An HF model directory's family, mswift model config and the weight map's sizes."""
+
+    hf_dir: Path
+    config: dict
+    family: ModelFamily
+    model: ModelConfig
+
+    @classmethod
+    def open(cls, hf_dir: str | Path, **model_overrides) -> "HFModel":
+        hf_dir = Path(hf_dir)
+        config = read_hf_config(hf_dir)
+        family, model = model_config_from_hf(config, where=str(hf_dir / "config.json"),
+                                             **model_overrides)
+        return cls(hf_dir, config, family, model)
+
+    def weight_map(self, padded_vocab: int) -> WeightMap:
+        return WeightMap(self.family.weight_rules, dims_for(self.model, padded_vocab))
+
+    def padded_vocab(self, tp: int) -> int:
+        return padded_vocab_for(self.model, tp)
+
+    def run_config(self, layout: Layout, dtype: torch.dtype = torch.float32,
+                   seq_length: int = 128) -> MswiftConfig:
+        """The config of a run of this model at ``layout`` (params in ``dtype``)."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise BridgeError(f"dtype {dtype}: expected torch.float32 or torch.bfloat16")
+        try:
+            parallel = ParallelConfig(
+                tensor_model_parallel_size=layout.tp,
+                pipeline_model_parallel_size=layout.pp,
+                virtual_pipeline_model_parallel_size=layout.vpp,
+                expert_model_parallel_size=layout.ep,
+                expert_tensor_parallel_size=layout.etp,
+                sequence_parallel=layout.sequence_parallel,
+            )
+        except ConfigError as err:
+            raise BridgeError(err.problems, headline="parallel layout") from None
+        return MswiftConfig(model=self.model, parallel=parallel,
+                            data=DataConfig(seq_length=seq_length),
+                            training=TrainingConfig(bf16=dtype == torch.bfloat16))
+
+    def check_layout(self, layout: Layout, world_size: int | None = None,
+                     seq_length: int = 128) -> None:
+        """Every way ``layout`` does not fit the model (and ``world_size`` ranks), at once."""
+        from mswift.runtime.parallel import layout_problems, model_fit_problems
+
+        cfg = self.run_config(layout, seq_length=seq_length)
+        problems = model_fit_problems(cfg)
+        if self.model.num_experts is None and layout.etp not in (None, 1):
+            problems.append(f"expert_tensor_parallel_size={layout.etp}: needs an MoE model")
+        if world_size is not None:
+            problems += [p for p in layout_problems(cfg, world_size) if p not in problems]
+        if problems:
+            raise BridgeError(problems, headline=f"layout {layout.describe()} does not fit "
+                                                 f"{self.hf_dir}")
+
+
+def ensure_rendezvous_port() -> None:
+    """A single process (no launcher) gets a free port, so two tools can run side by side."""
+    from mswift.runtime.launch_env import detect_launch_env
+
+    if detect_launch_env().launcher == "single" and "MASTER_PORT" not in os.environ:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
+def launch_world_size() -> int:
+    from mswift.runtime.launch_env import detect_launch_env
+
+    return detect_launch_env().world_size
+
+
+def _groups_match(cfg: MswiftConfig) -> bool:
+    """megatron-core's process groups are already those of ``cfg``'s layout."""
+    from megatron.core import parallel_state as ps
+
+    par = cfg.parallel
+    if not ps.model_parallel_is_initialized():
+        return False
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
+            ps.get_expert_tensor_parallel_world_size()) == (
+        par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+        par.virtual_pipeline_model_parallel_size, par.context_parallel_size,
+        par.expert_model_parallel_size,
+        par.expert_tensor_parallel_size or par.tensor_model_parallel_size)
+
+
+def build_chunks(cfg: MswiftConfig):
+    """Start the process groups for ``cfg`` (kept if already at its layout: building several
+    models at one layout creates no new groups) and build this rank's model chunks."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from mswift.models.build import build_model
+    from mswift.runtime import init_distributed
+
+    if not _groups_match(cfg):
+        ensure_rendezvous_port()
+        init_distributed(cfg)
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    return build_model(cfg)

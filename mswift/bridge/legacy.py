@@ -1,0 +1,261 @@
+"""Megatron-LM's legacy per-rank checkpoint layout (``--ckpt-format torch``), written and read
+without building a model, so one process can write or read any TP/PP/EP layout.
+
+``ROOT/latest_checkpointed_iteration.txt`` names the iteration; ``ROOT/iter_0000000/
+mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` holds one rank's ``{"model": state_dict,
+"checkpoint_version": 3.0, "iteration": N, "args": Namespace}`` (``model0``, ``model1``, ...
+with virtual pipeline stages). ``_PPP`` appears when PP > 1, ``_EEE`` when EP > 1. The state
+dict is that of megatron-core's GPTModel with the *local* layer spec (Megatron-LM's
+``--transformer-impl local``): stage-local layer numbers, EP-rank-local expert numbers, and an
+``_extra_state`` (None) entry per linear layer. Expert tensor parallelism equals TP here.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mswift.bridge.errors import BridgeError
+from mswift.bridge.rules import WeightMap
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FILE = "model_optim_rng.pt"
+_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+
+@dataclass(frozen=True)
+class LegacyLayout:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    vpp: int | None = None
+
+    @property
+    def chunks(self) -> int:
+        return self.vpp or 1
+
+    def ranks(self) -> list[tuple[int, int, int]]:
+        """(tp, pp, ep) rank of every file."""
+        return [(t, p, e) for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]
+
+    def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
+        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
+        return name + (f"_{ep_rank:03d}" if self.ep > 1 else "")
+
+
+def chunk_layers(layout: LegacyLayout, pp_rank: int, vp_stage: int, num_layers: int) -> range:
+    """Global layers of one (virtual) pipeline stage: megatron-core's even split, in which
+    virtual stage v of rank p holds block ``v * pp + p``."""
+    per_chunk = num_layers // (layout.pp * layout.chunks)
+    start = (vp_stage * layout.pp + pp_rank) * per_chunk
+    return range(start, start + per_chunk)
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def chunk_entries(wmap: WeightMap, layout: LegacyLayout, pp_rank: int, vp_stage: int,
+                  ep_rank: int) -> list[tuple[str, str | None]]:
+    """(local name, global name) of every state-dict entry of one model chunk of one rank;
+    the global name is None for ``_extra_state`` entries."""
+    d = wmap.dims
+    first = pp_rank == 0 and vp_stage == 0
+    last = pp_rank == layout.pp - 1 and vp_stage == layout.chunks - 1
+    layers = chunk_layers(layout, pp_rank, vp_stage, d.num_layers)
+    per_rank = d.experts // layout.ep if d.experts else 0
+    experts = list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank))
+    entries: dict[str, str | None] = {}
+    for rule in wmap.rules:
+        if rule.per_layer:
+            for local_layer, layer in enumerate(layers):
+                if not rule.applies_to_layer(layer, d):
+                    continue
+                pairs = list(enumerate(experts)) if rule.per_expert else [(None, None)]
+                for local_expert, expert in pairs:
+                    local = rule.mcore.format(layer=local_layer, expert=local_expert)
+                    entries[local] = rule.mcore.format(layer=layer, expert=expert)
+                    if rule.extra_state:
+                        entries[_module(local) + "._extra_state"] = None
+        elif first if rule.mcore.startswith("embedding.") else last:
+            # A tied model on a single stage has no output weight: it uses the embedding.
+            if not (rule.mcore == "output_layer.weight" and d.tied and first):
+                entries[rule.mcore] = rule.mcore
+            if rule.extra_state:
+                entries[_module(rule.mcore) + "._extra_state"] = None
+    return list(entries.items())
+
+
+def _owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A tensor with its own storage (torch.save of a view would save the whole base)."""
+    tensor = (tensor if dtype is None else tensor.to(dtype)).contiguous()
+    if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.clone()
+    return tensor
+
+
+def megatron_args(model, layout: LegacyLayout, padded_vocab: int, dtype: torch.dtype,
+                  iteration: int) -> argparse.Namespace:
+    """The ``args`` Megatron-LM stores and checks on load (model shape and layout)."""
+    return argparse.Namespace(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size, num_attention_heads=model.num_attention_heads,
+        group_query_attention=model.num_query_groups is not None,
+        num_query_groups=model.num_query_groups, kv_channels=model.kv_channels,
+        max_position_embeddings=model.max_position_embeddings, padded_vocab_size=padded_vocab,
+        make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+        normalization=model.normalization, norm_epsilon=model.norm_epsilon, swiglu=model.swiglu,
+        position_embedding_type=model.position_embedding_type, rotary_base=model.rotary_base,
+        untie_embeddings_and_output_weights=model.untie_embeddings_and_output_weights,
+        add_bias_linear=model.add_bias_linear, add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm, num_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk, moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp, expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.tp, transformer_impl="local", ckpt_format="torch",
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+        iteration=iteration,
+    )
+
+
+def write_legacy(source, wmap: WeightMap, layout: LegacyLayout, root: str | Path,
+                 dtype: torch.dtype | None, args: argparse.Namespace, iteration: int = 0,
+                 ranks: list[tuple[int, int, int]] | None = None, progress: bool = False) -> None:
+    """Write the rank files ``ranks`` (default: all) of ``layout`` under ``root`` from
+    ``source`` (anything with ``local(name, tp_rank, tp_size)``), one file in memory at a time,
+    in ``dtype`` (None: as the source has them).
+    The tracker is written by :func:`write_tracker` once every rank's files are complete."""
+    iter_dir = Path(root) / f"iter_{iteration:07d}"
+    todo = layout.ranks() if ranks is None else ranks
+    if progress:
+        from tqdm import tqdm
+
+        todo = tqdm(todo, desc="writing rank files", unit="file")
+    for tp_rank, pp_rank, ep_rank in todo:
+        state = {"checkpoint_version": 3.0, "iteration": iteration, "args": args}
+        for vp_stage in range(layout.chunks):
+            sd = {}
+            for local, name in chunk_entries(wmap, layout, pp_rank, vp_stage, ep_rank):
+                sd[local] = None if name is None else _owned(
+                    source.local(name, tp_rank, layout.tp), dtype)
+            state["model" if layout.vpp is None else f"model{vp_stage}"] = sd
+        path = iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+
+
+def write_tracker(root: str | Path, iteration: int) -> None:
+    (Path(root) / TRACKER).write_text(f"{iteration}\n")
+
+
+def read_iteration_dir(root: str | Path) -> tuple[Path, int]:
+    """The checkpoint dir the tracker names (``iter_NNNNNNN`` or ``release``)."""
+    root = Path(root)
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        raise BridgeError(f"{tracker}: not found (expected a Megatron checkpoint directory)")
+    text = tracker.read_text().strip()
+    if text == "release":
+        return root / "release", 0
+    if not text.isdigit():
+        raise BridgeError(f"{tracker}: expected an iteration number or 'release', found "
+                          f"{text[:40]!r}")
+    iter_dir = root / f"iter_{int(text):07d}"
+    if not iter_dir.is_dir():
+        raise BridgeError(f"{tracker}: names iteration {int(text)}, but {iter_dir} is missing")
+    return iter_dir, int(text)
+
+
+def is_legacy(root: str | Path) -> bool:
+    try:
+        iter_dir, _ = read_iteration_dir(root)
+    except BridgeError:
+        return False
+    return any(_RANK_DIR.match(p.name) for p in iter_dir.iterdir())
+
+
+def _load(path: Path) -> dict:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise BridgeError(f"{path}: cannot be read as a Megatron checkpoint file ({err})"
+                          ) from None
+
+
+def read_layout(root: str | Path) -> tuple[LegacyLayout, int]:
+    """The layout of a legacy checkpoint, from Megatron-LM's ``args`` in its first rank file."""
+    iter_dir, iteration = read_iteration_dir(root)
+    dirs = sorted(p for p in iter_dir.iterdir() if _RANK_DIR.match(p.name))
+    if not dirs:
+        raise BridgeError(f"{iter_dir}: no mp_rank_* directories")
+    first = _load(dirs[0] / FILE)
+    args = first.get("args")
+    if args is None:
+        raise BridgeError(f"{dirs[0] / FILE}: no 'args' (Megatron-LM stores the layout there)")
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    layout = LegacyLayout(tp=args.tensor_model_parallel_size,
+                          pp=args.pipeline_model_parallel_size,
+                          ep=getattr(args, "expert_model_parallel_size", 1) or 1,
+                          vpp=vpp if vpp and vpp > 1 else None)
+    etp = getattr(args, "expert_tensor_parallel_size", None)
+    if etp not in (None, layout.tp):
+        raise BridgeError(f"{dirs[0] / FILE}: expert_tensor_parallel_size={etp} differs from "
+                          f"tensor_model_parallel_size={layout.tp}; not supported in the legacy "
+                          "format")
+    return layout, iteration
+
+
+class LegacySource:
+    """Megatron tensors of a legacy checkpoint, merged over its TP ranks and re-split for the
+    layout asked for. Files are memory-mapped: only the bytes used are read."""
+
+    def __init__(self, root: str | Path, wmap: WeightMap):
+        self.wmap = wmap
+        self.layout, self.iteration = read_layout(root)
+        self.iter_dir, _ = read_iteration_dir(root)
+        self.pieces: dict[tuple[str, int], torch.Tensor] = {}
+        problems = []
+        for tp_rank, pp_rank, ep_rank in self.layout.ranks():
+            problems += self._read_rank(tp_rank, pp_rank, ep_rank)
+        if problems:
+            raise BridgeError(problems, headline=f"{root}: checkpoint does not match its model")
+
+    def _read_rank(self, tp_rank: int, pp_rank: int, ep_rank: int) -> list[str]:
+        path = self.iter_dir / self.layout.rank_dir(tp_rank, pp_rank, ep_rank) / FILE
+        if not path.is_file():
+            return [f"{path}: missing"]
+        state = _load(path)
+        problems = []
+        for vp_stage in range(self.layout.chunks):
+            key = "model" if self.layout.vpp is None else f"model{vp_stage}"
+            sd = state.get(key)
+            if not isinstance(sd, dict):
+                problems.append(f"{path}: no {key!r} state dict")
+                continue
+            entries = dict(chunk_entries(self.wmap, self.layout, pp_rank, vp_stage, ep_rank))
+            for local, name in entries.items():
+                if name is None:
+                    continue
+                if local not in sd:
+                    problems.append(f"{path}: {key}[{local!r}] missing")
+                else:
+                    self.pieces.setdefault((name, tp_rank), sd[local])
+            unexpected = [k for k in sd if k not in entries]
+            problems += [f"{path}: {key}[{k!r}] unexpected (a Transformer Engine layer name? "
+                         "only the local layer spec is read)" for k in unexpected]
+        return problems
+
+    def full(self, name: str) -> torch.Tensor:
+        rule, _ = self.wmap.lookup(name)
+        shards = [self.pieces[(name, r)] for r in range(self.layout.tp)]
+        return rule.transform.merge(shards, self.wmap.dims)
+
+    def local(self, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+        rule, _ = self.wmap.lookup(name)
+        if tp_size == self.layout.tp and not rule.transform.pads:
+            return self.pieces[(name, tp_rank)]  # same split: the rank's own piece
+        return rule.transform.split(self.full(name), tp_rank, tp_size, self.wmap.dims)

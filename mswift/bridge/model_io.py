@@ -1,0 +1,186 @@
+"""Load weights straight into a sharded megatron-core model, and save one straight to HF.
+
+Both work on the chunks :func:`mswift.models.build.build_model` returns for this rank, at any
+TP / PP (+ virtual PP) / EP / expert-TP layout. A chunk's state dict uses local names (layer
+numbers of its pipeline stage, expert numbers of its EP rank); :func:`global_name` turns them
+into the model-wide names the weight map uses, from megatron-core's own numbering
+(``TransformerLayer.layer_number``, ``MoELayer.local_expert_indices``).
+
+Loading: every rank reads only its slice, from a source (:class:`HFSource`, or a legacy
+checkpoint's :class:`mswift.bridge.legacy.LegacySource`). Saving: rank 0 writes the HF shards;
+for each tensor, in model order, the ranks that own its TP pieces (the lowest rank holding each
+piece) send them to rank 0, which merges them, turns them into HF tensors and streams them to
+disk, so rank 0 holds one tensor (plus one output shard) at a time.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter
+from mswift.bridge.rules import WeightMap
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.*)$")
+
+
+class HFSource:
+    """Megatron tensors (TP slices) read lazily from an HF checkpoint through a weight map."""
+
+    def __init__(self, ckpt: HFCheckpoint, wmap: WeightMap):
+        self.ckpt = ckpt
+        self.wmap = wmap
+
+    def local(self, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+        rule, hf_names = self.wmap.lookup(name)
+        return rule.transform.local(self.ckpt, hf_names, tp_rank, tp_size, self.wmap.dims)
+
+
+def global_name(chunk, local: str) -> str:
+    """``decoder.layers.0.mlp.experts.local_experts.1.x`` on a later stage / EP rank ->
+    the same tensor's model-wide name (e.g. layer 4, expert 3)."""
+    match = _LAYER.match(local)
+    if not match:
+        return local
+    layer = chunk.decoder.layers[int(match.group(1))]
+    rest = match.group(2)
+    expert = _EXPERT.match(rest)
+    if expert:
+        index = layer.mlp.local_expert_indices[int(expert.group(1))]
+        rest = f"mlp.experts.local_experts.{index}.{expert.group(2)}"
+    return f"decoder.layers.{layer.layer_number - 1}.{rest}"
+
+
+def tp_coords(name: str) -> tuple[int, int]:
+    """(rank, size) of the tensor-parallel group that splits this tensor (expert-TP for experts)."""
+    from megatron.core import parallel_state as ps
+
+    if ".mlp.experts." in name:
+        return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def model_tensors(chunks) -> list[tuple[str, torch.Tensor]]:
+    """(global name, parameter) of every tensor in this rank's chunks (no ``_extra_state``)."""
+    out = []
+    for chunk in chunks:
+        for local, tensor in chunk.state_dict(keep_vars=True).items():
+            if isinstance(tensor, torch.Tensor):
+                out.append((global_name(chunk, local), tensor))
+    return out
+
+
+def _check_split(name: str, tensor: torch.Tensor, transform) -> None:
+    # The table's TP split must be megatron's; a mismatch is a bug in a weight map.
+    split = getattr(tensor, "partition_dim", None) if getattr(
+        tensor, "tensor_model_parallel", False) else None
+    assert split == transform.tp_dim, (
+        f"{name}: weight map splits dim {transform.tp_dim}, megatron-core splits {split}")
+
+
+def load_into_model(chunks, source) -> int:
+    """Copy each tensor of this rank's chunks from ``source``; returns how many were loaded."""
+    count = 0
+    with torch.no_grad():
+        for name, tensor in model_tensors(chunks):
+            rule, _ = source.wmap.lookup(name)
+            _check_split(name, tensor, rule.transform)
+            value = source.local(name, *tp_coords(name))
+            assert value.shape == tensor.shape, (
+                f"{name}: source slice {tuple(value.shape)}, model {tuple(tensor.shape)}")
+            tensor.data.copy_(value)
+            count += 1
+    return count
+
+
+def load_hf_into_model(chunks, hf_dir: str | Path, wmap: WeightMap,
+                       ignored: tuple[str, ...] = ()) -> int:
+    """Load an HF checkpoint into this rank's chunks (each rank reads only its slices);
+    ``ignored``: regexes of HF tensors that are not weights (the family's ``ignored_tensors``)."""
+    ckpt = HFCheckpoint(hf_dir)
+    ckpt.check_tensors(wmap.hf_shapes(), "this", ignored)
+    return load_into_model(chunks, HFSource(ckpt, wmap))
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _piece_owners(pieces: dict, wmap: WeightMap) -> tuple[dict, dict]:
+    """Every rank's pieces -> owner rank of each (name, tp rank) and each name's TP size,
+    shape and dtype (the same answer on every rank)."""
+    mine = [(name, r, size, tuple(t.shape), t.dtype) for (name, r), (t, size) in pieces.items()]
+    rank, world = _rank_and_world()
+    everyone = [None] * world
+    if world > 1:
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    owners, info = {}, {}
+    for src, items in enumerate(everyone):
+        for name, r, size, shape, dtype in items:
+            owners.setdefault((name, r), src)
+            info[name] = (size, shape, dtype)
+    missing = [(n, r) for n in wmap.mcore_names(to_hf_only=True)
+               for r in range(info.get(n, (1,))[0]) if (n, r) not in owners]
+    assert not missing, f"no rank holds {missing[:5]}"
+    return owners, info
+
+
+def save_model_to_hf(chunks, wmap: WeightMap, out_dir: str | Path,
+                     dtypes: dict[str, torch.dtype] | None = None,
+                     max_shard_bytes: int | None = None, progress: bool = False) -> dict | None:
+    """Write this model's weights as HF safetensors shards + index into ``out_dir`` (rank 0).
+
+    ``dtypes`` gives the dtype of each HF tensor (e.g. the original checkpoint's); others keep
+    the model's. Every rank must call this; returns the index on rank 0, None elsewhere.
+    """
+    rank, _ = _rank_and_world()
+    pieces = {}
+    for name, tensor in model_tensors(chunks):
+        rule, _ = wmap.lookup(name)
+        if rule.to_hf:
+            r, size = tp_coords(name)
+            pieces[(name, r)] = (tensor.detach(), size)
+    owners, info = _piece_owners(pieces, wmap)
+    writer = None
+    if rank == 0:
+        kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+        writer = HFShardWriter(out_dir, **kwargs)
+    names = wmap.mcore_names(to_hf_only=True)
+    for name in _progress(names, progress and rank == 0):
+        size, shape, dtype = info[name]
+        shards = []
+        for r in range(size):
+            src = owners[(name, r)]
+            if src == rank == 0:
+                shards.append(pieces[(name, r)][0])
+            elif src == rank:
+                dist.send(pieces[(name, r)][0].contiguous(), dst=0)
+            elif rank == 0:
+                buf = torch.empty(shape, dtype=dtype)
+                dist.recv(buf, src=src)
+                shards.append(buf)
+        if rank == 0:
+            _write_hf(writer, wmap, name, shards, dtypes or {})
+    return writer.close() if writer is not None else None
+
+
+def _write_hf(writer: HFShardWriter, wmap: WeightMap, name: str, shards, dtypes) -> None:
+    rule, hf_names = wmap.lookup(name)
+    full = rule.transform.merge(shards, wmap.dims)
+    for hf_name, tensor in zip(hf_names, rule.transform.to_hf(full, wmap.dims)):
+        writer.add(hf_name, tensor.to(dtypes.get(hf_name, tensor.dtype)))
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="writing HF tensors", unit="tensor")

@@ -1,0 +1,319 @@
+"""Weight-map rules: which HF tensors make which megatron-core tensor, and how it is split over TP.
+
+A family's weight map is a table of :class:`Rule` rows (data, see ``mswift/models/<family>.py``):
+a megatron-core name and the HF names it is made of, with ``{layer}`` / ``{expert}``
+placeholders, the :class:`Transform` between them and the HF shapes in symbols of
+:class:`Dims`. Megatron names are *global*: layer and expert numbers count the whole model, not
+one pipeline stage or expert-parallel rank.
+
+A transform works at three levels, so one table serves every path of the bridge:
+
+* ``local``: the tensor-parallel slice of one rank, read straight from the HF tensors (only the
+  rows / columns that rank owns are read, see :class:`mswift.bridge.hf_io.HFCheckpoint`);
+* ``merge`` / ``split``: TP shards <-> the whole megatron tensor;
+* ``to_hf``: the whole megatron tensor -> the HF tensors.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional, Protocol
+
+import torch
+
+
+class TensorReader(Protocol):
+    """Lazy access to HF tensors (:class:`mswift.bridge.hf_io.HFCheckpoint`)."""
+
+    def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: int = 0
+             ) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) ``start:stop`` of a tensor; dim None = all of it."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a weight map needs, from the model config (``mswift.models.registry.dims_for``).
+
+    Shape symbols: H hidden, Q heads x head_dim, KV groups x head_dim, D head_dim, F dense MLP
+    width, FE expert MLP width, V vocabulary, E experts.
+    """
+
+    num_layers: int
+    hidden: int
+    heads: int
+    groups: int  # key/value heads
+    head_dim: int
+    ffn: int
+    vocab: int  # HF vocabulary (rows of embed_tokens / lm_head)
+    padded_vocab: int  # megatron rows: vocab padded for TP (zeros past `vocab`)
+    tied: bool  # lm_head shares embed_tokens
+    experts: int = 0
+    moe_ffn: int = 0
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE (True) or dense MLP
+
+    def size(self, symbol: str) -> int:
+        sizes = {
+            "H": self.hidden, "Q": self.heads * self.head_dim,
+            "KV": self.groups * self.head_dim, "D": self.head_dim, "F": self.ffn,
+            "FE": self.moe_ffn, "V": self.vocab, "E": self.experts,
+        }
+        return sizes[symbol]
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
+
+    def with_padded_vocab(self, padded_vocab: int) -> "Dims":
+        return replace(self, padded_vocab=padded_vocab)
+
+
+def _rows(size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    assert size % tp_size == 0, f"{size} rows do not split over {tp_size} ranks"
+    part = size // tp_size
+    return tp_rank * part, (tp_rank + 1) * part
+
+
+class Transform:
+    """HF tensors <-> one megatron tensor; ``tp_dim`` is the dim megatron splits over TP."""
+
+    tp_dim: Optional[int] = None
+    pads = False  # rows past the HF size are padding (which depends on the TP size)
+    name = "transform"
+
+    def local(self, src: TensorReader, names: list[str], tp_rank: int, tp_size: int,
+              d: Dims) -> torch.Tensor:
+        """This TP rank's slice, reading only its part of the HF tensors ``names``."""
+        raise NotImplementedError
+
+    def merge(self, shards: list[torch.Tensor], d: Dims) -> torch.Tensor:
+        if self.tp_dim is None:
+            return shards[0]
+        return torch.cat(shards, dim=self.tp_dim)
+
+    def split(self, full: torch.Tensor, tp_rank: int, tp_size: int, d: Dims) -> torch.Tensor:
+        if self.tp_dim is None:
+            return full
+        return full.chunk(tp_size, dim=self.tp_dim)[tp_rank]
+
+    def to_hf(self, full: torch.Tensor, d: Dims) -> list[torch.Tensor]:
+        return [full]
+
+    def __repr__(self):
+        return self.name
+
+
+class Replicated(Transform):
+    """Every TP rank holds the whole tensor (norms, router)."""
+
+    name = "replicated"
+
+    def local(self, src, names, tp_rank, tp_size, d):
+        return src.read(names[0])
+
+
+class RowParallel(Transform):
+    """Split on the input dim (``linear_proj``, ``linear_fc2``): columns of the HF matrix."""
+
+    tp_dim = 1
+    name = "row_parallel"
+
+    def local(self, src, names, tp_rank, tp_size, d):
+        start, stop = _rows(src.shape(names[0])[1], tp_rank, tp_size)
+        return src.read(names[0], 1, start, stop)
+
+
+class VocabParallel(Transform):
+    """Embedding / output rows, padded with zeros to ``padded_vocab``, split over TP."""
+
+    tp_dim = 0
+    pads = True
+    name = "vocab_parallel"
+
+    def local(self, src, names, tp_rank, tp_size, d):
+        start, stop = _rows(d.padded_vocab, tp_rank, tp_size)
+        real = min(stop, d.vocab)  # rows past the vocabulary are padding
+        hidden = src.shape(names[0])[1]
+        pad = torch.zeros(stop - max(start, real), hidden, dtype=src.dtype(names[0]))
+        if real <= start:
+            return pad
+        rows = src.read(names[0], 0, start, real)
+        return torch.cat([rows, pad]) if pad.numel() else rows
+
+    def split(self, full, tp_rank, tp_size, d):
+        # `full` may be padded for another TP size: crop to the vocabulary, re-pad.
+        rows = full[: d.vocab]
+        if d.padded_vocab > d.vocab:
+            pad = full.new_zeros((d.padded_vocab - d.vocab,) + tuple(full.shape[1:]))
+            rows = torch.cat([rows, pad])
+        return rows.chunk(tp_size, dim=0)[tp_rank]
+
+    def to_hf(self, full, d):
+        return [full[: d.vocab]]
+
+
+class FusedQKV(Transform):
+    """q, k, v -> ``linear_qkv`` grouped by query group: per group its heads/groups query
+    heads, then its key head, then its value head. Weights ``[rows, H]`` and biases ``[rows]``
+    alike. TP ranks own whole groups, so a rank's slice is a contiguous run of groups."""
+
+    tp_dim = 0
+    name = "fused_qkv"
+
+    def local(self, src, names, tp_rank, tp_size, d):
+        g0, g1 = _rows(d.groups, tp_rank, tp_size)
+        per_group = d.heads // d.groups * d.head_dim
+        q = src.read(names[0], 0, g0 * per_group, g1 * per_group)
+        k = src.read(names[1], 0, g0 * d.head_dim, g1 * d.head_dim)
+        v = src.read(names[2], 0, g0 * d.head_dim, g1 * d.head_dim)
+        return self._interleave(q, k, v, g1 - g0, d)
+
+    @staticmethod
+    def _interleave(q, k, v, groups, d):
+        rest = tuple(q.shape[1:])
+        q = q.reshape((groups, -1) + rest)  # [groups, heads/groups * head_dim, ...]
+        k = k.reshape((groups, d.head_dim) + rest)
+        v = v.reshape((groups, d.head_dim) + rest)
+        return torch.cat([q, k, v], dim=1).reshape((-1,) + rest)
+
+    def to_hf(self, full, d):
+        rest = tuple(full.shape[1:])
+        per_group = d.heads // d.groups * d.head_dim
+        grouped = full.reshape((d.groups, per_group + 2 * d.head_dim) + rest)
+        q, k, v = grouped.split([per_group, d.head_dim, d.head_dim], dim=1)
+        return [t.reshape((-1,) + rest) for t in (q, k, v)]
+
+
+class FusedGateUp(Transform):
+    """gate, up -> ``linear_fc1`` = [gate; up]; each TP rank holds [its gate rows; its up rows]."""
+
+    tp_dim = 0
+    name = "fused_gate_up"
+
+    def local(self, src, names, tp_rank, tp_size, d):
+        start, stop = _rows(src.shape(names[0])[0], tp_rank, tp_size)
+        return torch.cat([src.read(names[0], 0, start, stop), src.read(names[1], 0, start, stop)])
+
+    def merge(self, shards, d):
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+
+    def split(self, full, tp_rank, tp_size, d):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]])
+
+    def to_hf(self, full, d):
+        return list(full.chunk(2, dim=0))
+
+
+REPLICATED = Replicated()
+ROW_PARALLEL = RowParallel()
+VOCAB_PARALLEL = VocabParallel()
+FUSED_QKV = FusedQKV()
+FUSED_GATE_UP = FusedGateUp()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of a weight map.
+
+    ``mcore`` and ``hf`` may hold ``{layer}`` and ``{expert}``; ``shapes`` gives each HF
+    tensor's shape in :class:`Dims` symbols. ``layers`` says which layers have the tensor
+    ("all", "dense" or "moe"); ``when`` whether the model has it ("always", or only when the
+    embeddings are "tied" / "untied"). ``to_hf=False`` marks a tensor that is read from HF but
+    never written back (a tied model's output layer on the last pipeline stage: a copy of the
+    embedding). ``extra_state``: the megatron module also keeps an ``_extra_state`` entry in
+    its state dict (megatron's linear layers do).
+    """
+
+    mcore: str
+    hf: tuple[str, ...]
+    transform: Transform
+    shapes: tuple[tuple[str, ...], ...]
+    layers: str = "all"
+    when: str = "always"
+    to_hf: bool = True
+    extra_state: bool = False
+
+    @property
+    def per_layer(self) -> bool:
+        return "{layer}" in self.mcore
+
+    @property
+    def per_expert(self) -> bool:
+        return "{expert}" in self.mcore
+
+    def applies_to_layer(self, layer: int, d: Dims) -> bool:
+        if self.layers == "all":
+            return True
+        return d.is_moe_layer(layer) == (self.layers == "moe")
+
+    def hf_shapes(self, d: Dims) -> list[tuple[int, ...]]:
+        return [tuple(d.size(s) for s in shape) for shape in self.shapes]
+
+
+def _pattern(template: str) -> re.Pattern:
+    text = re.escape(template)
+    text = text.replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+    return re.compile(text + "$")
+
+
+class WeightMap:
+    """A family's rules for one model: look up megatron names, list every tensor of each side."""
+
+    def __init__(self, rules: tuple[Rule, ...], dims: Dims):
+        self.dims = dims
+        tied = "tied" if dims.tied else "untied"
+        self.rules = tuple(r for r in rules if r.when in ("always", tied))
+        self._patterns = [(_pattern(r.mcore), r) for r in self.rules]
+
+    def lookup(self, mcore_name: str) -> tuple[Rule, list[str]]:
+        """The rule for a global megatron name and the HF names it reads."""
+        for pattern, rule in self._patterns:
+            match = pattern.match(mcore_name)
+            if match:
+                return rule, [h.format(**match.groupdict()) for h in rule.hf]
+        raise KeyError(f"no weight-map rule for megatron-core tensor {mcore_name!r}")
+
+    def expand(self, rule: Rule) -> Iterator[tuple[str, list[str], dict]]:
+        """(megatron name, HF names, indices) of every instance of ``rule`` in the model."""
+        d = self.dims
+        layers = range(d.num_layers) if rule.per_layer else [None]
+        experts = range(d.experts) if rule.per_expert else [None]
+        for layer in layers:
+            if layer is not None and not rule.applies_to_layer(layer, d):
+                continue
+            for expert in experts:
+                idx = {"layer": layer, "expert": expert}
+                yield (rule.mcore.format(**idx), [h.format(**idx) for h in rule.hf], idx)
+
+    def mcore_names(self, to_hf_only: bool = False) -> list[str]:
+        """Every global megatron tensor, in model order (embedding, layers, final norm, output)."""
+        names = []
+        for rule in self.rules:
+            if rule.to_hf or not to_hf_only:
+                names += [name for name, _, _ in self.expand(rule)]
+        return sorted(names, key=_model_order)
+
+    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor the checkpoint must hold, with its shape."""
+        shapes = {}
+        for rule in self.rules:
+            if not rule.to_hf:
+                continue
+            for _, hf_names, _ in self.expand(rule):
+                shapes.update(zip(hf_names, rule.hf_shapes(self.dims)))
+        return shapes
+
+
+def _model_order(name: str):
+    """Sort key: embedding, then layers in order (rules' order inside a layer), final, output."""
+    match = re.match(r"decoder\.layers\.(\d+)\.", name)
+    if name.startswith("embedding."):
+        return (0, 0, name)
+    if match:
+        expert = re.search(r"local_experts\.(\d+)\.", name)
+        return (1, int(match.group(1)), int(expert.group(1)) if expert else -1, name)
+    return (2, 0, 0 if "final" in name else 1, name)

@@ -1,0 +1,186 @@
+"""``mswift verify``: the same tokens through megatron-core (at a parallel layout) and through
+``transformers``; prints the logit differences and exits non-zero past a tolerance.
+
+    torchrun --nproc_per_node W -m mswift verify --hf-dir IN [--mcore-dir CKPT] --tp N --pp N
+        --ep N [--tokens-file T.json] [--dump-logits OUT.pt] [--tol 1e-4]
+
+The megatron model's weights come from ``--mcore-dir`` (a torch_dist or legacy checkpoint) if
+given, else straight from ``--hf-dir``; the reference is always ``--hf-dir`` loaded by
+transformers. Both run in fp32. Exit codes: 0 within ``--tol`` (max abs logit difference and
+loss difference), 1 past it, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mswift.bridge.cli import positive_int
+from mswift.bridge.errors import BridgeError
+from mswift.config.schema import ConfigError
+
+
+def parser(prog: str = "mswift verify") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf-dir", required=True, help="HF model dir: the reference (transformers)")
+    p.add_argument("--mcore-dir", default=None, help="converted checkpoint to check instead of "
+                   "loading --hf-dir into megatron-core")
+    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        p.add_argument(flag, type=positive_int, default=1, help=f"{what}-parallel size")
+    p.add_argument("--etp", type=positive_int, default=None, help="expert tensor-parallel size")
+    p.add_argument("--vpp", type=positive_int, default=None, help="virtual pipeline stages")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="sequence parallelism (always on for MoE with --tp > 1)")
+    p.add_argument("--tokens-file", default=None,
+                   help="JSON list of token-id lists of equal length (default: random tokens)")
+    p.add_argument("--batch", type=positive_int, default=2, help="random tokens: sequences")
+    p.add_argument("--seq-len", type=positive_int, default=32, help="random tokens: length")
+    p.add_argument("--dump-logits", default=None,
+                   help="torch.save the megatron fp32 logits [batch, seq, vocab] here")
+    p.add_argument("--tol", type=float, default=1e-4)
+    return p
+
+
+def read_tokens(path: str | None, vocab: int, batch: int, seq: int) -> torch.Tensor:
+    if path is None:
+        generator = torch.Generator().manual_seed(1234)
+        return torch.randint(0, vocab, (batch, seq), generator=generator)
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise BridgeError(f"--tokens-file {path}: cannot be read as JSON ({err})") from None
+    ok = (isinstance(rows, list) and rows and all(isinstance(r, list) and r for r in rows)
+          and all(isinstance(t, int) and not isinstance(t, bool) for r in rows for t in r))
+    if not ok or len({len(r) for r in rows}) != 1:
+        raise BridgeError(f"--tokens-file {path}: expected a JSON list of non-empty lists of "
+                          "token ids, all of the same length")
+    tokens = torch.tensor(rows, dtype=torch.long)
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise BridgeError(f"--tokens-file {path}: token ids must lie in [0, {vocab})")
+    return tokens
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Mean cross entropy of predicting each next token (fp64 for a stable comparison)."""
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).double()
+    return torch.nn.functional.cross_entropy(flat, tokens[:, 1:].reshape(-1)).item()
+
+
+def compare(logits: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor) -> dict:
+    diff = (logits - reference).abs()
+    loss, ref_loss = next_token_loss(logits, tokens), next_token_loss(reference, tokens)
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "argmax_agreement": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+        "loss": loss,
+        "reference_loss": ref_loss,
+        "loss_diff": abs(loss - ref_loss),
+    }
+
+
+def hf_reference_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def _padded_vocab(hf, mcore_dir, tp: int) -> int:
+    from mswift.bridge.torch_dist import is_torch_dist, stored_embedding
+
+    if mcore_dir is not None and is_torch_dist(mcore_dir):
+        padded, _ = stored_embedding(mcore_dir)
+        if padded % tp:
+            raise BridgeError(f"--mcore-dir {mcore_dir}: {padded} vocabulary rows do not split "
+                              f"over --tp {tp}")
+        return padded
+    return hf.padded_vocab(tp)
+
+
+def _load_weights(chunks, hf, mcore_dir, wmap) -> None:
+    from mswift.bridge.hf_io import HFCheckpoint
+    from mswift.bridge.legacy import LegacySource, is_legacy
+    from mswift.bridge.model_io import HFSource, load_into_model
+    from mswift.bridge.torch_dist import is_torch_dist, load_torch_dist
+
+    if mcore_dir is None:
+        ckpt = HFCheckpoint(hf.hf_dir)
+        ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.family.ignored_tensors)
+        load_into_model(chunks, HFSource(ckpt, wmap))
+    elif is_torch_dist(mcore_dir):
+        load_torch_dist(chunks, mcore_dir)
+    elif is_legacy(mcore_dir):
+        load_into_model(chunks, LegacySource(mcore_dir, wmap))
+    else:
+        raise BridgeError(f"--mcore-dir {mcore_dir}: neither a torch_dist nor a legacy checkpoint")
+
+
+def megatron_side(args, hf, layout, tokens) -> torch.Tensor | None:
+    """The megatron logits, on rank 0 (None elsewhere)."""
+    from mswift.bridge.forward import gather_to_rank0, megatron_logits
+    from mswift.bridge.layout import build_chunks, launch_world_size
+
+    seq = tokens.shape[1]
+    hf.check_layout(layout, launch_world_size(), seq_length=seq)
+    padded = _padded_vocab(hf, args.mcore_dir, layout.tp)
+    model = dataclasses.replace(hf.model, make_vocab_size_divisible_by=padded // layout.tp)
+    run_hf = dataclasses.replace(hf, model=model)
+    chunks = build_chunks(run_hf.run_config(layout, seq_length=seq))
+    _load_weights(chunks, hf, args.mcore_dir, run_hf.weight_map(padded))
+    return gather_to_rank0(megatron_logits(chunks, tokens, hf.model.vocab_size))
+
+
+def report(stats: dict, layout, tol: float) -> str:
+    verdict = "PASS" if stats["max_abs_diff"] <= tol and stats["loss_diff"] <= tol else "FAIL"
+    return (f"mswift verify ({layout.describe()}): {verdict} (tol {tol:g})\n"
+            f"  max abs logit diff   {stats['max_abs_diff']:.3e}\n"
+            f"  mean abs logit diff  {stats['mean_abs_diff']:.3e}\n"
+            f"  argmax agreement     {stats['argmax_agreement'] * 100:.2f}%\n"
+            f"  loss megatron / HF   {stats['loss']:.6f} / {stats['reference_loss']:.6f} "
+            f"(diff {stats['loss_diff']:.3e})")
+
+
+def run_verify(args) -> int:
+    from mswift.bridge.convert import conversion_layout
+    from mswift.bridge.layout import HFModel
+
+    hf = HFModel.open(args.hf_dir)
+    layout = conversion_layout(hf, args.tp, args.pp, args.ep, args.etp, args.vpp)
+    if args.sequence_parallel and args.tp > 1:
+        layout = dataclasses.replace(layout, sequence_parallel=True)
+    tokens = read_tokens(args.tokens_file, hf.model.vocab_size, args.batch, args.seq_len)
+    logits = megatron_side(args, hf, layout, tokens)
+    code = torch.zeros(1, dtype=torch.long)
+    if logits is not None:  # rank 0
+        stats = compare(logits, hf_reference_logits(args.hf_dir, tokens), tokens)
+        print(report(stats, layout, args.tol), flush=True)
+        if args.dump_logits:
+            torch.save(logits, args.dump_logits)
+        code[0] = 0 if stats["max_abs_diff"] <= args.tol and stats["loss_diff"] <= args.tol else 1
+    if dist.is_initialized():
+        dist.broadcast(code, src=0)
+    return int(code[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_verify(args)
+    except (BridgeError, ConfigError) as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mswift verify: {err}", file=sys.stderr)
+        return 2
+    finally:
+        from mswift.runtime import destroy_distributed
+
+        destroy_distributed()

@@ -1,0 +1,217 @@
+"""What a model family is: HF config -> mswift model settings, a layer spec and a weight map.
+
+Each family module (``llama.py``, ``qwen2.py``, ...) defines one :class:`ModelFamily` named
+``FAMILY``, built from the helpers here: :class:`HFConfigReader` reads config.json values and
+collects every unsupported feature, by name, to refuse them all at once; the ``*_RULES`` tables
+are the weight-map rows the Llama-style families share.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mswift.bridge.errors import BridgeError
+from mswift.bridge.rules import (
+    FUSED_GATE_UP,
+    FUSED_QKV,
+    REPLICATED,
+    ROW_PARALLEL,
+    VOCAB_PARALLEL,
+    Rule,
+)
+
+_MISSING = object()
+
+
+class HFConfigReader:
+    """config.json values for one family, with every problem collected for one error."""
+
+    def __init__(self, config: dict, family: str):
+        self.config = config
+        self.family = family
+        self.problems: list[str] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.config.get(key, default)
+        return default if value is None else value
+
+    def require(self, key: str, kind: type = int) -> Any:
+        value = self.config.get(key, _MISSING)
+        if value is _MISSING or value is None:
+            self.problems.append(f"{key}: missing from config.json ({self.family} needs it)")
+            return 1
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            self.problems.append(f"{key}={value!r}: expected a positive integer")
+            return 1
+        return value
+
+    def refuse(self, key: str, value: Any, why: str) -> None:
+        self.problems.append(f"{key}={value!r}: not supported by mswift's {self.family} "
+                             f"bridge ({why})")
+
+    def refuse_if(self, key: str, bad: Callable[[Any], bool], why: str, default=None) -> None:
+        value = self.get(key, default)
+        if bad(value):
+            self.refuse(key, value, why)
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise BridgeError(self.problems, headline=f"config.json of a {self.family} model")
+
+
+def rope_parameters(hf: HFConfigReader) -> dict:
+    """RoPE settings in one form: transformers 5 ``rope_parameters`` or 4.x ``rope_theta`` +
+    ``rope_scaling`` (``type`` or ``rope_type``)."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return params
+
+
+def rope_fields(hf: HFConfigReader, allowed: tuple[str, ...]) -> dict:
+    """ModelConfig RoPE fields; other rope types are refused by name."""
+    params = rope_parameters(hf)
+    kind = params["rope_type"]
+    fields = {"rotary_base": float(params["rope_theta"]), "rope_scaling_type": None}
+    if kind not in allowed:
+        hf.refuse("rope_parameters.rope_type", kind, f"supported: {', '.join(allowed)}")
+    elif kind == "llama3":
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+        for key in missing:
+            hf.problems.append(f"rope_parameters.{key}: missing (rope_type llama3 needs it)")
+        fields.update(
+            rope_scaling_type="llama3",
+            rope_scaling_factor=float(params.get("factor", 8.0)),
+            rope_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            rope_original_max_position_embeddings=int(params.get(
+                "original_max_position_embeddings", hf.get("max_position_embeddings", 8192))),
+        )
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if factor != 1.0:
+        hf.refuse("partial_rotary_factor", factor, "RoPE on the whole head only")
+    return fields
+
+
+def decoder_fields(hf: HFConfigReader, tie_default: bool = False) -> dict:
+    """ModelConfig fields every Llama-style decoder shares (GQA, RMSNorm, SwiGLU, RoPE)."""
+    hidden = hf.require("hidden_size")
+    heads = hf.require("num_attention_heads")
+    head_dim = hf.get("head_dim") or hidden // heads
+    hf.refuse_if("hidden_act", lambda v: v != "silu", "SwiGLU MLPs use silu", "silu")
+    hf.refuse_if("use_sliding_window", bool, "sliding-window attention")
+    types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in types):
+        hf.refuse("layer_types", sorted(set(types)), "only full_attention layers")
+    return dict(
+        num_layers=hf.require("num_hidden_layers"),
+        hidden_size=hidden,
+        ffn_hidden_size=hf.require("intermediate_size"),
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads", heads),
+        kv_channels=head_dim,
+        vocab_size=hf.require("vocab_size"),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        normalization="RMSNorm",
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        swiglu=True,
+        position_embedding_type="rope",
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", tie_default),
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        # Switched on by the families that have them; listed so that filling a run's model
+        # section from config.json leaves no earlier value of theirs behind.
+        add_bias_linear=False, add_qkv_bias=False, qk_layernorm=False, num_experts=None,
+        moe_layer_freq=None, moe_router_pre_softmax=False, moe_router_topk_scaling_factor=None,
+        moe_router_score_function="softmax",
+    )
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One HF architecture family, as the registry and the bridge see it."""
+
+    name: str
+    model_types: tuple[str, ...]  # config.json "model_type" values
+    architectures: tuple[str, ...]  # config.json "architectures" (the causal-LM classes)
+    # config.json (as a reader) -> ModelConfig fields; refuses unsupported features by name.
+    config_fields: Callable[[HFConfigReader], dict]
+    weight_rules: tuple[Rule, ...]
+    # A tiny HF config (transformers kwargs) of this family, for tests and examples: every
+    # feature the bridge maps (GQA, biases, tying, qk-norm, rope scaling, experts) switched on.
+    debug_config: dict = field(default_factory=dict)
+    # HF tensors that hold no weights and are dropped (e.g. old checkpoints' rotary inv_freq).
+    ignored_tensors: tuple[str, ...] = ()
+
+    def block_spec(self, config, vp_stage: int | None = None):
+        """The layer spec: megatron-core's local spec with mswift's norm; qk-norm, MoE layers
+        and biases follow from the TransformerConfig. (Imported here: offline conversions never
+        load megatron-core.)"""
+        from mswift.models.spec import gpt_block_spec
+
+        return gpt_block_spec(config, vp_stage=vp_stage)
+
+    def model_config_fields(self, config: dict) -> dict:
+        hf = HFConfigReader(config, self.name)
+        fields = self.config_fields(hf)
+        hf.raise_problems()
+        return fields
+
+
+# -- weight-map rows shared by the Llama-style families (HF names of LlamaForCausalLM) ---------
+
+_L = "decoder.layers.{layer}."
+_H = "model.layers.{layer}."
+
+EMBEDDING_RULES = (
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB_PARALLEL,
+         (("V", "H"),)),
+)
+ATTENTION_RULES = (
+    Rule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), REPLICATED,
+         (("H",),)),
+    Rule(_L + "self_attention.linear_qkv.weight",
+         tuple(_H + f"self_attn.{p}_proj.weight" for p in "qkv"), FUSED_QKV,
+         (("Q", "H"), ("KV", "H"), ("KV", "H")), extra_state=True),
+    Rule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",),
+         ROW_PARALLEL, (("H", "Q"),), extra_state=True),
+    Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), REPLICATED,
+         (("H",),)),
+)
+QKV_BIAS_RULES = (
+    Rule(_L + "self_attention.linear_qkv.bias",
+         tuple(_H + f"self_attn.{p}_proj.bias" for p in "qkv"), FUSED_QKV,
+         (("Q",), ("KV",), ("KV",))),
+)
+QK_NORM_RULES = (
+    Rule(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",),
+         REPLICATED, (("D",),)),
+    Rule(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",),
+         REPLICATED, (("D",),)),
+)
+DENSE_MLP_RULES = (
+    Rule(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
+         FUSED_GATE_UP, (("F", "H"), ("F", "H")), layers="dense", extra_state=True),
+    Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), ROW_PARALLEL,
+         (("H", "F"),), layers="dense", extra_state=True),
+)
+_E = _L + "mlp.experts.local_experts.{expert}."
+_HE = _H + "mlp.experts.{expert}."
+MOE_MLP_RULES = (  # Qwen-MoE names: router `mlp.gate`, per-expert gate/up/down keys
+    Rule(_L + "mlp.router.weight", (_H + "mlp.gate.weight",), REPLICATED, (("E", "H"),),
+         layers="moe"),
+    Rule(_E + "linear_fc1.weight", (_HE + "gate_proj.weight", _HE + "up_proj.weight"),
+         FUSED_GATE_UP, (("FE", "H"), ("FE", "H")), layers="moe", extra_state=True),
+    Rule(_E + "linear_fc2.weight", (_HE + "down_proj.weight",), ROW_PARALLEL, (("H", "FE"),),
+         layers="moe", extra_state=True),
+)
+OUTPUT_RULES = (
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED, (("H",),)),
+    Rule("output_layer.weight", ("lm_head.weight",), VOCAB_PARALLEL, (("V", "H"),),
+         when="untied", extra_state=True),
+    # Tied: the last pipeline stage keeps its own copy of the embedding as the output layer.
+    Rule("output_layer.weight", ("model.embed_tokens.weight",), VOCAB_PARALLEL, (("V", "H"),),
+         when="tied", to_hf=False, extra_state=True),
+)
+# Buffers some older HF checkpoints saved; they are recomputed, not weights.
+ROTARY_BUFFERS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)

@@ -1,0 +1,99 @@
+"""The supported HF model families, found by config.json's ``model_type`` / ``architectures``.
+
+Adding a family = one module with a ``FAMILY`` (see :mod:`mswift.models.family`) and a line in
+``_FAMILY_MODULES``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+from mswift.bridge.errors import BridgeError
+from mswift.bridge.hf_io import read_hf_config
+from mswift.bridge.rules import Dims
+from mswift.config.schema import ConfigError, ModelConfig, MswiftConfig
+from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size
+from mswift.models.family import ModelFamily
+
+_FAMILY_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+
+
+def families() -> list[ModelFamily]:
+    return [importlib.import_module(f"mswift.models.{m}").FAMILY for m in _FAMILY_MODULES]
+
+
+def family_for(config: dict, where: str = "config.json") -> ModelFamily:
+    """The family of an HF config; refuses an unknown ``model_type`` or architecture by name."""
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    known = families()
+    by_type = {t: f for f in known for t in f.model_types}
+    if model_type not in by_type:
+        supported = ", ".join(sorted(by_type))
+        raise BridgeError(f"{where}: model_type={model_type!r} is not supported (supported: "
+                          f"{supported})")
+    family = by_type[model_type]
+    other = [a for a in archs if a not in family.architectures]
+    if other:
+        raise BridgeError(f"{where}: architectures={other} not supported for model_type "
+                          f"{model_type!r} (supported: {', '.join(family.architectures)})")
+    return family
+
+
+def model_config_from_hf(config: dict, where: str = "config.json", **overrides
+                         ) -> tuple[ModelFamily, ModelConfig]:
+    """The family and mswift ModelConfig of an HF config (``overrides``: other ModelConfig
+    fields, e.g. ``make_vocab_size_divisible_by``)."""
+    family = family_for(config, where)
+    fields = family.model_config_fields(config)
+    try:
+        return family, ModelConfig(**{**fields, **overrides})
+    except ConfigError as err:
+        raise BridgeError(err.problems, headline=f"{where}: values mswift cannot use") from None
+
+
+def apply_hf_model(cfg: MswiftConfig) -> MswiftConfig:
+    """``cfg`` with its model section filled from ``cfg.model.hf_model``'s config.json.
+
+    The model's shape and numerics come from config.json; settings that are not part of the HF
+    model (vocabulary padding, hidden dropout, attention backend, MoE dispatcher and load
+    balancing) keep their values from ``cfg``.
+    """
+    if cfg.model.hf_model is None:
+        return cfg
+    path = Path(cfg.model.hf_model)
+    config = read_hf_config(path)
+    family = family_for(config, where=str(path / "config.json"))
+    fields = family.model_config_fields(config)
+    try:
+        model = dataclasses.replace(cfg.model, **fields)
+    except ConfigError as err:
+        raise BridgeError(err.problems, headline=f"{path / 'config.json'}: values mswift "
+                                                 "cannot use") from None
+    return dataclasses.replace(cfg, model=model)
+
+
+def dims_for(model: ModelConfig, padded_vocab: int) -> Dims:
+    """The sizes a weight map needs, for a model padded to ``padded_vocab`` rows."""
+    heads = model.num_attention_heads
+    experts = model.num_experts or 0
+    freq = model.moe_layer_freq or [1] * model.num_layers
+    return Dims(
+        num_layers=model.num_layers,
+        hidden=model.hidden_size,
+        heads=heads,
+        groups=model.num_query_groups or heads,
+        head_dim=model.kv_channels or model.hidden_size // heads,
+        ffn=model.ffn_hidden_size or default_ffn_hidden_size(model.hidden_size, model.swiglu),
+        vocab=model.vocab_size,
+        padded_vocab=padded_vocab,
+        tied=not model.untie_embeddings_and_output_weights,
+        experts=experts,
+        moe_ffn=model.moe_ffn_hidden_size or model.ffn_hidden_size or 0,
+        moe_layers=tuple(bool(f) for f in freq) if experts else (),
+    )
+
+
+def padded_vocab_for(model: ModelConfig, tp: int) -> int:
+    return padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)

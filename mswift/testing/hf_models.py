@@ -1,0 +1,71 @@
+"""Tiny random Hugging Face models of each supported family, saved like real checkpoints.
+
+``save_tiny_hf_model("qwen3_moe", path)`` instantiates the family's ``debug_config`` with
+``transformers`` (no hub access), gives every tensor random values (HF initialises norms to one
+and biases to zero, which would hide a swapped or mis-sliced norm or bias), and writes it with
+``save_pretrained`` plus a small word-level tokenizer, so tokenizer files travel too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_hf_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    from mswift.models.registry import families
+
+    fam = {f.name: f for f in families()}[family]
+    return AutoConfig.for_model(fam.model_types[0], **{**fam.debug_config, **overrides})
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:  # norm weights and biases: around one, all different
+                values = 0.5 + torch.rand(param.shape, generator=generator)
+            else:
+                values = 0.2 * torch.randn(param.shape, generator=generator)
+            param.copy_(values.to(param.dtype))
+
+
+def save_tokenizer(path: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)}
+    vocab["<unk>"] = vocab_size - 1
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(path))
+
+
+def save_tiny_hf_model(family: str, path: str | Path, dtype: torch.dtype = torch.float32,
+                       seed: int = 0, max_shard_size: str | None = None, **overrides) -> Path:
+    """Save a random tiny ``family`` model (``overrides``: HF config values) to ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    config = tiny_hf_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    randomize_(model, seed)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(path), **kwargs)
+    save_tokenizer(path, config.vocab_size)
+    return path
+
+
+def hf_logits(path: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' fp32 logits ``[batch, seq, vocab]`` of the model saved at ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
