@@ -6,7 +6,6 @@ in a second with one message per mistake instead of hanging or crashing inside m
 from __future__ import annotations
 
 import datetime
-import logging
 
 import torch
 import torch.distributed as dist
@@ -16,12 +15,10 @@ from mswift.runtime.cpu_layer import enable_cpu_layer
 from mswift.runtime.launch_env import LaunchEnv, detect_launch_env
 from mswift.runtime.mcore_fixes import apply_mcore_fixes
 
-log = logging.getLogger(__name__)
-
 
 def layout_problems(cfg: MswiftConfig, world_size: int) -> list[str]:
     """Every way the parallel layout in ``cfg`` does not fit ``world_size`` ranks and the model."""
-    par, model = cfg.parallel, cfg.model
+    par = cfg.parallel
     tp, pp, cp, ep = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                       par.context_parallel_size, par.expert_model_parallel_size)
     etp = par.expert_tensor_parallel_size or tp

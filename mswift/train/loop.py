@@ -1,7 +1,6 @@
 """The training loop: config -> process groups -> model + optimizer -> steps -> checkpoints."""
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -21,8 +20,6 @@ from mswift.train.control import StopControl
 from mswift.train.data import TrainData, batch_stats
 from mswift.train.metrics import MetricsLog
 from mswift.train.step import eval_step, train_step
-
-log = logging.getLogger("mswift.train")
 
 
 class TrainingStopped(RuntimeError):

@@ -2,7 +2,6 @@
 HF dir (tiny Llama + a real BPE tokenizer) -> torchrun TP=2 packed SFT -> SAVE/hf."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 from mswift.train.plot import main, plot_run
 
