@@ -12,7 +12,12 @@ Each runs as one process or under torchrun. A mistake in the input ends the run 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Before torch is imported: its CPU allocator then asks for transparent huge pages, which
+# halves the time a conversion spends faulting in fresh tensor memory (torch reads it once).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from mswift.bridge.errors import BridgeError
 from mswift.config.schema import ConfigError
@@ -68,8 +73,6 @@ def mcore_to_hf_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="new HF model directory")
     parser.add_argument("--hf-dir", default=None, help="HF dir giving config.json + tokenizer "
                         "(default: the copy a converted checkpoint carries in hf/)")
-    _layout_options(parser)
-    parser.add_argument("--etp", type=positive_int, default=None)
     parser.add_argument("--max-shard-size", type=_size, default=None,
                         help="largest safetensors shard, e.g. 5GB (default)")
     return parser
@@ -119,8 +122,7 @@ def mcore_to_hf_main(argv: list[str] | None = None, prog: str = "mcore_to_hf") -
     from mswift.bridge.convert import mcore_to_hf
 
     a = mcore_to_hf_parser(prog).parse_args(argv)
-    return _run(prog, lambda: mcore_to_hf(a.mcore_dir, a.out, a.hf_dir, a.tp, a.pp, a.ep, a.etp,
-                                          a.max_shard_size))
+    return _run(prog, lambda: mcore_to_hf(a.mcore_dir, a.out, a.hf_dir, a.max_shard_size))
 
 
 def reshard_main(argv: list[str] | None = None, prog: str = "reshard") -> int:

@@ -6,10 +6,12 @@ folder is removed. A megatron output carries what the way back needs: ``OUT/hf/`
 generation_config.json, tokenizer files, ...) and ``OUT/mswift_bridge.json`` (format, layout,
 padded vocabulary, and every HF tensor's name, dtype and shape in the original order).
 
-Legacy conversions need no process group: one process writes or reads every rank file (under
-torchrun the rank files are shared out). torch_dist conversions build the model at the layout
-(one process: TP1, which gives the same reshardable checkpoint) and use megatron-core's
-``dist_checkpointing``.
+Every conversion streams: it holds about one tensor at a time, whatever the model size. Legacy
+conversions need no process group: one process writes or reads every rank file (under torchrun
+the rank files are shared out). torch_dist conversions take the checkpoint's structure from the
+whole model built on the meta device at TP1 (the same reshardable checkpoint a TP1 run saves;
+under torchrun the ranks share the tensors out) and write or read it with megatron-core's
+``dist_checkpointing`` formats, one tensor at a time (:mod:`mswift.bridge.torch_dist`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from mswift.bridge.hf_io import (
     copy_aux_files,
     dtype_from_name,
 )
-from mswift.bridge.layout import HFModel, Layout, build_chunks, launch_world_size
+from mswift.bridge.layout import HFModel, Layout
 from mswift.bridge.legacy import (
     LegacyLayout,
     LegacySource,
@@ -40,7 +42,7 @@ from mswift.bridge.legacy import (
     write_legacy,
     write_tracker,
 )
-from mswift.bridge.model_io import HFSource, load_into_model, save_model_to_hf
+from mswift.bridge.model_io import HFSource, hf_plan
 
 METADATA = "mswift_bridge.json"
 HF_SUBDIR = "hf"
@@ -150,8 +152,7 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
     hf = HFModel.open(hf_dir)
     ckpt = HFCheckpoint(hf_dir)
     layout = conversion_layout(hf, tp, pp, ep, etp, vpp)
-    world = launch_world_size()
-    hf.check_layout(layout, world if fmt == "torch_dist" and world > 1 else None)
+    hf.check_layout(layout)
     if fmt == "legacy" and etp not in (None, tp):
         raise BridgeError(f"--etp {etp}: the legacy format needs expert TP equal to --tp {tp}")
     padded = hf.padded_vocab(tp)
@@ -159,13 +160,12 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
     ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.family.ignored_tensors)
     dtype_t = _dtype_arg(dtype, ckpt)
     check_new_output(out, [hf_dir])
-    if fmt == "legacy":
-        ensure_process_group()
+    ensure_process_group()
     with staged_output(out) as tmp:
         if fmt == "legacy":
             _write_legacy_from_hf(hf, ckpt, wmap, layout, tmp, dtype_t, progress)
         else:
-            _write_torch_dist_from_hf(hf, ckpt, layout, padded, tmp, dtype_t, world)
+            _write_torch_dist_from_hf(hf, ckpt, padded, tmp, dtype_t)
         if rank() == 0:
             write_metadata(tmp, hf, fmt, layout, padded, dtype_t, ckpt.tensor_records())
     return out
@@ -183,21 +183,26 @@ def _write_legacy_from_hf(hf, ckpt, wmap, layout: Layout, tmp: Path, dtype, prog
         write_tracker(tmp, 0)
 
 
-def _run_layout(layout: Layout, world: int) -> Layout:
-    """The layout the processes actually run: the one asked for under torchrun, else TP1."""
-    return layout if world > 1 else Layout()
+def _whole_model(hf: HFModel, padded: int) -> HFModel:
+    """``hf`` with the vocabulary padded to ``padded`` rows when the model is built at TP1."""
+    model = dataclasses.replace(hf.model, make_vocab_size_divisible_by=padded)
+    return dataclasses.replace(hf, model=model)
 
 
-def _write_torch_dist_from_hf(hf, ckpt, layout, padded, tmp, dtype, world) -> None:
-    from mswift.bridge.torch_dist import save_torch_dist
+def _write_torch_dist_from_hf(hf, ckpt, padded, tmp, dtype) -> None:
+    """The whole model's structure from a meta-device build at TP1 (under torchrun: TP1 with
+    data-parallel ranks, each writing a share); each tensor read from HF when it is written."""
+    from mswift.bridge.torch_dist import meta_chunks, save_torch_dist_streaming
 
-    run = _run_layout(layout, world)
     # Pad the vocabulary as training at --tp will, whatever TP this conversion runs at.
-    model = dataclasses.replace(hf.model, make_vocab_size_divisible_by=padded // run.tp)
-    run_hf = dataclasses.replace(hf, model=model)
-    chunks = build_chunks(run_hf.run_config(run, dtype=dtype))
-    load_into_model(chunks, HFSource(ckpt, run_hf.weight_map(padded)))
-    save_torch_dist(chunks, tmp)
+    whole = _whole_model(hf, padded)
+    chunks = meta_chunks(whole.run_config(Layout(), dtype=dtype))
+    source = HFSource(ckpt, whole.weight_map(padded))
+
+    def produce(name: str) -> torch.Tensor:
+        return source.local(name, 0, 1).to(dtype)
+
+    save_torch_dist_streaming(chunks, tmp, produce)
 
 
 # -- megatron -> HF -------------------------------------------------------------------------------
@@ -222,8 +227,7 @@ def _hf_dtypes(meta: dict, template: HFModel) -> dict[str, torch.dtype]:
     return {hf_name: dtype_from_name(name) for hf_name in wmap.hf_shapes()}
 
 
-def mcore_to_hf(mcore_dir, out, hf_dir=None, tp: int = 1, pp: int = 1, ep: int = 1,
-                etp: int | None = None, max_shard_bytes: int | None = None,
+def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
                 progress: bool = True) -> Path:
     """Convert a megatron checkpoint (torch_dist or legacy) into an HF model directory."""
     from mswift.bridge.torch_dist import is_torch_dist
@@ -246,9 +250,8 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, tp: int = 1, pp: int = 1, ep: int =
             if rank() == 0:
                 _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
         else:
-            layout = conversion_layout(template, tp, pp, ep, etp)
-            _write_hf_from_torch_dist(template, root, layout, tmp, dtypes, max_shard_bytes,
-                                      progress)
+            ensure_process_group()
+            _write_hf_from_torch_dist(template, root, tmp, dtypes, max_shard_bytes, progress)
         if rank() == 0:
             copy_aux_files(template.hf_dir, tmp)
     return out
@@ -258,7 +261,7 @@ def _write_hf_from_source(source: LegacySource, tmp: Path, dtypes, max_shard_byt
                           progress: bool) -> None:
     wmap = source.wmap
     kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-    writer = HFShardWriter(tmp, **kwargs)
+    writer = HFShardWriter(tmp, hf_plan(wmap, dtypes, source.dtype), **kwargs)
     names = wmap.mcore_names(to_hf_only=True)
     if progress:
         from tqdm import tqdm
@@ -271,23 +274,27 @@ def _write_hf_from_source(source: LegacySource, tmp: Path, dtypes, max_shard_byt
     writer.close()
 
 
-def _write_hf_from_torch_dist(template: HFModel, root: Path, layout: Layout, tmp: Path, dtypes,
-                              max_shard_bytes, progress) -> None:
-    from mswift.bridge.torch_dist import load_torch_dist, stored_embedding
+def _write_hf_from_torch_dist(template: HFModel, root: Path, tmp: Path, dtypes, max_shard_bytes,
+                              progress) -> None:
+    """Rank 0 reads the checkpoint's tensors one at a time (any layout it was saved at) and
+    streams them into HF shards; the structure comes from a meta-device build at TP1."""
+    from mswift.bridge.torch_dist import (
+        TorchDistSource,
+        meta_chunks,
+        model_pieces,
+        stored_embedding,
+    )
 
-    world = launch_world_size()
-    run = _run_layout(layout, world)
-    template.check_layout(run, world)
     padded, dtype = stored_embedding(root)
-    if padded % run.tp or padded < template.model.vocab_size:
-        raise BridgeError(f"{root}: stored vocabulary of {padded} rows does not split over "
-                          f"TP {run.tp} (or is smaller than vocab_size)")
-    model = dataclasses.replace(template.model, make_vocab_size_divisible_by=padded // run.tp)
-    run_hf = dataclasses.replace(template, model=model)
-    chunks = build_chunks(run_hf.run_config(run, dtype=dtype))
-    load_torch_dist(chunks, root)
-    save_model_to_hf(chunks, run_hf.weight_map(padded), tmp, dtypes, max_shard_bytes,
-                     progress=progress)
+    if padded < template.model.vocab_size:
+        raise BridgeError(f"{root}: stored vocabulary of {padded} rows is smaller than "
+                          f"vocab_size {template.model.vocab_size}")
+    whole = _whole_model(template, padded)
+    chunks = meta_chunks(whole.run_config(Layout(), dtype=dtype))
+    pieces, _ = model_pieces(chunks[0])
+    source = TorchDistSource(root, whole.weight_map(padded), pieces)
+    if rank() == 0:
+        _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
 
 
 # -- legacy reshard -------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Hugging Face checkpoint files: lazy safetensors reading and sharded writing.
+"""Hugging Face checkpoint files: lazy safetensors reading and streamed, sharded writing.
 
 :class:`HFCheckpoint` reads only headers when opened; a tensor's bytes are read when asked for,
-and only the rows or columns asked for (``safe_open(...).get_slice``), so a rank that owns a
-tensor-parallel slice never reads the rest. :class:`HFShardWriter` streams tensors into
-``model-0000i-of-0000N.safetensors`` shards of bounded size plus ``model.safetensors.index.json``,
-holding at most one shard in memory.
+and only the rows or columns asked for (:class:`mswift.bridge.safetensors_file.SafetensorsFile`,
+no memory map), so a rank that owns a tensor-parallel slice never reads the rest.
+:class:`HFShardWriter` is given the full list of tensors up front and streams each one to disk
+as it is added, into ``model-0000i-of-0000N.safetensors`` shards of bounded size plus
+``model.safetensors.index.json``: it never holds more than the tensor being written.
 """
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mswift.bridge.errors import BridgeError
+from mswift.bridge.safetensors_file import (
+    DTYPES,
+    SafetensorsFile,
+    encode_header,
+    tensor_bytes,
+)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -28,12 +33,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = (INDEX, "pytorch_model.bin.index.json")
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in DTYPES.values()}
 
 
@@ -71,7 +70,7 @@ class HFCheckpoint:
         self.dir = Path(directory)
         self.config = read_hf_config(self.dir)
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._handles: dict[str, object] = {}  # file name -> open safe_open handle
+        self._handles: dict[str, SafetensorsFile] = {}  # file name -> open file
         self.files = self._weight_files()  # tensor name -> file name
         self._read_headers()
 
@@ -96,19 +95,19 @@ class HFCheckpoint:
             raise BridgeError(f"{self.dir}: no *.safetensors weights{hint}")
         if len(files) > 1 and SINGLE in files:
             files = [SINGLE]
-        return {name: f for f in files for name in self._open(f).keys()}
+        return {name: f for f in files for name in self._open(f).tensors}
 
-    def _open(self, file: str):
+    def _open(self, file: str) -> SafetensorsFile:
         handle = self._handles.get(file)
         if handle is None:
-            path = self.dir / file
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as err:
-                raise BridgeError(f"{path}: not a readable safetensors file ({err}); "
-                                  "truncated or corrupt?") from None
-            self._handles[file] = handle
+            handle = self._handles[file] = SafetensorsFile(self.dir / file)
         return handle
+
+    def close(self) -> None:
+        """Close the open files (also done when the checkpoint is garbage-collected)."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
 
     def _read_headers(self) -> None:
         problems = []
@@ -116,14 +115,12 @@ class HFCheckpoint:
         for name, file in self.files.items():
             by_file.setdefault(file, []).append(name)
         for file, names in by_file.items():
-            handle = self._open(file)
-            present = set(handle.keys())
+            tensors = self._open(file).tensors
             for name in names:
-                if name not in present:
+                if name not in tensors:
                     problems.append(f"{name}: {INDEX} places it in {file}, which does not hold it")
                     continue
-                sl = handle.get_slice(name)
-                self._meta[name] = (tuple(sl.get_shape()), DTYPES.get(sl.get_dtype()))
+                self._meta[name] = (tensors[name].shape, tensors[name].dtype)
         if problems:
             raise BridgeError(problems)
 
@@ -141,16 +138,10 @@ class HFCheckpoint:
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0
              ) -> torch.Tensor:
+        """Tensor ``name``, or only its rows (``dim=0``) / columns (``dim=1``) ``start:stop``."""
         if name not in self._meta:
             raise BridgeError(f"{name}: not in the checkpoint {self.dir}")
-        sl = self._open(self.files[name]).get_slice(name)
-        if dim is None:
-            return sl[:]
-        if dim == 0:
-            return sl[start:stop]
-        if dim == 1:
-            return sl[:, start:stop]
-        raise ValueError(f"dim={dim}: only 0 and 1 are sliced")
+        return self._open(self.files[name]).read(name, dim, start, stop)
 
     def check_tensors(self, expected: dict[str, tuple[int, ...]], what: str,
                       ignored: tuple[str, ...] = ()) -> None:
@@ -199,44 +190,138 @@ def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-class HFShardWriter:
-    """Write tensors in the order given into shards of at most ``max_shard_bytes`` each."""
+PlanEntry = tuple[str, torch.dtype, tuple[int, ...]]  # (HF name, dtype, shape)
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+
+def shard_file_name(index: int, total: int) -> str:
+    """Shard ``index`` (from 0) of ``total``: ``model-0000{index+1}-of-0000{total}.safetensors``."""
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def write_index(directory: str | Path, shards: list[list[PlanEntry]]) -> dict:
+    """Write ``model.safetensors.index.json`` for shards from :meth:`HFShardWriter.plan_shards`
+    (what :meth:`HFShardWriter.close` does when one writer wrote every shard); returns it."""
+    weight_map, total_size = {}, 0
+    for i, entries in enumerate(shards):
+        for name, dtype, shape in entries:
+            weight_map[name] = shard_file_name(i, len(shards))
+            total_size += tensor_bytes(dtype, shape)
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    tmp = Path(directory) / f"{INDEX}.partial"
+    tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, Path(directory) / INDEX)
+    return index
+
+
+class HFShardWriter:
+    """Stream the tensors of a plan, as they are added, into safetensors shards + index.
+
+    ``plan``: ``(name, dtype, shape)`` of every tensor, in the order :meth:`add` will get them.
+    It is cut into shards of at most ``max_shard_bytes`` (:meth:`plan_shards`); each shard's
+    header is written when its first tensor comes, then each tensor's bytes as it is added, so
+    the writer holds nothing but the tensor being written. Shards are written as
+    ``<shard name>.partial`` and renamed by :meth:`close`, which fails (and removes them) if a
+    tensor of the plan was never added. An :meth:`add` that does not match the plan's next
+    tensor (name, dtype or shape) is a bug in the caller and raises ``ValueError``.
+
+    Several processes can write one plan: each builds the same plan, passes ``shards=`` (the
+    indices of :meth:`plan_shards` it writes), adds the tensors of those shards only
+    (:attr:`names`, in plan order) and closes; once all have closed, one of them calls
+    :func:`write_index` with :meth:`plan_shards`. A writer of every shard (``shards=None``)
+    writes the index itself in :meth:`close`.
+    """
+
+    def __init__(self, directory: str | Path, plan: list[PlanEntry],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, shards=None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[list[str]] = []
-        self.total_bytes = 0
+        self.shards = self.plan_shards(plan, max_shard_bytes)
+        everything = shards is None
+        shards = range(len(self.shards)) if everything else sorted(set(shards))
+        if not all(0 <= i < len(self.shards) for i in shards):
+            raise ValueError(f"shards={list(shards)}: the plan has {len(self.shards)} shards")
+        self._write_index = everything
+        self._mine = list(shards)
+        # (shard, entry) of every tensor this writer writes, in the order add() must get them
+        self._queue = [(i, entry) for i in self._mine for entry in self.shards[i]]
+        self._next = 0
+        self._file = None
+        self._file_shard = -1
+
+    @staticmethod
+    def plan_shards(plan: list[PlanEntry], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+                    ) -> list[list[PlanEntry]]:
+        """Cut ``plan`` into consecutive shards of at most ``max_shard_bytes`` each (a larger
+        tensor gets a shard of its own); an empty plan gives one empty shard."""
+        names = [name for name, _, _ in plan]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"plan names tensors more than once: {twice[:5]}")
+        shards: list[list[PlanEntry]] = [[]]
+        size = 0
+        for name, dtype, shape in plan:
+            nbytes = tensor_bytes(dtype, shape)
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, dtype, tuple(shape)))
+            size += nbytes
+        return shards
+
+    @property
+    def names(self) -> list[str]:
+        """The tensors this writer expects, in the order :meth:`add` must get them."""
+        return [name for _, (name, _, _) in self._queue]
+
+    def _path(self, shard: int) -> Path:
+        return self.dir / f"{shard_file_name(shard, len(self.shards))}.partial"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
-            self._flush()
-        if tensor.storage_offset() or tensor.untyped_storage().nbytes() != size:
-            tensor = tensor.clone()  # a view: save its own bytes, not its base's
-        self._buffer[name] = tensor.contiguous()
-        self._buffer_bytes += size
-        self.total_bytes += size
+        """Write ``tensor``'s bytes, which must be the plan's next tensor (name, dtype, shape)."""
+        if self._next == len(self._queue):
+            raise ValueError(f"{name}: added after every tensor of the plan")
+        shard, (want, dtype, shape) = self._queue[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (want, dtype, shape):
+            raise ValueError(f"{name} {tensor.dtype} {list(tensor.shape)} added where the plan "
+                             f"expects {want} {dtype} {list(shape)}")
+        if shard != self._file_shard:
+            self._start_shard(shard)
+        data = tensor.detach().cpu().contiguous()
+        if data.numel():
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy())
+        self._next += 1
+        if self._next == len(self._queue) or self._queue[self._next][0] != shard:
+            self._end_shard()
 
-    def _flush(self) -> None:
-        path = self.dir / f"shard-{len(self._shards) + 1:05d}.partial"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._buffer, self._buffer_bytes = {}, 0
+    def _start_shard(self, shard: int) -> None:
+        self._end_shard()
+        # Open across add() calls, closed by _end_shard (or _discard on failure).
+        self._file = open(self._path(shard), "wb")  # noqa: SIM115
+        self._file_shard = shard
+        self._file.write(encode_header(self.shards[shard], {"format": "pt"}))
 
-    def close(self) -> dict:
-        """Write the last shard, give the shards their final names, write the index."""
-        if self._buffer or not self._shards:
-            self._flush()
-        total = len(self._shards)
-        weight_map = {}
-        for i, names in enumerate(self._shards, start=1):
-            final = f"model-{i:05d}-of-{total:05d}.safetensors"
-            os.replace(self.dir / f"shard-{i:05d}.partial", self.dir / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.dir / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return index
+    def _end_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> dict | None:
+        """Rename the shards to their final names and (writing every shard) write the index,
+        returned; ``None`` for a writer of some shards only."""
+        if self._next < len(self._queue):
+            missing = self.names[self._next:]
+            self._discard()
+            raise ValueError(f"{len(missing)} tensors of the plan were never added "
+                             f"(first: {missing[0]}); nothing written to {self.dir}")
+        for shard in self._mine:
+            if not self.shards[shard]:  # an empty plan: a header-only file
+                self._start_shard(shard)
+                self._end_shard()
+        for shard in self._mine:
+            os.replace(self._path(shard), self.dir / shard_file_name(shard, len(self.shards)))
+        return write_index(self.dir, self.shards) if self._write_index else None
+
+    def _discard(self) -> None:
+        self._end_shard()
+        for shard in self._mine:
+            self._path(shard).unlink(missing_ok=True)

@@ -137,12 +137,11 @@ def _groups_match(cfg: MswiftConfig) -> bool:
         par.expert_tensor_parallel_size or par.tensor_model_parallel_size)
 
 
-def build_chunks(cfg: MswiftConfig):
-    """Start the process groups for ``cfg`` (kept if already at its layout: building several
-    models at one layout creates no new groups) and build this rank's model chunks."""
+def start_groups(cfg: MswiftConfig) -> None:
+    """Start the process groups for ``cfg``; kept if already at its layout (building several
+    models at one layout creates no new groups)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from mswift.models.build import build_model
     from mswift.runtime import init_distributed
 
     if not _groups_match(cfg):
@@ -150,4 +149,11 @@ def build_chunks(cfg: MswiftConfig):
         init_distributed(cfg)
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
+
+
+def build_chunks(cfg: MswiftConfig):
+    """Start the process groups for ``cfg`` and build this rank's model chunks."""
+    from mswift.models.build import build_model
+
+    start_groups(cfg)
     return build_model(cfg)

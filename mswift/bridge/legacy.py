@@ -8,10 +8,14 @@ with virtual pipeline stages). ``_PPP`` appears when PP > 1, ``_EEE`` when EP > 
 dict is that of megatron-core's GPTModel with the *local* layer spec (Megatron-LM's
 ``--transformer-impl local``): stage-local layer numbers, EP-rank-local expert numbers, and an
 ``_extra_state`` (None) entry per linear layer. Expert tensor parallelism equals TP here.
+
+Rank files are written and read one tensor at a time (:mod:`mswift.bridge.torch_file`): a
+conversion holds about one tensor in memory, however large a rank file is.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,12 @@ import torch
 
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.rules import WeightMap
+from mswift.bridge.torch_file import (
+    LazyTensor,
+    StoredTensor,
+    load_index,
+    save_streaming,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
@@ -90,11 +100,26 @@ def chunk_entries(wmap: WeightMap, layout: LegacyLayout, pp_rank: int, vp_stage:
 
 
 def _owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A tensor with its own storage (torch.save of a view would save the whole base)."""
-    tensor = (tensor if dtype is None else tensor.to(dtype)).contiguous()
-    if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-        tensor = tensor.clone()
-    return tensor
+    """The tensor in ``dtype``, contiguous (save_streaming writes only a view's own bytes)."""
+    return (tensor if dtype is None else tensor.to(dtype)).contiguous()
+
+
+def _source_dtype(source, name: str) -> torch.dtype:
+    """The dtype ``source.local(name, ...)`` returns: ``source.dtype(name)`` where the source
+    has it, else (an HF source) that of the HF tensors it is made of, promoted as torch.cat."""
+    if hasattr(source, "dtype"):
+        return source.dtype(name)
+    _, hf_names = source.wmap.lookup(name)
+    return functools.reduce(torch.promote_types, [source.ckpt.dtype(h) for h in hf_names])
+
+
+def _lazy_local(source, wmap: WeightMap, name: str, tp_rank: int, tp_size: int,
+                dtype: torch.dtype | None) -> LazyTensor:
+    """``source.local(name, tp_rank, tp_size)`` in ``dtype``, read when it is written."""
+    rule, _ = wmap.lookup(name)
+    shape = rule.transform.local_shape(rule.hf_shapes(wmap.dims), tp_size, wmap.dims)
+    return LazyTensor(shape, dtype or _source_dtype(source, name),
+                      lambda: _owned(source.local(name, tp_rank, tp_size), dtype))
 
 
 def megatron_args(model, layout: LegacyLayout, padded_vocab: int, dtype: torch.dtype,
@@ -125,8 +150,9 @@ def write_legacy(source, wmap: WeightMap, layout: LegacyLayout, root: str | Path
                  dtype: torch.dtype | None, args: argparse.Namespace, iteration: int = 0,
                  ranks: list[tuple[int, int, int]] | None = None, progress: bool = False) -> None:
     """Write the rank files ``ranks`` (default: all) of ``layout`` under ``root`` from
-    ``source`` (anything with ``local(name, tp_rank, tp_size)``), one file in memory at a time,
-    in ``dtype`` (None: as the source has them).
+    ``source`` (anything with ``local(name, tp_rank, tp_size)``, and ``dtype(name)`` unless it
+    is an :class:`~mswift.bridge.model_io.HFSource`), one tensor in memory at a time, in
+    ``dtype`` (None: as the source has them).
     The tracker is written by :func:`write_tracker` once every rank's files are complete."""
     iter_dir = Path(root) / f"iter_{iteration:07d}"
     todo = layout.ranks() if ranks is None else ranks
@@ -139,12 +165,12 @@ def write_legacy(source, wmap: WeightMap, layout: LegacyLayout, root: str | Path
         for vp_stage in range(layout.chunks):
             sd = {}
             for local, name in chunk_entries(wmap, layout, pp_rank, vp_stage, ep_rank):
-                sd[local] = None if name is None else _owned(
-                    source.local(name, tp_rank, layout.tp), dtype)
+                sd[local] = None if name is None else _lazy_local(
+                    source, wmap, name, tp_rank, layout.tp, dtype)
             state["model" if layout.vpp is None else f"model{vp_stage}"] = sd
         path = iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
+        save_streaming(path, state)
 
 
 def write_tracker(root: str | Path, iteration: int) -> None:
@@ -178,12 +204,17 @@ def is_legacy(root: str | Path) -> bool:
 
 
 def _load(path: Path) -> dict:
+    """A rank file's object with its tensors as :class:`StoredTensor` handles (not read yet)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise BridgeError(f"{path}: cannot be read as a Megatron checkpoint file ({err})"
+        state = load_index(path)
+    except ValueError as err:
+        reason = getattr(err, "reason", err)
+        raise BridgeError(f"{path}: cannot be read as a Megatron checkpoint file ({reason})"
                           ) from None
+    if not isinstance(state, dict):
+        raise BridgeError(f"{path}: cannot be read as a Megatron checkpoint file (holds a "
+                          f"{type(state).__name__}, expected a dict)")
+    return state
 
 
 def read_layout(root: str | Path) -> tuple[LegacyLayout, int]:
@@ -211,13 +242,14 @@ def read_layout(root: str | Path) -> tuple[LegacyLayout, int]:
 
 class LegacySource:
     """Megatron tensors of a legacy checkpoint, merged over its TP ranks and re-split for the
-    layout asked for. Files are memory-mapped: only the bytes used are read."""
+    layout asked for. Opening reads each rank file's index (``pieces``: (name, TP rank) ->
+    :class:`StoredTensor`); a tensor's bytes are read when it is asked for."""
 
     def __init__(self, root: str | Path, wmap: WeightMap):
         self.wmap = wmap
         self.layout, self.iteration = read_layout(root)
         self.iter_dir, _ = read_iteration_dir(root)
-        self.pieces: dict[tuple[str, int], torch.Tensor] = {}
+        self.pieces: dict[tuple[str, int], StoredTensor] = {}
         problems = []
         for tp_rank, pp_rank, ep_rank in self.layout.ranks():
             problems += self._read_rank(tp_rank, pp_rank, ep_rank)
@@ -242,20 +274,43 @@ class LegacySource:
                     continue
                 if local not in sd:
                     problems.append(f"{path}: {key}[{local!r}] missing")
+                elif not isinstance(sd[local], StoredTensor):
+                    problems.append(f"{path}: {key}[{local!r}] is a {type(sd[local]).__name__}, "
+                                    "expected a tensor")
                 else:
+                    problems += self._check_shape(path, key, local, name, sd[local])
                     self.pieces.setdefault((name, tp_rank), sd[local])
             unexpected = [k for k in sd if k not in entries]
             problems += [f"{path}: {key}[{k!r}] unexpected (a Transformer Engine layer name? "
                          "only the local layer spec is read)" for k in unexpected]
         return problems
 
+    def _check_shape(self, path: Path, key: str, local: str, name: str,
+                     piece: StoredTensor) -> list[str]:
+        d = self.wmap.dims
+        rule, _ = self.wmap.lookup(name)
+        expected = rule.transform.local_shape(rule.hf_shapes(d), self.layout.tp, d)
+        if rule.transform.pads:  # padded for the checkpoint's TP size: enough rows will do
+            ok = piece.shape[1:] == expected[1:] and piece.shape[0] * self.layout.tp >= d.vocab
+        else:
+            ok = piece.shape == expected
+        if ok:
+            return []
+        return [(f"{path}: {key}[{local!r}] has shape {list(piece.shape)}, the model config "
+                 f"implies {list(expected)} at TP {self.layout.tp}")]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.pieces[(name, 0)].dtype
+
     def full(self, name: str) -> torch.Tensor:
         rule, _ = self.wmap.lookup(name)
-        shards = [self.pieces[(name, r)] for r in range(self.layout.tp)]
+        if self.layout.tp == 1:
+            return self.pieces[(name, 0)].read()  # the one shard is the tensor (no cat copy)
+        shards = [self.pieces[(name, r)].read() for r in range(self.layout.tp)]
         return rule.transform.merge(shards, self.wmap.dims)
 
     def local(self, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         rule, _ = self.wmap.lookup(name)
         if tp_size == self.layout.tp and not rule.transform.pads:
-            return self.pieces[(name, tp_rank)]  # same split: the rank's own piece
+            return self.pieces[(name, tp_rank)].read()  # same split: the rank's own piece
         return rule.transform.split(self.full(name), tp_rank, tp_size, self.wmap.dims)

@@ -10,17 +10,18 @@ Loading: every rank reads only its slice, from a source (:class:`HFSource`, or a
 checkpoint's :class:`mswift.bridge.legacy.LegacySource`). Saving: rank 0 writes the HF shards;
 for each tensor, in model order, the ranks that own its TP pieces (the lowest rank holding each
 piece) send them to rank 0, which merges them, turns them into HF tensors and streams them to
-disk, so rank 0 holds one tensor (plus one output shard) at a time.
+disk (:func:`hf_plan` lists them up front for the writer), so rank 0 holds one tensor at a time.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter
+from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter, PlanEntry
 from mswift.bridge.rules import WeightMap
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)$")
@@ -115,7 +116,7 @@ def _piece_owners(pieces: dict, wmap: WeightMap) -> tuple[dict, dict]:
     """Every rank's pieces -> owner rank of each (name, tp rank) and each name's TP size,
     shape and dtype (the same answer on every rank)."""
     mine = [(name, r, size, tuple(t.shape), t.dtype) for (name, r), (t, size) in pieces.items()]
-    rank, world = _rank_and_world()
+    _, world = _rank_and_world()
     everyone = [None] * world
     if world > 1:
         dist.all_gather_object(everyone, mine)
@@ -130,6 +131,20 @@ def _piece_owners(pieces: dict, wmap: WeightMap) -> tuple[dict, dict]:
                for r in range(info.get(n, (1,))[0]) if (n, r) not in owners]
     assert not missing, f"no rank holds {missing[:5]}"
     return owners, info
+
+
+def hf_plan(wmap: WeightMap, dtypes: dict[str, torch.dtype],
+            model_dtype: Callable[[str], torch.dtype]) -> list[PlanEntry]:
+    """``(HF name, dtype, shape)`` of every HF tensor, in the order a save writes them (each
+    megatron tensor of ``wmap.mcore_names(to_hf_only=True)``, then its rule's HF tensors), for
+    :class:`HFShardWriter`. ``dtypes``: HF name -> dtype to write; the others keep their
+    megatron tensor's, ``model_dtype(megatron name)``."""
+    plan = []
+    for name in wmap.mcore_names(to_hf_only=True):
+        rule, hf_names = wmap.lookup(name)
+        for hf_name, shape in zip(hf_names, rule.hf_shapes(wmap.dims)):
+            plan.append((hf_name, dtypes.get(hf_name) or model_dtype(name), shape))
+    return plan
 
 
 def save_model_to_hf(chunks, wmap: WeightMap, out_dir: str | Path,
@@ -148,11 +163,12 @@ def save_model_to_hf(chunks, wmap: WeightMap, out_dir: str | Path,
             r, size = tp_coords(name)
             pieces[(name, r)] = (tensor.detach(), size)
     owners, info = _piece_owners(pieces, wmap)
+    names = wmap.mcore_names(to_hf_only=True)
     writer = None
     if rank == 0:
         kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-        writer = HFShardWriter(out_dir, **kwargs)
-    names = wmap.mcore_names(to_hf_only=True)
+        plan = hf_plan(wmap, dtypes or {}, lambda name: info[name][2])
+        writer = HFShardWriter(out_dir, plan, **kwargs)
     for name in _progress(names, progress and rank == 0):
         size, shape, dtype = info[name]
         shards = []

@@ -88,6 +88,12 @@ class Transform:
         """This TP rank's slice, reading only its part of the HF tensors ``names``."""
         raise NotImplementedError
 
+    def local_shape(self, hf_shapes: list[tuple[int, ...]], tp_size: int, d: Dims
+                    ) -> tuple[int, ...]:
+        """The shape of :meth:`local`'s slice (of :meth:`split` too), from the HF tensors'
+        shapes (``Rule.hf_shapes``), without reading anything."""
+        raise NotImplementedError
+
     def merge(self, shards: list[torch.Tensor], d: Dims) -> torch.Tensor:
         if self.tp_dim is None:
             return shards[0]
@@ -113,6 +119,9 @@ class Replicated(Transform):
     def local(self, src, names, tp_rank, tp_size, d):
         return src.read(names[0])
 
+    def local_shape(self, hf_shapes, tp_size, d):
+        return tuple(hf_shapes[0])
+
 
 class RowParallel(Transform):
     """Split on the input dim (``linear_proj``, ``linear_fc2``): columns of the HF matrix."""
@@ -123,6 +132,10 @@ class RowParallel(Transform):
     def local(self, src, names, tp_rank, tp_size, d):
         start, stop = _rows(src.shape(names[0])[1], tp_rank, tp_size)
         return src.read(names[0], 1, start, stop)
+
+    def local_shape(self, hf_shapes, tp_size, d):
+        rows, cols = hf_shapes[0]
+        return (rows, cols // tp_size)
 
 
 class VocabParallel(Transform):
@@ -141,6 +154,9 @@ class VocabParallel(Transform):
             return pad
         rows = src.read(names[0], 0, start, real)
         return torch.cat([rows, pad]) if pad.numel() else rows
+
+    def local_shape(self, hf_shapes, tp_size, d):
+        return (d.padded_vocab // tp_size,) + tuple(hf_shapes[0][1:])
 
     def split(self, full, tp_rank, tp_size, d):
         # `full` may be padded for another TP size: crop to the vocabulary, re-pad.
@@ -170,6 +186,10 @@ class FusedQKV(Transform):
         v = src.read(names[2], 0, g0 * d.head_dim, g1 * d.head_dim)
         return self._interleave(q, k, v, g1 - g0, d)
 
+    def local_shape(self, hf_shapes, tp_size, d):
+        rows = sum(shape[0] for shape in hf_shapes)  # (heads + 2 * groups) * head_dim
+        return (rows // tp_size,) + tuple(hf_shapes[0][1:])
+
     @staticmethod
     def _interleave(q, k, v, groups, d):
         rest = tuple(q.shape[1:])
@@ -195,6 +215,9 @@ class FusedGateUp(Transform):
     def local(self, src, names, tp_rank, tp_size, d):
         start, stop = _rows(src.shape(names[0])[0], tp_rank, tp_size)
         return torch.cat([src.read(names[0], 0, start, stop), src.read(names[1], 0, start, stop)])
+
+    def local_shape(self, hf_shapes, tp_size, d):
+        return (2 * hf_shapes[0][0] // tp_size,) + tuple(hf_shapes[0][1:])
 
     def merge(self, shards, d):
         halves = [s.chunk(2, dim=0) for s in shards]

@@ -4,18 +4,32 @@
 latest_checkpointed_iteration.txt``; the model is ``GPTModel.sharded_state_dict()`` under
 ``model`` (``model0``, ``model1``, ... for virtual pipeline chunks), so training starts from it
 with ``load=ROOT no_load_optim=true`` at any layout (megatron-core reshards on load).
+
+Conversions stream: :func:`save_torch_dist_streaming` and :class:`TorchDistSource` take the
+checkpoint's structure from a model built on the ``meta`` device (shapes, no memory) at TP1 and
+move one tensor at a time between the checkpoint files and the other format, so a conversion
+holds about one tensor in memory, whatever the model size. The files are megatron-core's own:
+its ``dist_checkpointing.save`` writes them, with the tensors' bytes produced on demand while
+PyTorch's distributed-checkpoint writer streams them out; reading goes through the same
+PyTorch reader, one stored chunk at a time.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.legacy import TRACKER, read_iteration_dir
 
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
+WRITER_THREADS = 2
 
 
 def _model_sharded_state_dict(chunks) -> dict:
@@ -29,22 +43,36 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def save_torch_dist(chunks, root: str | Path, iteration: int = 0) -> Path:
     """Save the chunks' weights (every rank calls this) under ``root``; returns the iter dir."""
     from megatron.core import dist_checkpointing
 
-    root = Path(root)
-    ckpt = root / f"iter_{iteration:07d}"
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        ckpt.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    ckpt = _iter_dir(root, iteration)
     state = _model_sharded_state_dict(chunks)
     state.update(iteration=iteration, extra={})
     dist_checkpointing.save(state, str(ckpt))
-    _barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        (root / TRACKER).write_text(f"{iteration}\n")
+    _finish(root, iteration)
     return ckpt
+
+
+def _iter_dir(root: str | Path, iteration: int) -> Path:
+    ckpt = Path(root) / f"iter_{iteration:07d}"
+    if _rank_world()[0] == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    return ckpt
+
+
+def _finish(root: str | Path, iteration: int) -> None:
+    _barrier()
+    if _rank_world()[0] == 0:
+        (Path(root) / TRACKER).write_text(f"{iteration}\n")
 
 
 def torch_dist_dir(root: str | Path) -> Path:
@@ -66,15 +94,23 @@ def is_torch_dist(root: str | Path) -> bool:
     return True
 
 
+def _read_dcp_metadata(ckpt: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as err:  # noqa: BLE001 - any unreadable metadata gets the same message
+        raise BridgeError(f"{ckpt}/.metadata: cannot be read as a torch_dist checkpoint "
+                          f"({type(err).__name__}: {err})") from None
+
+
 def stored_embedding(root: str | Path) -> tuple[int, torch.dtype]:
     """Rows (the vocabulary as padded when saved) and dtype of the stored embedding."""
-    from megatron.core import dist_checkpointing
-
     ckpt = torch_dist_dir(root)
-    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    if EMBEDDING_KEY not in meta:
+    meta = _read_dcp_metadata(ckpt).state_dict_metadata.get(EMBEDDING_KEY)
+    if meta is None or not hasattr(meta, "size"):
         raise BridgeError(f"{ckpt}: holds no {EMBEDDING_KEY} (not a GPT model checkpoint?)")
-    return int(meta[EMBEDDING_KEY].global_shape[0]), meta[EMBEDDING_KEY].dtype
+    return int(meta.size[0]), meta.properties.dtype
 
 
 def load_torch_dist(chunks, root: str | Path) -> None:
@@ -87,3 +123,277 @@ def load_torch_dist(chunks, root: str | Path) -> None:
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks):
         chunk.load_state_dict(loaded[key], strict=True)
+
+
+# -- the checkpoint's structure, from a model on the meta device ---------------------------------
+
+
+class _ToMeta(TorchFunctionMode):
+    """Every tensor a model build creates lives on ``meta``: shapes only, no memory."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = torch.device("meta")
+        if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, torch.device)):
+            args = (args[0], torch.device("meta")) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def meta_chunks(cfg):
+    """The model chunks of ``cfg``'s layout (process groups started here) on the meta device."""
+    import dataclasses as dc
+
+    from mswift.bridge.layout import start_groups
+    from mswift.models.build import build_model, transformer_config
+
+    start_groups(cfg)
+    config = dc.replace(transformer_config(cfg), perform_initialization=False)
+    with torch.device("meta"), _ToMeta():
+        return build_model(cfg, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredPiece:
+    """One stored chunk of a checkpoint tensor and the part of a TP1 model parameter it holds.
+
+    ``offset`` / ``shape``: the chunk in the global tensor ``key`` (with megatron's prepended
+    layer / expert axes, of size 1 in ``shape``); ``region``: (start, length) per dim of the
+    parameter."""
+
+    key: str
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    region: tuple[tuple[int, int], ...]
+
+    def view_of(self, param: torch.Tensor) -> torch.Tensor:
+        """This piece's part of a whole (TP1) parameter, shaped like the stored chunk."""
+        for dim, (start, length) in enumerate(self.region):
+            param = param.narrow(dim, start, length)
+        return param.reshape(self.shape)
+
+
+def _flat_sharded(state: dict):
+    """(state-dict key, ShardedTensor | ShardedObject) of a sharded state dict, factories
+    applied (a fused gate/up weight becomes its two halves)."""
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedObject,
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
+
+    for name, value in state.items():
+        if isinstance(value, dict):
+            yield from ((f"{name}.{k}", v) for k, v in _flat_sharded(value))
+        elif isinstance(value, ShardedTensorFactory):
+            built = value.build()
+            for item in built if isinstance(built, list) else [built]:
+                assert isinstance(item, ShardedTensor), f"{name}: factory built {type(item)}"
+                yield name, item
+        elif isinstance(value, (ShardedTensor, ShardedObject)):
+            yield name, value
+
+
+def model_pieces(chunk) -> tuple[dict[str, list[StoredPiece]], list]:
+    """Stored pieces of every parameter of one whole-model (TP1, PP1, EP1) chunk, by name, and
+    the flat list of megatron ShardedTensors / ShardedObjects the chunk saves."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    pieces: dict[str, list[StoredPiece]] = {}
+    flat = []
+    for name, item in _flat_sharded(chunk.sharded_state_dict()):
+        flat.append(item)
+        if not isinstance(item, ShardedTensor):
+            continue
+        assert item.flattened_range is None, f"{item.key}: flattened tensors are not model weights"
+        prepend = item.prepend_axis_num
+        local = tuple(item.local_shape)
+        region = tuple(zip(item.global_offset[prepend:], local))
+        pieces.setdefault(name, []).append(StoredPiece(
+            item.key, tuple(item.global_offset), (1,) * prepend + local, region))
+    return pieces, flat
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def _lazy_strategy(lookup: dict, produce: Callable[[str], torch.Tensor]):
+    """megatron-core's torch_dist save strategy, with each tensor's bytes made on demand."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class LazyPlanner(MCoreSavePlanner):
+        recent = threading.local()  # each writer thread's last tensor
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            name, piece = lookup[(write_item.index.fqn, tuple(write_item.index.offset))]
+            last = getattr(self.recent, "value", (None, None))
+            if last[0] != name:  # the halves of a fused weight come one after the other
+                self.recent.value = None
+                last = self.recent.value = (name, produce(name))
+            data = piece.view_of(last[1])
+            assert tuple(data.shape) == tuple(write_item.tensor_data.chunk.sizes), (
+                f"{name}: made {tuple(data.shape)}, the checkpoint stores "
+                f"{tuple(write_item.tensor_data.chunk.sizes)}")
+            return data
+
+    class LazySave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            pyt_state = mcore_to_pyt_state_dict(state, False)
+            # Two threads: one reads and transforms while the other writes (both let the GIL
+            # go); each writes its own file.
+            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True,
+                                      sync_files=False, thread_count=WRITER_THREADS)
+            with _no_crc32():
+                dcp_save(pyt_state, storage_writer=writer, planner=LazyPlanner(
+                    dedup_replicated_tensors=False, flatten_state_dict=False))
+
+    return LazySave("torch_dist", 1)
+
+
+@contextlib.contextmanager
+def _no_crc32():
+    """torch.save without zip CRC-32s (torch.load never checks them; they cost ~2x the time)."""
+    from torch.utils.serialization import config
+
+    old = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = old
+
+
+def _share_out(flat: list) -> None:
+    """Give each rank (data-parallel replicas of the one TP1 model) about the same bytes to
+    write: the main replica of each tensor is on one rank, round-robin by size."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    rank, world = _rank_world()
+    if world == 1:
+        return
+    tensors = [t for t in flat if isinstance(t, ShardedTensor)]
+    loads = [0] * world
+    for item in sorted(tensors, key=lambda t: -t.data.numel()):
+        owner = loads.index(min(loads))
+        loads[owner] += item.data.numel()
+        item.replica_id = 0 if owner == rank else 1
+
+
+def save_torch_dist_streaming(chunks, root: str | Path, produce: Callable[[str], torch.Tensor],
+                              iteration: int = 0) -> Path:
+    """Write a torch_dist checkpoint of the meta-device, whole-model ``chunks`` (see
+    :func:`meta_chunks`), getting each parameter from ``produce(name)`` (the whole TP1 tensor,
+    in the model's dtype) when its bytes are written. Every rank calls this; under several
+    ranks each writes a share."""
+    from megatron.core import dist_checkpointing
+
+    assert len(chunks) == 1, "stream conversions build the whole model as one chunk"
+    pieces, flat = model_pieces(chunks[0])
+    _share_out(flat)
+    lookup = {(p.key, p.offset): (name, p) for name, ps in pieces.items() for p in ps}
+    state = {"model": _rebuild(flat), "iteration": iteration, "extra": {}}
+    ckpt = _iter_dir(root, iteration)
+    dist_checkpointing.save(state, str(ckpt), sharded_strategy=_lazy_strategy(lookup, produce))
+    _finish(root, iteration)
+    return ckpt
+
+
+def _rebuild(flat: list) -> dict:
+    """A sharded state dict holding exactly these items (names do not matter to the files)."""
+    return {f"item{i}": item for i, item in enumerate(flat)}
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+class TorchDistSource:
+    """Whole megatron tensors read from a torch_dist checkpoint one at a time, by the names of
+    a TP1 model (``pieces``: :func:`model_pieces`); only the chunks of the tensor asked for are
+    read (a checkpoint saved at any layout, with or without optimizer state)."""
+
+    def __init__(self, root: str | Path, wmap, pieces: dict[str, list[StoredPiece]]):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.wmap = wmap
+        self.ckpt = torch_dist_dir(root)
+        self.pieces = pieces
+        self.metadata = _read_dcp_metadata(self.ckpt)
+        self.reader = FileSystemReader(str(self.ckpt))
+        self.reader.set_up_storage_reader(self.metadata, True)
+        self._check()
+
+    def _check(self) -> None:
+        stored = self.metadata.state_dict_metadata
+        problems, seen = [], set()
+        for name, pieces in self.pieces.items():
+            for piece in pieces:
+                if piece.key in seen:
+                    continue
+                seen.add(piece.key)
+                meta = stored.get(piece.key)
+                if meta is None or not hasattr(meta, "chunks"):
+                    problems.append(f"{piece.key}: missing (needed for {name})")
+                elif any(o + s > g for o, s, g in zip(piece.offset, piece.shape, meta.size)):
+                    problems.append(f"{piece.key}: stored with shape {list(meta.size)}, which "
+                                    f"does not hold {name} at {list(piece.offset)}")
+        if problems:
+            raise BridgeError(problems, headline=f"{self.ckpt}: checkpoint does not match "
+                                                 "its model")
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.metadata.state_dict_metadata[self.pieces[name][0].key].properties.dtype
+
+    def full(self, name: str) -> torch.Tensor:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import (
+            create_read_items_for_chunk_list,
+        )
+
+        pieces = self.pieces[name]
+        shape = [0] * len(pieces[0].region)
+        for piece in pieces:
+            for dim, (start, length) in enumerate(piece.region):
+                shape[dim] = max(shape[dim], start + length)
+        out = torch.empty(shape, dtype=self.dtype(name))
+        items, targets = [], {}
+        for piece in pieces:
+            chunk = ChunkStorageMetadata(offsets=torch.Size(piece.offset),
+                                         sizes=torch.Size(piece.shape))
+            stored = self.metadata.state_dict_metadata[piece.key]
+            for item in create_read_items_for_chunk_list(piece.key, stored, [chunk]):
+                target = piece.view_of(out)
+                for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+                    target = target.narrow(dim, start, length)
+                targets[id(item)] = target
+                items.append(item)
+        self.reader.read_data(LoadPlan(items), _IntoViews(targets)).wait()
+        return out
+
+
+class _IntoViews:
+    """A load planner for one read: each read item lands in its view of the output."""
+
+    def __init__(self, targets: dict):
+        self.targets = targets
+
+    def resolve_tensor(self, read_item):
+        return self.targets[id(read_item)]
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass
+
+    def load_bytes(self, read_item, value) -> None:
+        raise AssertionError("model weights are tensors")

@@ -279,15 +279,15 @@ def test_existing_output_and_failed_write_leave_nothing(hf, tmp_path, capsys, mo
     import mswift.bridge.legacy as legacy
 
     calls = []
-    real_save = legacy.torch.save
+    real_save = legacy.save_streaming
 
-    def failing_save(obj, path):
+    def failing_save(path, obj):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        real_save(obj, path)
+        real_save(path, obj)
 
-    monkeypatch.setattr(legacy.torch, "save", failing_save)
+    monkeypatch.setattr(legacy, "save_streaming", failing_save)
     fresh = tmp_path / "fresh"
     with pytest.raises(OSError):
         hf_to_mcore(src, fresh, "legacy", tp=2, progress=False)

@@ -1,0 +1,229 @@
+"""The safetensors format, read and written without memory maps.
+
+A file is an 8-byte little-endian header length N, N bytes of JSON
+(``{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__":
+{...}}``, padded with spaces), then the tensors' bytes; offsets count from the byte after the
+header. :class:`SafetensorsFile` parses and checks the header itself and reads a tensor with
+``os.preadv`` straight into a new tensor's memory: each byte is copied once from the page cache
+and nothing stays mapped, so a reader's memory is what it keeps, not what it has read
+(``safe_open`` maps the file, and every page touched counts in the process's RSS until the
+handle closes). :func:`encode_header` builds the header a writer puts before the bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple, Self
+
+import torch
+
+from mswift.bridge.errors import BridgeError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+SAFETENSORS_DTYPES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit: a larger length is a corrupt file
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+class TensorInfo(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute file offsets of the tensor's bytes
+    end: int
+
+
+def tensor_bytes(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def encode_header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                  metadata: dict[str, str] | None = None) -> bytes:
+    """Length + JSON header for ``(name, dtype, shape)`` stored back to back in this order, the
+    JSON padded with spaces to a multiple of 8 bytes (as safetensors writes it)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in tensors:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} has no safetensors name")
+        size = tensor_bytes(dtype, shape)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+class SafetensorsFile:
+    """One safetensors file, checked when opened, its tensors read on demand with ``preadv``.
+
+    Holds one file descriptor, closed by :meth:`close` (or when garbage-collected). Raises
+    :class:`BridgeError` naming the file for anything safetensors would refuse: a file shorter
+    than its header, a header that is not a JSON object, an unknown dtype, offsets that do not
+    match a shape, overlap, leave gaps, or run past the end of the file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as err:
+            raise BridgeError(f"{self.path}: cannot open ({err.strerror})") from None
+        try:
+            self.tensors, self.metadata = self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- header --------------------------------------------------------------------------------
+
+    def _corrupt(self, reason: str) -> BridgeError:
+        return BridgeError(f"{self.path}: not a readable safetensors file ({reason}); "
+                           "truncated or corrupt?")
+
+    def _read_header(self) -> tuple[dict[str, TensorInfo], dict]:
+        size = os.fstat(self._fd).st_size
+        if size < 8:
+            raise self._corrupt(f"{size} bytes, shorter than the 8-byte header length")
+        length = int.from_bytes(self._pread(8, 0), "little")
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise self._corrupt(f"header of {length} bytes, but the file has {size}")
+        try:
+            header = json.loads(self._pread(length, 8).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._corrupt(f"header is not JSON: {err}") from None
+        if not isinstance(header, dict):
+            raise self._corrupt("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise self._corrupt("__metadata__ is not a JSON object")
+        start = 8 + length
+        tensors = {name: self._tensor_info(name, entry, start) for name, entry in header.items()}
+        self._check_layout(tensors, start, size)
+        return tensors, metadata
+
+    def _tensor_info(self, name: str, entry, start: int) -> TensorInfo:
+        if not isinstance(entry, dict):
+            raise self._corrupt(f"{name}: entry is not a JSON object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise self._corrupt(f"{name}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise self._corrupt(f"{name}: shape {shape!r} is not a list of sizes")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets)):
+            raise self._corrupt(f"{name}: data_offsets {offsets!r} is not [begin, end]")
+        begin, end = offsets
+        need = tensor_bytes(DTYPES[dtype], shape)
+        if end - begin != need:
+            raise self._corrupt(f"{name}: data_offsets {offsets} hold {end - begin} bytes, "
+                                f"shape {shape} of {dtype} needs {need}")
+        return TensorInfo(DTYPES[dtype], tuple(shape), start + begin, start + end)
+
+    def _check_layout(self, tensors: dict[str, TensorInfo], start: int, size: int) -> None:
+        # Like safetensors: the tensors tile the data region exactly, in offset order.
+        expected = start
+        for name, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+            if info.begin != expected:
+                what = "overlaps the tensor before it" if info.begin < expected else (
+                    "leaves a gap after the tensor before it")
+                raise self._corrupt(f"{name}: data_offsets begin at {info.begin - start}, "
+                                    f"{what} (which ends at {expected - start})")
+            expected = info.end
+        if expected != size:
+            what = "the file ends early" if expected > size else "trailing bytes"
+            raise self._corrupt(f"tensors need {expected} bytes, the file has {size}: {what}")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0
+             ) -> torch.Tensor:
+        """Tensor ``name``, or its rows (dim 0) / columns (dim 1) ``start:stop``. Rows read
+        only their bytes; columns read each row's span and drop the rest while reading."""
+        info = self.tensors[name]
+        if dim is None:
+            return self._read_rows(info, 0, info.shape[0] if info.shape else 1)
+        if dim not in (0, 1) or len(info.shape) <= dim:
+            raise ValueError(f"{name}: dim={dim} of shape {list(info.shape)}: only dims 0 and 1 "
+                             "are sliced")
+        if not 0 <= start <= stop <= info.shape[dim]:
+            raise ValueError(f"{name}: slice {start}:{stop} of dim {dim} outside shape "
+                             f"{list(info.shape)}")
+        if dim == 0:
+            return self._read_rows(info, start, stop)
+        return self._read_columns(info, start, stop)
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        out = torch.empty((stop - start,) + info.shape[1:] if info.shape else (),
+                          dtype=info.dtype)
+        row = tensor_bytes(info.dtype, info.shape[1:])
+        self._preadv([_bytes_of(out)], info.begin + start * row)
+        return out
+
+    def _read_columns(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        rows, cols, rest = info.shape[0], info.shape[1], info.shape[2:]
+        out = torch.empty((rows, stop - start) + rest, dtype=info.dtype)
+        col = tensor_bytes(info.dtype, rest)
+        keep, row = (stop - start) * col, cols * col
+        if not rows or not keep:
+            return out
+        # One scattered read of the file range from row 0's first kept byte to the last row's
+        # last one: kept spans land in `out`, the columns between them in a reused scratch.
+        out_bytes = _bytes_of(out)
+        gap = memoryview(bytearray(row - keep))
+        buffers = []
+        for r in range(rows):
+            buffers.append(out_bytes[r * keep:(r + 1) * keep])
+            if gap.nbytes and r + 1 < rows:
+                buffers.append(gap)
+        self._preadv(buffers, info.begin + start * col)
+        return out
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        out = bytearray(size)
+        self._preadv([memoryview(out)], offset)
+        return bytes(out)
+
+    def _preadv(self, buffers: list[memoryview], offset: int) -> None:
+        """Fill ``buffers`` in order from the file at ``offset``, resuming partial reads."""
+        buffers = [b for b in buffers if b.nbytes]
+        i = 0
+        while i < len(buffers):
+            done = os.preadv(self._fd, buffers[i:i + _IOV_MAX], offset)
+            if done == 0:
+                raise self._corrupt(f"end of file at byte {offset} while reading")
+            offset += done
+            while done and done >= buffers[i].nbytes:
+                done -= buffers[i].nbytes
+                i += 1
+            if done:
+                buffers[i] = buffers[i][done:]
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous tensor's memory (any dtype, bf16 included)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

@@ -1,0 +1,34 @@
+"""``Transform.local_shape`` (a TP slice's shape from the HF shapes alone, what a streamed write
+announces before reading) against the slices ``local`` and ``split`` actually give, for every
+tensor of every family's tiny model at TP 1 and 2."""
+import pytest
+
+from mswift.bridge.hf_io import HFCheckpoint
+from mswift.bridge.rules import WeightMap
+from mswift.models.registry import (
+    dims_for,
+    families,
+    model_config_from_hf,
+    padded_vocab_for,
+)
+from mswift.testing.hf_models import save_tiny_hf_model
+
+FAMILIES = [f.name for f in families()]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_local_shape_is_the_shape_of_local_and_split(tmp_path, name):
+    ckpt = HFCheckpoint(save_tiny_hf_model(name, tmp_path / name))
+    family, model = model_config_from_hf(ckpt.config)
+    for tp in (1, 2):
+        wmap = WeightMap(family.weight_rules, dims_for(model, padded_vocab_for(model, tp)))
+        d = wmap.dims
+        for mcore in wmap.mcore_names():
+            rule, hf_names = wmap.lookup(mcore)
+            transform = rule.transform
+            shards = [transform.local(ckpt, hf_names, r, tp, d) for r in range(tp)]
+            full = transform.merge(shards, d)
+            for r, shard in enumerate(shards):
+                expected = transform.local_shape(rule.hf_shapes(d), tp, d)
+                assert tuple(shard.shape) == expected, (mcore, tp, r)
+                assert tuple(transform.split(full, r, tp, d).shape) == expected, (mcore, tp, r)

@@ -1,0 +1,187 @@
+"""torch.save's format written and read one tensor at a time: files torch.load reads as it reads
+its own, LazyTensors made once each, in file order, one at a time, and torch.save files read
+back tensor by tensor (views and shared storages included)."""
+import argparse
+import collections
+import gc
+import weakref
+import zipfile
+
+import pytest
+import torch
+
+from mswift.bridge.torch_file import (
+    LazyTensor,
+    StoredTensor,
+    TorchFileError,
+    load_index,
+    save_streaming,
+)
+
+
+def sample():
+    """Tensors of every kind a checkpoint may hold, nested the way Megatron nests them."""
+    base = torch.arange(48, dtype=torch.float32).reshape(6, 8)
+    return {
+        "model": collections.OrderedDict([
+            ("bf16", torch.randn(5, 3).to(torch.bfloat16)),
+            ("fp16", torch.randn(4).to(torch.float16)),
+            ("int64", torch.arange(7)),
+            ("bool", torch.tensor([True, False, True])),
+            ("scalar", torch.tensor(2.5)),
+            ("empty", torch.empty(0, 4)),
+            ("transposed", base.t()),  # not contiguous
+            ("rows", base[2:4]),  # two views of one storage
+            ("cols", base[:, 1:3]),
+            ("whole", base),
+            ("again", base),  # the same tensor twice
+            ("float8", torch.ones(3).to(torch.float8_e4m3fn)),
+            ("layer._extra_state", None),
+        ]),
+        "checkpoint_version": 3.0,
+        "iteration": 7,
+        "args": argparse.Namespace(tensor_model_parallel_size=2, params_dtype=torch.bfloat16,
+                                   vpp=None, names=["a", "b"], pair=(1, 2)),
+        "nested": {"inner": {"t": torch.ones(2, 2, dtype=torch.float64)}},
+    }
+
+
+def load(path, **kwargs):
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, weights_only=True, **kwargs)
+
+
+def assert_same(a, b):
+    """Equal structure; tensors equal in shape, dtype and values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 and a.dim() else a,
+                           b.view(torch.uint8) if b.dtype.itemsize == 1 and b.dim() else b)
+    elif isinstance(a, dict):
+        assert type(a) is type(b) and list(a) == list(b)
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, argparse.Namespace):
+        assert isinstance(b, argparse.Namespace)
+        assert_same(vars(a), vars(b))
+    else:
+        assert a == b
+
+
+def read_all(obj):
+    """The object of load_index with every StoredTensor read."""
+    if isinstance(obj, StoredTensor):
+        return obj.read()
+    if isinstance(obj, dict):
+        return type(obj)((k, read_all(v)) for k, v in obj.items())
+    if isinstance(obj, argparse.Namespace):
+        return argparse.Namespace(**read_all(vars(obj)))
+    return obj
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_streamed_file_is_what_torch_load_reads(tmp_path, mmap):
+    obj = sample()
+    save_streaming(tmp_path / "x.pt", obj)
+    assert_same(obj, load(tmp_path / "x.pt", mmap=mmap))
+    assert_same(obj, torch.load(tmp_path / "x.pt", weights_only=False))
+
+
+def test_views_are_written_without_their_base(tmp_path):
+    big = torch.zeros(1000, 100)
+    save_streaming(tmp_path / "x.pt", {"row": big[7], "col": big[:, 3]})
+    sizes = [i.file_size for i in zipfile.ZipFile(tmp_path / "x.pt").infolist()
+             if "/data/" in i.filename]
+    assert sorted(sizes) == [400, 4000]
+
+
+def test_lazy_tensors_made_once_each_in_file_order_one_at_a_time(tmp_path):
+    made, alive = [], []
+
+    def lazy(name, shape):
+        def produce():
+            assert all(ref() is None for ref in alive), "an earlier tensor is still in memory"
+            made.append(name)
+            tensor = torch.full(shape, float(len(made)), dtype=torch.bfloat16)
+            alive.append(weakref.ref(tensor))
+            return tensor
+        return LazyTensor(shape, torch.bfloat16, produce)
+
+    obj = {"b": lazy("b", (3, 2)), "inner": {"a": lazy("a", (4,))}, "c": lazy("c", ()),
+           "real": torch.ones(2)}
+    save_streaming(tmp_path / "x.pt", obj)
+    gc.collect()
+    assert made == ["b", "a", "c"]
+    records = [i for i in zipfile.ZipFile(tmp_path / "x.pt").infolist() if "/data/" in i.filename]
+    assert [r.filename.rsplit("/", 1)[1] for r in records] == ["0", "1", "2", "3"]
+    assert [r.header_offset for r in records] == sorted(r.header_offset for r in records)
+    loaded = load(tmp_path / "x.pt")
+    assert torch.equal(loaded["b"], torch.full((3, 2), 1.0, dtype=torch.bfloat16))
+    assert torch.equal(loaded["inner"]["a"], torch.full((4,), 2.0, dtype=torch.bfloat16))
+    assert loaded["c"].shape == () and loaded["c"].item() == 3.0
+
+
+def test_lazy_tensor_of_the_wrong_shape_is_refused_and_no_file_is_left(tmp_path):
+    obj = {"w": LazyTensor((2, 3), torch.float32, lambda: torch.zeros(3, 2))}
+    with pytest.raises(ValueError, match=r"announced as \[2, 3\] torch.float32, produced \[3, 2\]"):
+        save_streaming(tmp_path / "x.pt", obj)
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "save_streaming"])
+def test_index_reads_each_tensor_on_demand(tmp_path, writer):
+    obj = sample()
+    (torch.save if writer == "torch.save" else save_streaming)(
+        *((obj, tmp_path / "x.pt") if writer == "torch.save" else (tmp_path / "x.pt", obj)))
+    index = load_index(tmp_path / "x.pt")
+    handle = index["model"]["bf16"]
+    assert isinstance(handle, StoredTensor)
+    assert handle.shape == (5, 3) and handle.dtype == torch.bfloat16 and handle.nbytes == 30
+    assert isinstance(index["model"], collections.OrderedDict)
+    assert index["args"].params_dtype is torch.bfloat16
+    assert_same(obj, read_all(index))
+    first, second = handle.read(), handle.read()
+    first.zero_()  # each read is a fresh tensor
+    assert torch.equal(second, obj["model"]["bf16"])
+
+
+def test_index_of_views_sharing_one_storage(tmp_path):
+    base = torch.arange(60, dtype=torch.int64).reshape(6, 10)
+    views = {"a": base[1:3, 2:7], "b": base.t()[3:], "c": base[4], "d": base[:, 9],
+             "e": base[2].expand(3, 10), "f": base.flatten()[5:6].reshape(())}
+    torch.save(views, tmp_path / "x.pt")
+    records = [i for i in zipfile.ZipFile(tmp_path / "x.pt").infolist() if "/data/" in i.filename]
+    assert len(records) == 1  # torch.save keeps the one storage they share
+    index = load_index(tmp_path / "x.pt")
+    assert index["e"].stride == (0, 1) and index["b"].stride == (1, 10)
+    for name, view in views.items():
+        got = index[name].read()
+        assert got.is_contiguous() and torch.equal(got, view), name
+
+
+def test_truncated_or_foreign_files_are_refused_by_name(tmp_path):
+    save_streaming(tmp_path / "x.pt", sample())
+    data = (tmp_path / "x.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TorchFileError, match=r"cut\.pt: not a readable torch.save file"):
+        load_index(tmp_path / "cut.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(TorchFileError, match=r"text\.pt: not a readable"):
+        load_index(tmp_path / "text.pt")
+    with pytest.raises(TorchFileError, match=r"missing\.pt"):
+        load_index(tmp_path / "missing.pt")
+
+
+def test_other_classes_are_refused(tmp_path):
+    torch.save({"t": torch.ones(1), "f": collections.Counter("ab")}, tmp_path / "x.pt")
+    with pytest.raises(TorchFileError, match=r"x\.pt: .*collections.Counter is not read"):
+        load_index(tmp_path / "x.pt")
+
+
+def test_read_of_a_file_cut_after_indexing(tmp_path):
+    save_streaming(tmp_path / "x.pt", {"t": torch.ones(1000)})
+    handle = load_index(tmp_path / "x.pt")["t"]
+    with open(tmp_path / "x.pt", "r+b") as f:
+        f.truncate(handle.offset + 100)
+    with pytest.raises(TorchFileError, match=r"x\.pt: truncated"):
+        handle.read()
