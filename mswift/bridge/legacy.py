@@ -15,7 +15,6 @@ conversion holds about one tensor in memory, however large a rank file is.
 from __future__ import annotations
 
 import argparse
-import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,21 +103,12 @@ def _owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return (tensor if dtype is None else tensor.to(dtype)).contiguous()
 
 
-def _source_dtype(source, name: str) -> torch.dtype:
-    """The dtype ``source.local(name, ...)`` returns: ``source.dtype(name)`` where the source
-    has it, else (an HF source) that of the HF tensors it is made of, promoted as torch.cat."""
-    if hasattr(source, "dtype"):
-        return source.dtype(name)
-    _, hf_names = source.wmap.lookup(name)
-    return functools.reduce(torch.promote_types, [source.ckpt.dtype(h) for h in hf_names])
-
-
 def _lazy_local(source, wmap: WeightMap, name: str, tp_rank: int, tp_size: int,
                 dtype: torch.dtype | None) -> LazyTensor:
     """``source.local(name, tp_rank, tp_size)`` in ``dtype``, read when it is written."""
     rule, _ = wmap.lookup(name)
     shape = rule.transform.local_shape(rule.hf_shapes(wmap.dims), tp_size, wmap.dims)
-    return LazyTensor(shape, dtype or _source_dtype(source, name),
+    return LazyTensor(shape, dtype or source.dtype(name),
                       lambda: _owned(source.local(name, tp_rank, tp_size), dtype))
 
 
@@ -150,8 +140,8 @@ def write_legacy(source, wmap: WeightMap, layout: LegacyLayout, root: str | Path
                  dtype: torch.dtype | None, args: argparse.Namespace, iteration: int = 0,
                  ranks: list[tuple[int, int, int]] | None = None, progress: bool = False) -> None:
     """Write the rank files ``ranks`` (default: all) of ``layout`` under ``root`` from
-    ``source`` (anything with ``local(name, tp_rank, tp_size)``, and ``dtype(name)`` unless it
-    is an :class:`~mswift.bridge.model_io.HFSource`), one tensor in memory at a time, in
+    ``source`` (anything with ``local(name, tp_rank, tp_size)`` and ``dtype(name)``), one
+    tensor in memory at a time, in
     ``dtype`` (None: as the source has them).
     The tracker is written by :func:`write_tracker` once every rank's files are complete."""
     iter_dir = Path(root) / f"iter_{iteration:07d}"

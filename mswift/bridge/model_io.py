@@ -14,6 +14,7 @@ disk (:func:`hf_plan` lists them up front for the writer), so rank 0 holds one t
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,11 @@ class HFSource:
     def local(self, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         rule, hf_names = self.wmap.lookup(name)
         return rule.transform.local(self.ckpt, hf_names, tp_rank, tp_size, self.wmap.dims)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype :meth:`local` returns: its HF tensors', promoted as ``torch.cat`` does."""
+        _, hf_names = self.wmap.lookup(name)
+        return functools.reduce(torch.promote_types, [self.ckpt.dtype(h) for h in hf_names])
 
 
 def global_name(chunk, local: str) -> str:
