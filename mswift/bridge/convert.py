@@ -11,7 +11,8 @@ conversions need no process group: one process writes or reads every rank file (
 the rank files are shared out). torch_dist conversions take the checkpoint's structure from the
 whole model built on the meta device at TP1 (the same reshardable checkpoint a TP1 run saves;
 under torchrun the ranks share the tensors out) and write or read it with megatron-core's
-``dist_checkpointing`` formats, one tensor at a time (:mod:`mswift.bridge.torch_dist`).
+``dist_checkpointing`` formats, one tensor at a time (:mod:`mswift.bridge.torch_dist`). HF
+output is written in shards, shared out over the ranks under torchrun.
 """
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ import torch.distributed as dist
 
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import (
+    DEFAULT_MAX_SHARD_BYTES,
     DTYPE_NAMES,
     HFCheckpoint,
     HFShardWriter,
     copy_aux_files,
     dtype_from_name,
+    write_index,
 )
 from mswift.bridge.layout import HFModel, Layout
 from mswift.bridge.legacy import (
@@ -247,8 +250,7 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
         source = LegacySource(root, template.weight_map(template.padded_vocab(1)))
     with staged_output(out) as tmp:
         if legacy:
-            if rank() == 0:
-                _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
+            _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
         else:
             ensure_process_group()
             _write_hf_from_torch_dist(template, root, tmp, dtypes, max_shard_bytes, progress)
@@ -257,27 +259,38 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
     return out
 
 
-def _write_hf_from_source(source: LegacySource, tmp: Path, dtypes, max_shard_bytes,
-                          progress: bool) -> None:
+def _write_hf_from_source(source, tmp: Path, dtypes, max_shard_bytes, progress: bool) -> None:
+    """Every rank calls this: the HF shards are shared out (rank r writes shards r, r + world,
+    ...), each rank reads the megatron tensors its shards need; rank 0 writes the index."""
     wmap = source.wmap
-    kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-    writer = HFShardWriter(tmp, hf_plan(wmap, dtypes, source.dtype), **kwargs)
-    names = wmap.mcore_names(to_hf_only=True)
-    if progress:
+    plan = hf_plan(wmap, dtypes, source.dtype)
+    shards = HFShardWriter.plan_shards(plan, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    writer = HFShardWriter(tmp, plan, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                           shards=range(rank(), len(shards), world))
+    wanted = set(writer.names)
+    names = [n for n in wmap.mcore_names(to_hf_only=True)
+             if wanted.intersection(wmap.lookup(n)[1])]
+    if progress and rank() == 0:
         from tqdm import tqdm
 
         names = tqdm(names, desc="writing HF tensors", unit="tensor")
     for name in names:
         rule, hf_names = wmap.lookup(name)
         for hf_name, tensor in zip(hf_names, rule.transform.to_hf(source.full(name), wmap.dims)):
-            writer.add(hf_name, tensor.to(dtypes.get(hf_name, tensor.dtype)))
+            if hf_name in wanted:
+                writer.add(hf_name, tensor.to(dtypes.get(hf_name, tensor.dtype)))
     writer.close()
+    barrier()
+    if rank() == 0:
+        write_index(tmp, shards)
 
 
 def _write_hf_from_torch_dist(template: HFModel, root: Path, tmp: Path, dtypes, max_shard_bytes,
                               progress) -> None:
-    """Rank 0 reads the checkpoint's tensors one at a time (any layout it was saved at) and
-    streams them into HF shards; the structure comes from a meta-device build at TP1."""
+    """Reads the checkpoint's tensors one at a time (any layout it was saved at) and streams
+    them into HF shards (shared out over ranks); the structure comes from a meta-device build
+    at TP1."""
     from mswift.bridge.torch_dist import (
         TorchDistSource,
         meta_chunks,
@@ -293,8 +306,7 @@ def _write_hf_from_torch_dist(template: HFModel, root: Path, tmp: Path, dtypes, 
     chunks = meta_chunks(whole.run_config(Layout(), dtype=dtype))
     pieces, _ = model_pieces(chunks[0])
     source = TorchDistSource(root, whole.weight_map(padded), pieces)
-    if rank() == 0:
-        _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
+    _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
 
 
 # -- legacy reshard -------------------------------------------------------------------------------

@@ -27,7 +27,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def run(cmd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A conversion run in this process (torch_dist) keeps its process group, and the port it
+    # put in MASTER_PORT, bound: a child must pick its own.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -170,6 +173,20 @@ def test_command_lines_torch_dist(hf, tmp_path, family, dtype, flags):
     proc = run([sys.executable, "checkpoint_convert/mcore_to_hf.py", "--mcore-dir", str(out),
                 "--out", str(back)])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_hf(back, src)
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+def test_mcore_to_hf_under_torchrun_shares_the_shards(hf, tmp_path, fmt):
+    """Two ranks convert back to HF: each writes some of the shards, rank 0 the index."""
+    src = hf[("qwen3_moe", "fp32")]
+    ckpt = hf_to_mcore(src, tmp_path / "ckpt", fmt, tp=2, progress=False)
+    back = tmp_path / "back"
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "checkpoint_convert/mcore_to_hf.py",
+                "--mcore-dir", str(ckpt), "--out", str(back), "--max-shard-size", "40000"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert len(list(back.glob("model-*.safetensors"))) > 4
     assert_same_hf(back, src)
 
 
