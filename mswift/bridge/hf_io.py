@@ -143,6 +143,12 @@ class HFCheckpoint:
             raise BridgeError(f"{name}: not in the checkpoint {self.dir}")
         return self._open(self.files[name]).read(name, dim, start, stop)
 
+    def read_rows_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Rows ``start:start + len(out)`` of ``name`` read straight into ``out``."""
+        if name not in self._meta:
+            raise BridgeError(f"{name}: not in the checkpoint {self.dir}")
+        self._open(self.files[name]).read_rows_into(name, start, out)
+
     def check_tensors(self, expected: dict[str, tuple[int, ...]], what: str,
                       ignored: tuple[str, ...] = ()) -> None:
         """Every expected tensor present with its shape, nothing else (but the ``ignored``

@@ -33,6 +33,8 @@ class TensorReader(Protocol):
 
     def dtype(self, name: str) -> torch.dtype: ...
 
+    # Optional: ``read_rows_into(name, start, out)`` fills ``out`` with rows of ``name``.
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -74,6 +76,12 @@ def _rows(size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
     assert size % tp_size == 0, f"{size} rows do not split over {tp_size} ranks"
     part = size // tp_size
     return tp_rank * part, (tp_rank + 1) * part
+
+
+def _reads_into(src, names: list[str]) -> bool:
+    """The reader can put rows straight into a fused tensor (one copy instead of read + cat):
+    it has ``read_rows_into`` and the parts share a dtype (else torch.cat would promote)."""
+    return hasattr(src, "read_rows_into") and len({src.dtype(n) for n in names}) == 1
 
 
 class Transform:
@@ -181,6 +189,16 @@ class FusedQKV(Transform):
     def local(self, src, names, tp_rank, tp_size, d):
         g0, g1 = _rows(d.groups, tp_rank, tp_size)
         per_group = d.heads // d.groups * d.head_dim
+        if _reads_into(src, names):
+            rest = tuple(src.shape(names[0])[1:])
+            out = torch.empty((g1 - g0, per_group + 2 * d.head_dim) + rest,
+                              dtype=src.dtype(names[0]))  # [groups, q + k + v rows, ...]
+            for i, g in enumerate(range(g0, g1)):
+                src.read_rows_into(names[0], g * per_group, out[i, :per_group])
+                src.read_rows_into(names[1], g * d.head_dim,
+                                   out[i, per_group:per_group + d.head_dim])
+                src.read_rows_into(names[2], g * d.head_dim, out[i, per_group + d.head_dim:])
+            return out.reshape((-1,) + rest)
         q = src.read(names[0], 0, g0 * per_group, g1 * per_group)
         k = src.read(names[1], 0, g0 * d.head_dim, g1 * d.head_dim)
         v = src.read(names[2], 0, g0 * d.head_dim, g1 * d.head_dim)
@@ -214,6 +232,13 @@ class FusedGateUp(Transform):
 
     def local(self, src, names, tp_rank, tp_size, d):
         start, stop = _rows(src.shape(names[0])[0], tp_rank, tp_size)
+        if _reads_into(src, names):
+            rows = stop - start
+            out = torch.empty((2 * rows,) + tuple(src.shape(names[0])[1:]),
+                              dtype=src.dtype(names[0]))
+            src.read_rows_into(names[0], start, out[:rows])
+            src.read_rows_into(names[1], start, out[rows:])
+            return out
         return torch.cat([src.read(names[0], 0, start, stop), src.read(names[1], 0, start, stop)])
 
     def local_shape(self, hf_shapes, tp_size, d):

@@ -170,6 +170,18 @@ class SafetensorsFile:
         self._preadv([_bytes_of(out)], info.begin + start * row)
         return out
 
+    def read_rows_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Rows ``start:start + len(out)`` of ``name`` straight into ``out`` (contiguous, same
+        dtype and row shape): fused tensors are assembled without a second copy."""
+        info = self.tensors[name]
+        if (not out.is_contiguous() or out.dtype != info.dtype or not info.shape
+                or tuple(out.shape[1:]) != info.shape[1:]
+                or not 0 <= start <= start + out.shape[0] <= info.shape[0]):
+            raise ValueError(f"{name}: rows {start}:{start + len(out)} of {list(info.shape)} "
+                             f"{info.dtype} do not fit a buffer {list(out.shape)} {out.dtype}")
+        row = tensor_bytes(info.dtype, info.shape[1:])
+        self._preadv([_bytes_of(out)], info.begin + start * row)
+
     def _read_columns(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         rows, cols, rest = info.shape[0], info.shape[1], info.shape[2:]
         out = torch.empty((rows, stop - start) + rest, dtype=info.dtype)

@@ -216,3 +216,35 @@ def test_partial_reads_are_resumed(tmp_path, monkeypatch):
     assert torch.equal(ckpt.read("w"), tensors["w"])
     assert torch.equal(ckpt.read("w", 1, 3, 7), tensors["w"][:, 3:7])
     assert torch.equal(ckpt.read("b", 0, 2, 11), tensors["b"][2:11])
+
+
+def test_rows_read_into_a_buffer_and_fused_transforms_use_it(tmp_path):
+    from mswift.bridge.rules import FUSED_GATE_UP, FUSED_QKV, Dims
+
+    g = torch.Generator().manual_seed(0)
+    d = Dims(num_layers=1, hidden=8, heads=4, groups=2, head_dim=2, ffn=6, vocab=10,
+             padded_vocab=10, tied=False)
+    tensors = {"q": torch.randn(8, 8, generator=g), "k": torch.randn(4, 8, generator=g),
+               "v": torch.randn(4, 8, generator=g), "gate": torch.randn(6, 8, generator=g),
+               "up": torch.randn(6, 8, generator=g), "qb": torch.randn(8, generator=g),
+               "kb": torch.randn(4, generator=g), "vb": torch.randn(4, generator=g)}
+    ckpt = HFCheckpoint(checkpoint_dir(tmp_path, tensors)[0])
+    out = torch.empty(3, 8)
+    ckpt.read_rows_into("gate", 2, out)
+    assert torch.equal(out, tensors["gate"][2:5])
+    with pytest.raises(ValueError, match="do not fit"):
+        ckpt.read_rows_into("gate", 5, out)  # past the end
+    with pytest.raises(ValueError, match="do not fit"):
+        ckpt.read_rows_into("gate", 0, torch.empty(3, 8, dtype=torch.float16))
+
+    class CopyingReader:  # no read_rows_into: the read + torch.cat path
+        def __init__(self, inner):
+            self.read, self.shape, self.dtype = inner.read, inner.shape, inner.dtype
+
+    slow = CopyingReader(ckpt)
+    for tp in (1, 2):
+        for rank in range(tp):
+            for transform, names in ((FUSED_QKV, ["q", "k", "v"]), (FUSED_QKV, ["qb", "kb", "vb"]),
+                                     (FUSED_GATE_UP, ["gate", "up"])):
+                fast = transform.local(ckpt, names, rank, tp, d)
+                assert torch.equal(fast, transform.local(slow, names, rank, tp, d))
