@@ -245,15 +245,13 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
     if not legacy and not is_torch_dist(root):
         raise BridgeError(f"--mcore-dir {root}: neither a legacy nor a torch_dist checkpoint")
     check_new_output(out, [root])
+    ensure_process_group()
     if legacy:
-        ensure_process_group()
         source = LegacySource(root, template.weight_map(template.padded_vocab(1)))
+    else:
+        source = _torch_dist_source(template, root)
     with staged_output(out) as tmp:
-        if legacy:
-            _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
-        else:
-            ensure_process_group()
-            _write_hf_from_torch_dist(template, root, tmp, dtypes, max_shard_bytes, progress)
+        _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
         if rank() == 0:
             copy_aux_files(template.hf_dir, tmp)
     return out
@@ -264,10 +262,10 @@ def _write_hf_from_source(source, tmp: Path, dtypes, max_shard_bytes, progress: 
     ...), each rank reads the megatron tensors its shards need; rank 0 writes the index."""
     wmap = source.wmap
     plan = hf_plan(wmap, dtypes, source.dtype)
-    shards = HFShardWriter.plan_shards(plan, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+    shards = HFShardWriter.plan_shards(plan, max_shard_bytes)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    writer = HFShardWriter(tmp, plan, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
-                           shards=range(rank(), len(shards), world))
+    writer = HFShardWriter(tmp, plan, max_shard_bytes, shards=range(rank(), len(shards), world))
     wanted = set(writer.names)
     names = [n for n in wmap.mcore_names(to_hf_only=True)
              if wanted.intersection(wmap.lookup(n)[1])]
@@ -286,11 +284,9 @@ def _write_hf_from_source(source, tmp: Path, dtypes, max_shard_bytes, progress: 
         write_index(tmp, shards)
 
 
-def _write_hf_from_torch_dist(template: HFModel, root: Path, tmp: Path, dtypes, max_shard_bytes,
-                              progress) -> None:
-    """Reads the checkpoint's tensors one at a time (any layout it was saved at) and streams
-    them into HF shards (shared out over ranks); the structure comes from a meta-device build
-    at TP1."""
+def _torch_dist_source(template: HFModel, root: Path):
+    """The checkpoint's tensors, read one at a time (any layout it was saved at); its structure
+    comes from a meta-device build of the whole model at TP1 (every rank calls this)."""
     from mswift.bridge.torch_dist import (
         TorchDistSource,
         meta_chunks,
@@ -305,8 +301,7 @@ def _write_hf_from_torch_dist(template: HFModel, root: Path, tmp: Path, dtypes, 
     whole = _whole_model(template, padded)
     chunks = meta_chunks(whole.run_config(Layout(), dtype=dtype))
     pieces, _ = model_pieces(chunks[0])
-    source = TorchDistSource(root, whole.weight_map(padded), pieces)
-    _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
+    return TorchDistSource(root, whole.weight_map(padded), pieces)
 
 
 # -- legacy reshard -------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ class SafetensorsFile:
         out = torch.empty((stop - start,) + info.shape[1:] if info.shape else (),
                           dtype=info.dtype)
         row = tensor_bytes(info.dtype, info.shape[1:])
-        self._preadv([_bytes_of(out)], info.begin + start * row)
+        self._preadv([bytes_of(out)], info.begin + start * row)
         return out
 
     def read_rows_into(self, name: str, start: int, out: torch.Tensor) -> None:
@@ -180,7 +180,7 @@ class SafetensorsFile:
             raise ValueError(f"{name}: rows {start}:{start + len(out)} of {list(info.shape)} "
                              f"{info.dtype} do not fit a buffer {list(out.shape)} {out.dtype}")
         row = tensor_bytes(info.dtype, info.shape[1:])
-        self._preadv([_bytes_of(out)], info.begin + start * row)
+        self._preadv([bytes_of(out)], info.begin + start * row)
 
     def _read_columns(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         rows, cols, rest = info.shape[0], info.shape[1], info.shape[2:]
@@ -191,7 +191,7 @@ class SafetensorsFile:
             return out
         # One scattered read of the file range from row 0's first kept byte to the last row's
         # last one: kept spans land in `out`, the columns between them in a reused scratch.
-        out_bytes = _bytes_of(out)
+        out_bytes = bytes_of(out)
         gap = memoryview(bytearray(row - keep))
         buffers = []
         for r in range(rows):
@@ -207,19 +207,8 @@ class SafetensorsFile:
         return bytes(out)
 
     def _preadv(self, buffers: list[memoryview], offset: int) -> None:
-        """Fill ``buffers`` in order from the file at ``offset``, resuming partial reads."""
-        buffers = [b for b in buffers if b.nbytes]
-        i = 0
-        while i < len(buffers):
-            done = os.preadv(self._fd, buffers[i:i + _IOV_MAX], offset)
-            if done == 0:
-                raise self._corrupt(f"end of file at byte {offset} while reading")
-            offset += done
-            while done and done >= buffers[i].nbytes:
-                done -= buffers[i].nbytes
-                i += 1
-            if done:
-                buffers[i] = buffers[i][done:]
+        if not preadv_all(self._fd, buffers, offset):
+            raise self._corrupt(f"end of file while reading at byte {offset}")
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None
@@ -236,6 +225,24 @@ class SafetensorsFile:
         self.close()
 
 
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
+def preadv_all(fd: int, buffers: list[memoryview], offset: int) -> bool:
+    """Fill ``buffers`` in order from ``fd`` at ``offset`` (no seek, no copy in between),
+    resuming partial reads; False if the file ends first."""
+    buffers = [b for b in buffers if b.nbytes]
+    i = 0
+    while i < len(buffers):
+        done = os.preadv(fd, buffers[i:i + _IOV_MAX], offset)
+        if done == 0:
+            return False
+        offset += done
+        while done and done >= buffers[i].nbytes:
+            done -= buffers[i].nbytes
+            i += 1
+        if done:
+            buffers[i] = buffers[i][done:]
+    return True
+
+
+def bytes_of(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous tensor's memory (any dtype, bf16 included)."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

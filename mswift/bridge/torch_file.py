@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import io
+import math
 import os
 import pickle
 import sys
@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch.serialization import _get_storage_alignment
+
+from mswift.bridge.safetensors_file import bytes_of, preadv_all
 
 # dtypes torch.save writes as a typed storage (``torch.BFloat16Storage``, ...) with
 # ``_rebuild_tensor_v2``; newer ones (float8, uint16, ...) as ``torch.UntypedStorage`` (numel in
@@ -52,10 +54,7 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
+    return math.prod(shape)
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -254,17 +253,13 @@ def _span(shape, stride) -> int:
 
 def _read_into(path: str, tensor: torch.Tensor, offset: int) -> None:
     """Fill a contiguous tensor from the file's bytes at ``offset``, with no copy in between."""
-    buffer = (ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr())
-    view = memoryview(buffer).cast("B")
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        done = 0
-        while done < len(view):
-            got = f.readinto(view[done:])
-            if not got:
-                raise TorchFileError(path, f"truncated: {len(view) - done} bytes missing at "
-                                           f"offset {offset + done}")
-            done += got
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not preadv_all(fd, [bytes_of(tensor)], offset):
+            raise TorchFileError(path, f"truncated: the file ends before the {tensor.nbytes} "
+                                       f"bytes at offset {offset}")
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
