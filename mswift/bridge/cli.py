@@ -15,8 +15,9 @@ import argparse
 import os
 import sys
 
-# Before torch is imported: its CPU allocator then asks for transparent huge pages, which
-# halves the time a conversion spends faulting in fresh tensor memory (torch reads it once).
+# Before torch is imported (if it is: conversions that copy bytes do without it): its CPU
+# allocator then asks for transparent huge pages, which halves the time a conversion spends
+# faulting in fresh tensor memory (torch reads it once).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from mswift.bridge.errors import BridgeError
@@ -105,6 +106,8 @@ def _run(prog: str, work) -> int:
 
 
 def _dist_initialized() -> bool:
+    if "torch.distributed" not in sys.modules:  # never imported (byte copies): no group
+        return False
     import torch.distributed as dist
 
     return dist.is_initialized()

@@ -13,6 +13,10 @@ whole model built on the meta device at TP1 (the same reshardable checkpoint a T
 under torchrun the ranks share the tensors out) and write or read it with megatron-core's
 ``dist_checkpointing`` formats, one tensor at a time (:mod:`mswift.bridge.torch_dist`). HF
 output is written in shards, shared out over the ranks under torchrun.
+
+Legacy conversions that keep every tensor's dtype copy bytes instead, file to file, without
+importing torch (:mod:`mswift.bridge.byte_copy`): same checks, same files, in about the time
+``cp`` takes for the same bytes.
 """
 from __future__ import annotations
 
@@ -20,19 +24,17 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
+from mswift.bridge import dtypes
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
-    DTYPE_NAMES,
     HFCheckpoint,
     HFShardWriter,
     copy_aux_files,
-    dtype_from_name,
+    kind_from_name,
     write_index,
 )
 from mswift.bridge.layout import HFModel, Layout
@@ -46,18 +48,32 @@ from mswift.bridge.legacy import (
     write_tracker,
 )
 from mswift.bridge.model_io import HFSource, hf_plan
+from mswift.lazy_import import lazy_module
+
+torch = lazy_module("torch")  # the byte copies never import it
+dist = lazy_module("torch.distributed")
 
 METADATA = "mswift_bridge.json"
 HF_SUBDIR = "hf"
 FORMATS = ("torch_dist", "legacy")
 
 
+def _group() -> bool:
+    # No process group can exist before torch.distributed is imported (and importing it to
+    # ask would cost the byte copies their speed).
+    return "torch.distributed" in sys.modules and dist.is_initialized()
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if _group() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _group() else 1
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if _group():
         dist.barrier()
 
 
@@ -106,13 +122,13 @@ def ensure_process_group() -> None:
 
 
 def write_metadata(out: Path, hf: HFModel, fmt: str, layout: Layout, padded_vocab: int,
-                   dtype: torch.dtype, tensors: list, iteration: int = 0) -> None:
+                   dtype, tensors: list, iteration: int = 0) -> None:
     (out / HF_SUBDIR).mkdir(exist_ok=True)
     copy_aux_files(hf.hf_dir, out / HF_SUBDIR)
     meta = {
         "format": fmt, "family": hf.family.name, "iteration": iteration,
         "layout": dataclasses.asdict(layout), "padded_vocab_size": padded_vocab,
-        "dtype": DTYPE_NAMES[dtype], "hf_tensors": tensors,
+        "dtype": dtypes.as_kind(dtype).name, "hf_tensors": tensors,
     }
     (out / METADATA).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
@@ -127,12 +143,12 @@ def read_metadata(root: Path) -> dict:
         raise BridgeError(f"{path}: not valid JSON ({err})") from None
 
 
-def _dtype_arg(dtype: str | None, ckpt: HFCheckpoint) -> torch.dtype:
+def _dtype_arg(dtype: str | None, ckpt: HFCheckpoint) -> dtypes.Dtype:
     if dtype is not None:
-        return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    source = ckpt.torch_dtype()
-    if source not in (torch.bfloat16, torch.float32):
-        raise BridgeError(f"{ckpt.dir}: weights are {source}; pass --dtype bf16 or fp32")
+        return dtypes.BY_NAME[dtypes.ALIASES[dtype]]
+    source = ckpt.model_kind()
+    if source.name not in ("bfloat16", "float32"):
+        raise BridgeError(f"{ckpt.dir}: weights are {source.name}; pass --dtype bf16 or fp32")
     return source
 
 
@@ -161,26 +177,35 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
     padded = hf.padded_vocab(tp)
     wmap = hf.weight_map(padded)
     ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.family.ignored_tensors)
-    dtype_t = _dtype_arg(dtype, ckpt)
+    kind = _dtype_arg(dtype, ckpt)
     check_new_output(out, [hf_dir])
     ensure_process_group()
     with staged_output(out) as tmp:
         if fmt == "legacy":
-            _write_legacy_from_hf(hf, ckpt, wmap, layout, tmp, dtype_t, progress)
+            _write_legacy_from_hf(hf, ckpt, wmap, layout, tmp, kind, progress)
         else:
-            _write_torch_dist_from_hf(hf, ckpt, padded, tmp, dtype_t)
+            _write_torch_dist_from_hf(hf, ckpt, padded, tmp, dtypes.torch_dtype(kind))
         if rank() == 0:
-            write_metadata(tmp, hf, fmt, layout, padded, dtype_t, ckpt.tensor_records())
+            write_metadata(tmp, hf, fmt, layout, padded, kind, ckpt.tensor_records())
     return out
 
 
-def _write_legacy_from_hf(hf, ckpt, wmap, layout: Layout, tmp: Path, dtype, progress) -> None:
+def _write_legacy_from_hf(hf, ckpt, wmap, layout: Layout, tmp: Path, kind: dtypes.Dtype,
+                          progress) -> None:
+    from mswift.bridge.byte_copy import hf_to_legacy_applies, write_legacy_copying
+
     legacy = LegacyLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=layout.vpp)
-    args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, dtype, iteration=0)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    mine = legacy.ranks()[rank()::world]
-    write_legacy(HFSource(ckpt, wmap), wmap, legacy, tmp, dtype, args, ranks=mine,
-                 progress=progress and rank() == 0)
+    mine = legacy.ranks()[rank()::world_size()]
+    progress = progress and rank() == 0
+    if hf_to_legacy_applies(ckpt, wmap, kind):
+        args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, kind, iteration=0)
+        write_legacy_copying(ckpt, wmap, legacy, tmp, kind, args, ranks=mine,
+                             progress=progress)
+    else:
+        dtype = dtypes.torch_dtype(kind)
+        args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, dtype, iteration=0)
+        write_legacy(HFSource(ckpt, wmap), wmap, legacy, tmp, dtype, args, ranks=mine,
+                     progress=progress)
     barrier()
     if rank() == 0:
         write_tracker(tmp, 0)
@@ -219,30 +244,28 @@ def _template(root: Path, hf_dir) -> HFModel:
     return HFModel.open(template)
 
 
-def _hf_dtypes(meta: dict, template: HFModel) -> dict[str, torch.dtype]:
+def _hf_dtypes(meta: dict, template: HFModel) -> dict[str, dtypes.Dtype]:
     """Each HF tensor's dtype: as in the original checkpoint, else config.json's dtype."""
     if meta.get("hf_tensors"):
-        return {name: dtype_from_name(dtype) for name, dtype, _ in meta["hf_tensors"]}
+        return {name: kind_from_name(dtype) for name, dtype, _ in meta["hf_tensors"]}
     name = template.config.get("dtype") or template.config.get("torch_dtype")
     if not name:
         return {}
     wmap = template.weight_map(template.padded_vocab(1))
-    return {hf_name: dtype_from_name(name) for hf_name in wmap.hf_shapes()}
+    return {hf_name: kind_from_name(name) for hf_name in wmap.hf_shapes()}
 
 
 def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
                 progress: bool = True) -> Path:
     """Convert a megatron checkpoint (torch_dist or legacy) into an HF model directory."""
-    from mswift.bridge.torch_dist import is_torch_dist
-
     root, out = Path(mcore_dir), Path(out)
     if not root.is_dir():
         raise BridgeError(f"--mcore-dir {root}: not a directory")
     template = _template(root, hf_dir)
     meta = read_metadata(root)
-    dtypes = _hf_dtypes(meta, template)
+    kinds = _hf_dtypes(meta, template)
     legacy = is_legacy(root)
-    if not legacy and not is_torch_dist(root):
+    if not legacy and not _is_torch_dist(root):
         raise BridgeError(f"--mcore-dir {root}: neither a legacy nor a torch_dist checkpoint")
     check_new_output(out, [root])
     ensure_process_group()
@@ -251,21 +274,40 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
     else:
         source = _torch_dist_source(template, root)
     with staged_output(out) as tmp:
-        _write_hf_from_source(source, tmp, dtypes, max_shard_bytes, progress)
+        _write_hf_from_source(source, tmp, kinds, max_shard_bytes, progress)
         if rank() == 0:
             copy_aux_files(template.hf_dir, tmp)
     return out
 
 
-def _write_hf_from_source(source, tmp: Path, dtypes, max_shard_bytes, progress: bool) -> None:
+def _write_hf_from_source(source, tmp: Path, kinds: dict[str, dtypes.Dtype], max_shard_bytes,
+                          progress: bool) -> None:
     """Every rank calls this: the HF shards are shared out (rank r writes shards r, r + world,
-    ...), each rank reads the megatron tensors its shards need; rank 0 writes the index."""
-    wmap = source.wmap
-    plan = hf_plan(wmap, dtypes, source.dtype)
+    ...), each rank reads the megatron tensors its shards need; rank 0 writes the index.
+    ``kinds``: the dtype of each HF tensor (others keep their megatron tensor's)."""
+    from mswift.bridge.byte_copy import legacy_to_hf_applies, write_hf_copying
+
+    copying = isinstance(source, LegacySource) and legacy_to_hf_applies(source, kinds)
+    plan = hf_plan(source.wmap, kinds, source.kind if copying else
+                   lambda name: dtypes.as_kind(source.dtype(name)))
     max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     shards = HFShardWriter.plan_shards(plan, max_shard_bytes)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    writer = HFShardWriter(tmp, plan, max_shard_bytes, shards=range(rank(), len(shards), world))
+    writer = HFShardWriter(tmp, plan, max_shard_bytes,
+                           shards=range(rank(), len(shards), world_size()))
+    if copying:
+        write_hf_copying(source, writer, progress and rank() == 0)
+    else:
+        _write_hf_tensors(source, writer, progress)
+    writer.close()
+    barrier()
+    if rank() == 0:
+        write_index(tmp, shards)
+
+
+def _write_hf_tensors(source, writer: HFShardWriter, progress: bool) -> None:
+    """The tensors ``writer`` expects, made from ``source``'s megatron tensors."""
+    wmap = source.wmap
+    todtype = {name: dtypes.torch_dtype(kind) for name, kind, _ in writer.plan_entries()}
     wanted = set(writer.names)
     names = [n for n in wmap.mcore_names(to_hf_only=True)
              if wanted.intersection(wmap.lookup(n)[1])]
@@ -277,11 +319,13 @@ def _write_hf_from_source(source, tmp: Path, dtypes, max_shard_bytes, progress: 
         rule, hf_names = wmap.lookup(name)
         for hf_name, tensor in zip(hf_names, rule.transform.to_hf(source.full(name), wmap.dims)):
             if hf_name in wanted:
-                writer.add(hf_name, tensor.to(dtypes.get(hf_name, tensor.dtype)))
-    writer.close()
-    barrier()
-    if rank() == 0:
-        write_index(tmp, shards)
+                writer.add(hf_name, tensor.to(todtype[hf_name]))
+
+
+def _is_torch_dist(root: Path) -> bool:
+    from mswift.bridge.torch_dist import is_torch_dist
+
+    return is_torch_dist(root)
 
 
 def _torch_dist_source(template: HFModel, root: Path):
@@ -326,9 +370,9 @@ def reshard(mcore_dir, out, tp: int, pp: int, ep: int, vpp: int | None = None, h
     dtype = next(iter(source.pieces.values())).dtype
     args = megatron_args(template.model, target, padded, dtype, source.iteration)
     with staged_output(out) as tmp:
-        world = dist.get_world_size() if dist.is_initialized() else 1
         write_legacy(source, wmap, target, tmp, None, args, iteration=source.iteration,
-                     ranks=target.ranks()[rank()::world], progress=progress and rank() == 0)
+                     ranks=target.ranks()[rank()::world_size()],
+                     progress=progress and rank() == 0)
         barrier()
         if rank() == 0:
             write_tracker(tmp, source.iteration)

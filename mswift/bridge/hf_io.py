@@ -15,15 +15,16 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-
+from mswift.bridge import dtypes
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.safetensors_file import (
-    DTYPES,
     SafetensorsFile,
     encode_header,
     tensor_bytes,
 )
+from mswift.lazy_import import lazy_module
+
+torch = lazy_module("torch")  # opening and checking a checkpoint does not need it
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -33,15 +34,15 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = (INDEX, "pytorch_model.bin.index.json")
 
-DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in DTYPES.values()}
 
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """``'bfloat16'`` -> ``torch.bfloat16`` (the names config.json and our metadata use)."""
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise BridgeError(f"dtype {name!r}: not a torch dtype")
-    return dtype
+def kind_from_name(name: str) -> dtypes.Dtype:
+    """``'bfloat16'`` -> its :class:`~mswift.bridge.dtypes.Dtype` (the names config.json and
+    our metadata use)."""
+    kind = dtypes.BY_NAME.get(str(name))
+    if kind is None:
+        raise BridgeError(f"dtype {name!r}: not a dtype the bridge reads "
+                          f"(known: {', '.join(dtypes.BY_NAME)})")
+    return kind
 
 
 def read_hf_config(directory: str | Path) -> dict:
@@ -69,7 +70,7 @@ class HFCheckpoint:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         self.config = read_hf_config(self.dir)
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], dtypes.Dtype]] = {}
         self._handles: dict[str, SafetensorsFile] = {}  # file name -> open file
         self.files = self._weight_files()  # tensor name -> file name
         self._read_headers()
@@ -120,7 +121,7 @@ class HFCheckpoint:
                 if name not in tensors:
                     problems.append(f"{name}: {INDEX} places it in {file}, which does not hold it")
                     continue
-                self._meta[name] = (tensors[name].shape, tensors[name].dtype)
+                self._meta[name] = (tensors[name].shape, tensors[name].kind)
         if problems:
             raise BridgeError(problems)
 
@@ -134,7 +135,16 @@ class HFCheckpoint:
         return self._meta[name][0]
 
     def dtype(self, name: str) -> torch.dtype:
+        return dtypes.torch_dtype(self._meta[name][1])
+
+    def kind(self, name: str) -> dtypes.Dtype:
+        """:meth:`dtype` without torch."""
         return self._meta[name][1]
+
+    def location(self, name: str) -> tuple[Path, int]:
+        """(file, offset of the first byte) of a tensor: where its bytes can be copied from."""
+        file = self.files[name]
+        return self.dir / file, self._open(file).tensors[name].begin
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0
              ) -> torch.Tensor:
@@ -161,8 +171,8 @@ class HFCheckpoint:
                 problems.append(
                     f"{name}: shape {list(self.shape(name))} in {self.dir / self.files[name]}, "
                     f"but config.json implies {list(shape)}")
-            elif not self.dtype(name) or not self.dtype(name).is_floating_point:
-                problems.append(f"{name}: dtype {self.dtype(name)}, expected a float tensor")
+            elif not self.kind(name).floating:
+                problems.append(f"{name}: dtype {self.kind(name).name}, expected a float tensor")
         for name in self._meta:
             if name not in expected and not any(re.fullmatch(p, name) for p in ignored):
                 problems.append(f"{name}: unexpected tensor in {self.dir / self.files[name]} "
@@ -171,18 +181,17 @@ class HFCheckpoint:
             raise BridgeError(problems,
                               headline=f"{self.dir}: checkpoint does not match its config")
 
-    def torch_dtype(self) -> torch.dtype:
+    def model_kind(self) -> dtypes.Dtype:
         """The checkpoint's dtype: config.json's ``dtype`` / ``torch_dtype``, else its tensors'."""
         name = self.config.get("dtype") or self.config.get("torch_dtype")
         if name:
-            return dtype_from_name(name)
-        floats = [dtype for _, dtype in self._meta.values() if dtype and dtype.is_floating_point]
-        return max(set(floats), key=floats.count) if floats else torch.float32
+            return kind_from_name(name)
+        floats = [kind for _, kind in self._meta.values() if kind.floating]
+        return max(set(floats), key=floats.count) if floats else dtypes.BY_NAME["float32"]
 
     def tensor_records(self) -> list[list]:
         """``[name, dtype, shape]`` of every tensor, for the metadata a conversion carries."""
-        return [[name, DTYPE_NAMES[dtype], list(shape)] for name, (shape, dtype) in
-                self._meta.items()]
+        return [[name, kind.name, list(shape)] for name, (shape, kind) in self._meta.items()]
 
 
 def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
@@ -196,7 +205,7 @@ def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-PlanEntry = tuple[str, torch.dtype, tuple[int, ...]]  # (HF name, dtype, shape)
+PlanEntry = tuple[str, "torch.dtype | dtypes.Dtype", tuple[int, ...]]  # (HF name, dtype, shape)
 
 
 def shard_file_name(index: int, total: int) -> str:
@@ -287,7 +296,8 @@ class HFShardWriter:
         if self._next == len(self._queue):
             raise ValueError(f"{name}: added after every tensor of the plan")
         shard, (want, dtype, shape) = self._queue[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (want, dtype, shape):
+        if (name, dtypes.as_kind(tensor.dtype), tuple(tensor.shape)) != (
+                want, dtypes.as_kind(dtype), shape):
             raise ValueError(f"{name} {tensor.dtype} {list(tensor.shape)} added where the plan "
                              f"expects {want} {dtype} {list(shape)}")
         if shard != self._file_shard:
@@ -295,6 +305,31 @@ class HFShardWriter:
         data = tensor.detach().cpu().contiguous()
         if data.numel():
             self._file.write(data.reshape(-1).view(torch.uint8).numpy())
+        self._next += 1
+        if self._next == len(self._queue) or self._queue[self._next][0] != shard:
+            self._end_shard()
+
+    def plan_entries(self) -> list[PlanEntry]:
+        """``(name, dtype, shape)`` of the tensors this writer expects, in :meth:`add` order."""
+        return [entry for _, entry in self._queue]
+
+    def add_copied(self, name: str, kind: dtypes.Dtype, shape: tuple[int, ...], fill) -> None:
+        """Like :meth:`add` for a tensor whose bytes ``fill(fd, offset)`` writes into the shard
+        itself (``os.copy_file_range`` / ``os.pwrite`` at that offset), without torch."""
+        if self._next == len(self._queue):
+            raise ValueError(f"{name}: added after every tensor of the plan")
+        shard, (want, dtype, want_shape) = self._queue[self._next]
+        if (name, kind, tuple(shape)) != (want, dtypes.as_kind(dtype), want_shape):
+            raise ValueError(f"{name} {kind.name} {list(shape)} added where the plan expects "
+                             f"{want} {dtype} {list(want_shape)}")
+        if shard != self._file_shard:
+            self._start_shard(shard)
+        self._file.flush()
+        offset = self._file.tell()
+        nbytes = tensor_bytes(kind, shape)
+        if nbytes:
+            fill(self._file.fileno(), offset)
+            self._file.seek(offset + nbytes)
         self._next += 1
         if self._next == len(self._queue) or self._queue[self._next][0] != shard:
             self._end_shard()

@@ -6,8 +6,6 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import read_hf_config
 from mswift.bridge.rules import WeightMap
@@ -19,8 +17,11 @@ from mswift.config.schema import (
     ParallelConfig,
     TrainingConfig,
 )
+from mswift.lazy_import import lazy_module
 from mswift.models.family import ModelFamily
 from mswift.models.registry import dims_for, model_config_from_hf, padded_vocab_for
+
+torch = lazy_module("torch")  # opening and checking a model does not need it
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,11 @@ class HFModel:
     def padded_vocab(self, tp: int) -> int:
         return padded_vocab_for(self.model, tp)
 
-    def run_config(self, layout: Layout, dtype: torch.dtype = torch.float32,
-                   seq_length: int = 128) -> MswiftConfig:
-        """The config of a run of this model at ``layout`` (params in ``dtype``)."""
-        if dtype not in (torch.float32, torch.bfloat16):
+    def run_config(self, layout: Layout, dtype=None, seq_length: int = 128) -> MswiftConfig:
+        """The config of a run of this model at ``layout`` (params in ``dtype``: a torch
+        dtype, float32 (None) or bfloat16)."""
+        name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+        if name not in ("float32", "bfloat16"):
             raise BridgeError(f"dtype {dtype}: expected torch.float32 or torch.bfloat16")
         try:
             parallel = ParallelConfig(
@@ -86,12 +88,12 @@ class HFModel:
             raise BridgeError(err.problems, headline="parallel layout") from None
         return MswiftConfig(model=self.model, parallel=parallel,
                             data=DataConfig(seq_length=seq_length),
-                            training=TrainingConfig(bf16=dtype == torch.bfloat16))
+                            training=TrainingConfig(bf16=name == "bfloat16"))
 
     def check_layout(self, layout: Layout, world_size: int | None = None,
                      seq_length: int = 128) -> None:
         """Every way ``layout`` does not fit the model (and ``world_size`` ranks), at once."""
-        from mswift.runtime.parallel import layout_problems, model_fit_problems
+        from mswift.runtime.layout_checks import layout_problems, model_fit_problems
 
         cfg = self.run_config(layout, seq_length=seq_length)
         problems = model_fit_problems(cfg)

@@ -19,16 +19,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from mswift.bridge import dtypes
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.rules import WeightMap
 from mswift.bridge.torch_file import (
     LazyTensor,
     StoredTensor,
+    TorchGlobal,
     load_index,
     save_streaming,
 )
+from mswift.lazy_import import lazy_module
+
+torch = lazy_module("torch")  # layouts, indexes and byte copies do without it
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
@@ -112,9 +115,13 @@ def _lazy_local(source, wmap: WeightMap, name: str, tp_rank: int, tp_size: int,
                       lambda: _owned(source.local(name, tp_rank, tp_size), dtype))
 
 
-def megatron_args(model, layout: LegacyLayout, padded_vocab: int, dtype: torch.dtype,
+def megatron_args(model, layout: LegacyLayout, padded_vocab: int, dtype,
                   iteration: int) -> argparse.Namespace:
-    """The ``args`` Megatron-LM stores and checks on load (model shape and layout)."""
+    """The ``args`` Megatron-LM stores and checks on load (model shape and layout); ``dtype`` a
+    torch dtype or (for :func:`~mswift.bridge.torch_file.write_torch_file`, without torch) a
+    ``dtypes.Dtype``, stored as ``params_dtype``."""
+    name = dtype.name if isinstance(dtype, dtypes.Dtype) else dtypes.of_torch(dtype).name
+    params_dtype = TorchGlobal("torch", name) if isinstance(dtype, dtypes.Dtype) else dtype
     return argparse.Namespace(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size, num_attention_heads=model.num_attention_heads,
@@ -131,7 +138,7 @@ def megatron_args(model, layout: LegacyLayout, padded_vocab: int, dtype: torch.d
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp, expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.tp, transformer_impl="local", ckpt_format="torch",
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+        bf16=name == "bfloat16", fp16=name == "float16", params_dtype=params_dtype,
         iteration=iteration,
     )
 
@@ -291,6 +298,10 @@ class LegacySource:
 
     def dtype(self, name: str) -> torch.dtype:
         return self.pieces[(name, 0)].dtype
+
+    def kind(self, name: str) -> dtypes.Dtype:
+        """:meth:`dtype` without torch."""
+        return self.pieces[(name, 0)].kind
 
     def full(self, name: str) -> torch.Tensor:
         rule, _ = self.wmap.lookup(name)

@@ -19,11 +19,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter, PlanEntry
 from mswift.bridge.rules import WeightMap
+from mswift.lazy_import import lazy_module
+
+torch = lazy_module("torch")  # hf_plan is used by the byte copies, which do without it
+dist = lazy_module("torch.distributed")
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)$")
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.*)$")

@@ -19,7 +19,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Protocol
 
-import torch
+from mswift.lazy_import import lazy_module
+
+torch = lazy_module("torch")  # the tables and tiles are read without it (byte copies)
 
 
 class TensorReader(Protocol):
@@ -72,6 +74,43 @@ class Dims:
         return replace(self, padded_vocab=padded_vocab)
 
 
+@dataclass(frozen=True)
+class Tile:
+    """A rectangle of one HF tensor in a megatron TP shard, for conversions that copy bytes.
+
+    A tensor is seen as a matrix: rows are dim 0, columns are the other dims flattened (a 1-D
+    tensor has one column). The tile is rows ``row:row + rows`` and columns ``col:col + cols``
+    of HF tensor ``part`` (an index into the rule's HF names; None: zeros, the vocabulary
+    padding), at row ``at_row`` of the shard; a shard is its tiles stacked, each as wide as it.
+    """
+
+    part: int | None
+    row: int
+    col: int
+    rows: int
+    cols: int
+    at_row: int
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, columns) of a tensor seen as a matrix (:class:`Tile`)."""
+    rows = shape[0] if shape else 1
+    cols = 1
+    for size in shape[1:]:
+        cols *= size
+    return rows, cols
+
+
+def _stack(pieces: list[tuple[int | None, int, int, int, int]]) -> list[Tile]:
+    """Tiles from (part, row, col, rows, cols), stacked in order (empty ones dropped)."""
+    tiles, at = [], 0
+    for part, row, col, rows, cols in pieces:
+        if rows and cols:
+            tiles.append(Tile(part, row, col, rows, cols, at))
+            at += rows
+    return tiles
+
+
 def _rows(size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
     assert size % tp_size == 0, f"{size} rows do not split over {tp_size} ranks"
     part = size // tp_size
@@ -102,6 +141,12 @@ class Transform:
         shapes (``Rule.hf_shapes``), without reading anything."""
         raise NotImplementedError
 
+    def tiles(self, hf_shapes: list[tuple[int, ...]], tp_rank: int, tp_size: int, d: Dims
+              ) -> list[Tile]:
+        """:meth:`local`'s slice as rectangles of the HF tensors, without torch: the
+        conversions that only move bytes copy them (:mod:`mswift.bridge.byte_copy`)."""
+        raise NotImplementedError
+
     def merge(self, shards: list[torch.Tensor], d: Dims) -> torch.Tensor:
         if self.tp_dim is None:
             return shards[0]
@@ -130,6 +175,9 @@ class Replicated(Transform):
     def local_shape(self, hf_shapes, tp_size, d):
         return tuple(hf_shapes[0])
 
+    def tiles(self, hf_shapes, tp_rank, tp_size, d):
+        return _stack([(0, 0, 0, *matrix_shape(hf_shapes[0]))])
+
 
 class RowParallel(Transform):
     """Split on the input dim (``linear_proj``, ``linear_fc2``): columns of the HF matrix."""
@@ -144,6 +192,11 @@ class RowParallel(Transform):
     def local_shape(self, hf_shapes, tp_size, d):
         rows, cols = hf_shapes[0]
         return (rows, cols // tp_size)
+
+    def tiles(self, hf_shapes, tp_rank, tp_size, d):
+        rows, cols = hf_shapes[0]
+        start, stop = _rows(cols, tp_rank, tp_size)
+        return _stack([(0, 0, start, rows, stop - start)])
 
 
 class VocabParallel(Transform):
@@ -165,6 +218,12 @@ class VocabParallel(Transform):
 
     def local_shape(self, hf_shapes, tp_size, d):
         return (d.padded_vocab // tp_size,) + tuple(hf_shapes[0][1:])
+
+    def tiles(self, hf_shapes, tp_rank, tp_size, d):
+        start, stop = _rows(d.padded_vocab, tp_rank, tp_size)
+        real = max(start, min(stop, d.vocab))  # rows past the vocabulary are padding
+        _, cols = matrix_shape(hf_shapes[0])
+        return _stack([(0, start, 0, real - start, cols), (None, 0, 0, stop - real, cols)])
 
     def split(self, full, tp_rank, tp_size, d):
         # `full` may be padded for another TP size: crop to the vocabulary, re-pad.
@@ -208,6 +267,17 @@ class FusedQKV(Transform):
         rows = sum(shape[0] for shape in hf_shapes)  # (heads + 2 * groups) * head_dim
         return (rows // tp_size,) + tuple(hf_shapes[0][1:])
 
+    def tiles(self, hf_shapes, tp_rank, tp_size, d):
+        g0, g1 = _rows(d.groups, tp_rank, tp_size)
+        per_group = d.heads // d.groups * d.head_dim
+        _, cols = matrix_shape(hf_shapes[0])
+        pieces = []
+        for g in range(g0, g1):  # per group: its query rows, its key rows, its value rows
+            pieces += [(0, g * per_group, 0, per_group, cols),
+                       (1, g * d.head_dim, 0, d.head_dim, cols),
+                       (2, g * d.head_dim, 0, d.head_dim, cols)]
+        return _stack(pieces)
+
     @staticmethod
     def _interleave(q, k, v, groups, d):
         rest = tuple(q.shape[1:])
@@ -243,6 +313,11 @@ class FusedGateUp(Transform):
 
     def local_shape(self, hf_shapes, tp_size, d):
         return (2 * hf_shapes[0][0] // tp_size,) + tuple(hf_shapes[0][1:])
+
+    def tiles(self, hf_shapes, tp_rank, tp_size, d):
+        rows, cols = matrix_shape(hf_shapes[0])
+        start, stop = _rows(rows, tp_rank, tp_size)
+        return _stack([(0, start, 0, stop - start, cols), (1, start, 0, stop - start, cols)])
 
     def merge(self, shards, d):
         halves = [s.chunk(2, dim=0) for s in shards]

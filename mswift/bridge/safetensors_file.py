@@ -17,43 +17,46 @@ import os
 from pathlib import Path
 from typing import NamedTuple, Self
 
-import torch
-
+from mswift.bridge import dtypes
 from mswift.bridge.errors import BridgeError
+from mswift.lazy_import import lazy_module
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-SAFETENSORS_DTYPES = {dtype: name for name, dtype in DTYPES.items()}
+torch = lazy_module("torch")  # headers are read without it (see mswift.bridge.dtypes)
+
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit: a larger length is a corrupt file
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class TensorInfo(NamedTuple):
-    dtype: torch.dtype
+    kind: dtypes.Dtype
     shape: tuple[int, ...]
     begin: int  # absolute file offsets of the tensor's bytes
     end: int
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtypes.torch_dtype(self.kind)
 
-def tensor_bytes(dtype: torch.dtype, shape) -> int:
+
+def tensor_bytes(dtype, shape) -> int:
+    """Bytes of a tensor of ``shape``; ``dtype`` a torch dtype or a ``dtypes.Dtype``."""
     return math.prod(shape) * dtype.itemsize
 
 
-def encode_header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+def encode_header(tensors: list[tuple[str, object, tuple[int, ...]]],
                   metadata: dict[str, str] | None = None) -> bytes:
     """Length + JSON header for ``(name, dtype, shape)`` stored back to back in this order, the
-    JSON padded with spaces to a multiple of 8 bytes (as safetensors writes it)."""
+    JSON padded with spaces to a multiple of 8 bytes (as safetensors writes it); ``dtype`` a
+    torch dtype or a ``dtypes.Dtype``."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in tensors:
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: dtype {dtype} has no safetensors name")
-        size = tensor_bytes(dtype, shape)
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+        try:
+            kind = dtypes.as_kind(dtype)
+        except KeyError:
+            raise ValueError(f"{name}: dtype {dtype} has no safetensors name") from None
+        size = tensor_bytes(kind, shape)
+        header[name] = {"dtype": kind.safetensors, "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -113,19 +116,21 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._corrupt(f"{name}: entry is not a JSON object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise self._corrupt(f"{name}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if dtype not in dtypes.BY_SAFETENSORS:
+            raise self._corrupt(f"{name}: unknown dtype {dtype!r} "
+                                f"(known: {', '.join(dtypes.BY_SAFETENSORS)})")
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
             raise self._corrupt(f"{name}: shape {shape!r} is not a list of sizes")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and o >= 0 for o in offsets)):
             raise self._corrupt(f"{name}: data_offsets {offsets!r} is not [begin, end]")
         begin, end = offsets
-        need = tensor_bytes(DTYPES[dtype], shape)
+        kind = dtypes.BY_SAFETENSORS[dtype]
+        need = tensor_bytes(kind, shape)
         if end - begin != need:
             raise self._corrupt(f"{name}: data_offsets {offsets} hold {end - begin} bytes, "
                                 f"shape {shape} of {dtype} needs {need}")
-        return TensorInfo(DTYPES[dtype], tuple(shape), start + begin, start + end)
+        return TensorInfo(kind, tuple(shape), start + begin, start + end)
 
     def _check_layout(self, tensors: dict[str, TensorInfo], start: int, size: int) -> None:
         # Like safetensors: the tensors tile the data region exactly, in offset order.
@@ -166,7 +171,7 @@ class SafetensorsFile:
     def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         out = torch.empty((stop - start,) + info.shape[1:] if info.shape else (),
                           dtype=info.dtype)
-        row = tensor_bytes(info.dtype, info.shape[1:])
+        row = tensor_bytes(info.kind, info.shape[1:])
         self._preadv([bytes_of(out)], info.begin + start * row)
         return out
 
@@ -179,13 +184,13 @@ class SafetensorsFile:
                 or not 0 <= start <= start + out.shape[0] <= info.shape[0]):
             raise ValueError(f"{name}: rows {start}:{start + len(out)} of {list(info.shape)} "
                              f"{info.dtype} do not fit a buffer {list(out.shape)} {out.dtype}")
-        row = tensor_bytes(info.dtype, info.shape[1:])
+        row = tensor_bytes(info.kind, info.shape[1:])
         self._preadv([bytes_of(out)], info.begin + start * row)
 
     def _read_columns(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         rows, cols, rest = info.shape[0], info.shape[1], info.shape[2:]
         out = torch.empty((rows, stop - start) + rest, dtype=info.dtype)
-        col = tensor_bytes(info.dtype, rest)
+        col = tensor_bytes(info.kind, rest)
         keep, row = (stop - start) * col, cols * col
         if not rows or not keep:
             return out
@@ -246,3 +251,9 @@ def preadv_all(fd: int, buffers: list[memoryview], offset: int) -> bool:
 def bytes_of(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous tensor's memory (any dtype, bf16 included)."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":  # safetensors dtype name -> torch dtype (imports torch)
+        return {d.safetensors: dtypes.torch_dtype(d) for d in dtypes.BY_NAME.values()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

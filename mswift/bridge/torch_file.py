@@ -4,37 +4,48 @@ A torch.save file is a zip archive (records stored, not compressed) of ``<archiv
 the pickled object in which each tensor is a ``torch._utils._rebuild_tensor_v2`` call on a
 persistent id ``("storage", torch.<Dtype>Storage, key, location, numel)``, and one record
 ``<archive>/data/<key>`` of raw bytes per storage, aligned to 64 bytes so that
-``torch.load(mmap=True)`` can map it. torch.save pickles first and copies each storage after;
-:func:`save_streaming` does the same, but a :class:`LazyTensor`'s bytes are made only when its
-record is written and dropped after, so at most one of them is in memory.
+``torch.load(mmap=True)`` can map it (the zip container: :mod:`mswift.bridge.torch_zip`).
+torch.save pickles first and copies each storage after; so do the writers here, but each
+tensor's bytes are made only when its record is written:
 
-:func:`load_index` unpickles ``data.pkl`` alone (only the classes a Megatron checkpoint holds)
-and returns the object with each tensor replaced by a :class:`StoredTensor`, whose ``read()``
-copies its bytes from the file straight into a new tensor (no mmap: nothing stays resident).
+* :func:`save_streaming` pickles torch objects; a :class:`LazyTensor`'s tensor is made when its
+  record is written and dropped after, so at most one of them is in memory;
+* :func:`write_torch_file` pickles plain objects without importing torch: each
+  :class:`TensorRecord`'s ``fill(fd, offset)`` puts its bytes into the file itself (the byte
+  copies of :mod:`mswift.bridge.byte_copy`), and :class:`TorchGlobal` names a torch object
+  such as ``torch.bfloat16``.
+
+:func:`load_index` unpickles ``data.pkl`` alone (only the classes a Megatron checkpoint holds,
+without importing torch) and returns the object with each tensor replaced by a
+:class:`StoredTensor`, whose ``read()`` copies its bytes from the file straight into a new
+tensor (no mmap: nothing stays resident).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import io
 import math
 import os
 import pickle
+import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-from torch.serialization import _get_storage_alignment
-
+from mswift.bridge import dtypes
 from mswift.bridge.safetensors_file import bytes_of, preadv_all
+from mswift.bridge.torch_zip import ALIGNMENT, TorchZipWriter, read_record, read_zip_directory
+from mswift.lazy_import import lazy_module
+
+torch = lazy_module("torch")  # write_torch_file and load_index do not need it
 
 # dtypes torch.save writes as a typed storage (``torch.BFloat16Storage``, ...) with
 # ``_rebuild_tensor_v2``; newer ones (float8, uint16, ...) as ``torch.UntypedStorage`` (numel in
-# bytes) with ``_rebuild_tensor_v3``, which also takes the dtype.
-_STORAGE_NAMES: dict[torch.dtype, str] = torch.storage._dtype_to_storage_type_map()
-_STORAGE_DTYPES = {name: dtype for dtype, name in _STORAGE_NAMES.items()}
+# bytes) with ``_rebuild_tensor_v3``, which also takes the dtype (``dtypes.Dtype.storage``).
 
 
 class TorchFileError(ValueError):
@@ -93,9 +104,9 @@ class _StreamingPickler(pickle.Pickler):
     def persistent_id(self, obj):
         if not isinstance(obj, _Storage):
             return None
-        if obj.dtype in _STORAGE_NAMES:
-            return ("storage", getattr(torch, _STORAGE_NAMES[obj.dtype]), obj.key, "cpu",
-                    obj.numel)
+        storage = dtypes.of_torch(obj.dtype).storage
+        if storage:
+            return ("storage", getattr(torch, storage), obj.key, "cpu", obj.numel)
         return ("storage", torch.UntypedStorage, obj.key, "cpu", obj.numel * obj.dtype.itemsize)
 
     def reducer_override(self, obj):
@@ -133,72 +144,147 @@ class _StreamingPickler(pickle.Pickler):
     def _rebuild(storage: _Storage, shape, requires_grad):
         args = (storage, 0, shape, contiguous_strides(shape), requires_grad,
                 collections.OrderedDict())
-        if storage.dtype in _STORAGE_NAMES:
+        if dtypes.of_torch(storage.dtype).storage:
             return torch._utils._rebuild_tensor_v2, args
         return torch._utils._rebuild_tensor_v3, args + (storage.dtype,)
 
 
-def _write_record(writer, storage: _Storage, source: LazyTensor | torch.Tensor, path) -> None:
-    """Write one storage's bytes; a LazyTensor's tensor lives only for this call."""
-    if isinstance(source, LazyTensor):
-        tensor = source.produce()
-        if tuple(tensor.shape) != tuple(source.shape) or tensor.dtype != source.dtype:
-            raise ValueError(f"{path}: data/{storage.key} was announced as "
-                             f"{list(source.shape)} {source.dtype}, produced "
-                             f"{list(tensor.shape)} {tensor.dtype}")
-    else:
-        tensor = source.detach()
-    tensor = tensor.cpu().contiguous()
-    name = f"data/{storage.key}"
-    if tensor.nbytes == 0:
-        writer.write_record(name, b"", 0)
-        return
-    # A contiguous view's own bytes: a slice of an untyped storage shares its memory.
-    start = tensor.storage_offset() * tensor.element_size()
-    writer.write_record(name, tensor.untyped_storage()[start:start + tensor.nbytes],
-                        tensor.nbytes)
+def _tensor_fill(storage: _Storage, source: LazyTensor | torch.Tensor, path
+                 ) -> Callable[[int, int], None]:
+    """Writes one storage's bytes; a LazyTensor's tensor lives only while they are written."""
+
+    def fill(fd: int, offset: int) -> None:
+        if isinstance(source, LazyTensor):
+            tensor = source.produce()
+            if tuple(tensor.shape) != tuple(source.shape) or tensor.dtype != source.dtype:
+                raise ValueError(f"{path}: data/{storage.key} was announced as "
+                                 f"{list(source.shape)} {source.dtype}, produced "
+                                 f"{list(tensor.shape)} {tensor.dtype}")
+        else:
+            tensor = source.detach()
+        tensor = tensor.cpu().contiguous()
+        view = bytes_of(tensor) if tensor.numel() else memoryview(b"")
+        while view.nbytes:
+            done = os.pwrite(fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    return fill
 
 
 def save_streaming(path: str | os.PathLike, obj: Any) -> None:
     """``torch.save(obj, path)``, materializing each :class:`LazyTensor` in ``obj`` only while
     its bytes are written. Tensors are written contiguous, each with only its own bytes, on
     the CPU; ``torch.load`` (also ``weights_only=True`` and ``mmap=True``) reads the file."""
-    path = os.fspath(path)
     pickled = io.BytesIO()
     pickler = _StreamingPickler(pickled)
     pickler.dump(obj)
-    records, data = pickler.records, pickled.getvalue()
-    del pickler, pickled
-    stream = None
-    try:
-        path.encode("ascii")
-        target = path
-    except UnicodeEncodeError:  # PyTorchFileWriter opens ASCII paths only
-        target = stream = open(path, "wb")  # noqa: SIM115 - closed below
-    writer = None
-    try:
-        # No CRC-32s: torch.load never checks them, and computing them takes longer than
-        # writing the bytes (3.4 s of 4.5 s for a 1.2 GB file here).
-        writer = torch._C.PyTorchFileWriter(target, False, _get_storage_alignment())
-        # The records torch.save writes, in its order; write_end_of_file adds ``version``
-        # and ``.data/serialization_id``.
-        writer.write_record("data.pkl", data, len(data))
-        writer.write_record(".format_version", "1", 1)
-        alignment = str(_get_storage_alignment())
-        writer.write_record(".storage_alignment", alignment, len(alignment))
-        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        for storage, source in records:
-            _write_record(writer, storage, source, path)
-        writer.write_end_of_file()
-    except BaseException:
-        del writer  # closes the file
-        if stream is not None:
-            stream.close()
-        if os.path.exists(path):
-            os.unlink(path)  # a partial file must not pass for a checkpoint
-        raise
-    if stream is not None:
-        stream.close()
+    records = [(s.key, s.numel * s.dtype.itemsize, _tensor_fill(s, source, path))
+               for s, source in pickler.records]
+    del pickler
+    _write_archive(path, pickled.getvalue(), records)
+
+
+def _write_archive(path: str | os.PathLike, data_pkl: bytes,
+                   records: list[tuple[str, int, Callable[[int, int], None]]]) -> None:
+    """The records torch.save writes, in its order; each storage record ``(key, nbytes,
+    fill)`` is filled by ``fill(fd, offset)``. A failure removes the file (a partial file
+    must not pass for a checkpoint)."""
+    # No CRC-32s for the storages: torch.load never checks them, and computing them takes
+    # longer than writing the bytes (3.4 s of 4.5 s for a 1.2 GB file here).
+    with TorchZipWriter(path, archive=Path(path).stem or "archive") as writer:
+        writer.add_bytes("data.pkl", data_pkl)
+        writer.add_bytes(".format_version", b"1")
+        writer.add_bytes(".storage_alignment", str(ALIGNMENT).encode())
+        writer.add_bytes("byteorder", sys.byteorder.encode())
+        for key, nbytes, fill in records:
+            offset = writer.reserve(f"data/{key}", nbytes)
+            if nbytes:
+                fill(writer.fd, offset)
+        writer.add_bytes("version", b"3\n")
+        writer.add_bytes(".data/serialization_id", str(secrets.randbits(128)).zfill(40).encode())
+
+
+@dataclass(frozen=True)
+class TorchGlobal:
+    """A torch object named in a pickle without importing torch: ``TorchGlobal("torch",
+    "bfloat16")`` is ``torch.bfloat16`` when torch.load reads the file."""
+
+    module: str
+    name: str
+
+    def resolve(self) -> Any:
+        """The object itself (imports its module)."""
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args):
+        # Only so that pickle takes it as a reduce function; it is never called.
+        raise TypeError(f"{self.module}.{self.name} is a stand-in: resolve() it first")
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRecord:
+    """A tensor for :func:`write_torch_file`: ``fill(fd, offset)`` writes its
+    ``prod(shape) * kind.itemsize`` bytes (contiguous, row-major) at ``offset`` of ``fd``."""
+
+    shape: tuple[int, ...]
+    kind: dtypes.Dtype
+    fill: Callable[[int, int], None]
+
+
+class _RecordPickler(pickle._Pickler):
+    """Pickles plain objects, :class:`TensorRecord` (as torch.save pickles a contiguous tensor
+    that is its whole storage) and :class:`TorchGlobal`, without torch. The pure-Python
+    pickler, because the C one imports a global's module to check it."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def __init__(self, file):
+        super().__init__(file, protocol=2)
+        self.records: list[TensorRecord] = []
+        self._globals: dict[tuple[str, str], TorchGlobal] = {}
+
+    def save_torch_global(self, obj: TorchGlobal) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.memoize(obj)
+
+    dispatch[TorchGlobal] = save_torch_global
+
+    def persistent_id(self, obj):
+        if not isinstance(obj, _Storage):
+            return None
+        kind = obj.dtype
+        if kind.storage:
+            return ("storage", self._global("torch", kind.storage), obj.key, "cpu", obj.numel)
+        return ("storage", self._global("torch", "UntypedStorage"), obj.key, "cpu",
+                obj.numel * kind.itemsize)
+
+    def reducer_override(self, obj):
+        if not isinstance(obj, TensorRecord):
+            return NotImplemented
+        storage = _Storage(str(len(self.records)), obj.kind, _numel(obj.shape))
+        self.records.append(obj)
+        shape = tuple(obj.shape)
+        args = (storage, 0, shape, contiguous_strides(shape), False, collections.OrderedDict())
+        if obj.kind.storage:
+            return self._global("torch._utils", "_rebuild_tensor_v2"), args
+        return (self._global("torch._utils", "_rebuild_tensor_v3"),
+                args + (self._global("torch", obj.kind.name),))
+
+    def _global(self, module: str, name: str) -> TorchGlobal:
+        """One object per global, so the pickle names it once (memo) however often used."""
+        return self._globals.setdefault((module, name), TorchGlobal(module, name))
+
+
+def write_torch_file(path: str | os.PathLike, obj: Any) -> None:
+    """A torch.save file of ``obj`` (dicts, lists, numbers, strings, argparse.Namespace,
+    :class:`TorchGlobal`, :class:`TensorRecord`) without importing torch: torch.load reads
+    each TensorRecord as a tensor, whose bytes its ``fill`` wrote."""
+    pickled = io.BytesIO()
+    pickler = _RecordPickler(pickled)
+    pickler.dump(obj)
+    records = [(str(i), _numel(r.shape) * r.kind.itemsize, r.fill)
+               for i, r in enumerate(pickler.records)]
+    _write_archive(path, pickled.getvalue(), records)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -213,7 +299,11 @@ class StoredTensor:
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: torch.dtype
+    kind: dtypes.Dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtypes.torch_dtype(self.kind)
 
     @property
     def numel(self) -> int:
@@ -221,13 +311,18 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * self.kind.itemsize
+
+    @property
+    def contiguous(self) -> bool:
+        """Its bytes are one run of the file, row-major."""
+        return _is_contiguous(self.shape, self.stride)
 
     def read(self) -> torch.Tensor:
         """A new contiguous tensor with this tensor's values, read from the file."""
         if self.numel == 0:
             return torch.empty(self.shape, dtype=self.dtype)
-        if _is_contiguous(self.shape, self.stride):
+        if self.contiguous:
             out = torch.empty(self.shape, dtype=self.dtype)
             _read_into(self.path, out, self.offset)
             return out
@@ -264,21 +359,27 @@ def _read_into(path: str, tensor: torch.Tensor, offset: int) -> None:
 
 @dataclass(frozen=True)
 class _Record:
-    dtype: torch.dtype | None  # None: untyped (bytes; the dtype comes with the tensor)
+    kind: dtypes.Dtype | None  # None: untyped (bytes; the dtype comes with the tensor)
     offset: int
     nbytes: int
 
 
+@dataclass(frozen=True)
+class _StorageKind:
+    kind: dtypes.Dtype | None
+
+
 class _IndexUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl`` of a Megatron checkpoint: dicts, OrderedDicts, argparse.Namespace,
-    dtypes and tensors (as :class:`StoredTensor`); any other class is refused."""
+    dtypes (as :class:`TorchGlobal`) and tensors (as :class:`StoredTensor`); any other class is
+    refused. ``records``: the zip's record name -> (data offset, size)."""
 
     _CLASSES: ClassVar[dict] = {("collections", "OrderedDict"): collections.OrderedDict,
                                 ("argparse", "Namespace"): argparse.Namespace}
 
-    def __init__(self, data: bytes, path: str, reader):
+    def __init__(self, data: bytes, path: str, records: dict[str, tuple[int, int]]):
         super().__init__(io.BytesIO(data))
-        self.path, self.reader = path, reader
+        self.path, self.zip_records = path, records
         self._records: dict[str, _Record] = {}
 
     def find_class(self, module, name):
@@ -291,10 +392,10 @@ class _IndexUnpickler(pickle.Unpickler):
         if module in ("torch", "torch.storage") and name == "UntypedStorage":
             return _StorageKind(None)
         if module == "torch":
-            if name in _STORAGE_DTYPES:
-                return _StorageKind(_STORAGE_DTYPES[name])
-            if isinstance(getattr(torch, name, None), torch.dtype):
-                return getattr(torch, name)
+            if name in dtypes.BY_STORAGE:
+                return _StorageKind(dtypes.BY_STORAGE[name])
+            if name in dtypes.BY_NAME:
+                return TorchGlobal("torch", name)
         raise pickle.UnpicklingError(
             f"{module}.{name} is not read (a Megatron checkpoint holds only tensors, dicts, "
             "argparse.Namespace and dtypes)")
@@ -303,17 +404,17 @@ class _IndexUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageKind)):
             raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:80]}")
-        _, kind, key, _, numel = pid
+        _, storage, key, _, numel = pid
         if key not in self._records:
             name = f"data/{key}"
-            if not self.reader.has_record(name):
+            if name not in self.zip_records:
                 raise pickle.UnpicklingError(f"storage record {name} is missing")
-            nbytes = numel * (kind.dtype.itemsize if kind.dtype is not None else 1)
-            if self.reader.get_record_size(name) < nbytes:
-                raise pickle.UnpicklingError(f"storage record {name} holds "
-                                             f"{self.reader.get_record_size(name)} bytes, "
+            offset, size = self.zip_records[name]
+            nbytes = numel * (storage.kind.itemsize if storage.kind is not None else 1)
+            if size < nbytes:
+                raise pickle.UnpicklingError(f"storage record {name} holds {size} bytes, "
                                              f"expected {nbytes}")
-            self._records[key] = _Record(kind.dtype, self.reader.get_record_offset(name), nbytes)
+            self._records[key] = _Record(storage.kind, offset, nbytes)
         return self._records[key]
 
     def _rebuild_tensor(self, record, storage_offset, size, stride, requires_grad,
@@ -321,21 +422,19 @@ class _IndexUnpickler(pickle.Unpickler):
         # v2: (..., metadata=None); v3: (..., dtype, metadata=None) on an untyped storage.
         if not isinstance(record, _Record):
             raise pickle.UnpicklingError("a tensor without a storage record")
-        dtype = record.dtype if record.dtype is not None else (rest or [None])[0]
-        if not isinstance(dtype, torch.dtype):
-            raise pickle.UnpicklingError("an untyped storage's tensor without a dtype")
+        kind = record.kind
+        if kind is None:
+            dtype = (rest or [None])[0]
+            if not isinstance(dtype, TorchGlobal):
+                raise pickle.UnpicklingError("an untyped storage's tensor without a dtype")
+            kind = dtypes.BY_NAME[dtype.name]
         shape, stride = tuple(size), tuple(stride)
-        start = storage_offset * dtype.itemsize
-        end = start + (_span(shape, stride) * dtype.itemsize if _numel(shape) else 0)
+        start = storage_offset * kind.itemsize
+        end = start + (_span(shape, stride) * kind.itemsize if _numel(shape) else 0)
         if len(shape) != len(stride) or end > record.nbytes:
             raise pickle.UnpicklingError(f"a tensor {list(shape)} reaches past its storage "
                                          f"({end} > {record.nbytes} bytes)")
-        return StoredTensor(self.path, record.offset + start, shape, stride, dtype)
-
-
-@dataclass(frozen=True)
-class _StorageKind:
-    dtype: torch.dtype | None
+        return StoredTensor(self.path, record.offset + start, shape, stride, kind)
 
 
 def _parameter_data(data, requires_grad, backward_hooks):
@@ -347,10 +446,10 @@ def load_index(path: str | os.PathLike) -> Any:
     ``data.pkl`` and the zip directory only. Raises :class:`TorchFileError` naming the file."""
     path = os.fspath(path)
     try:
-        reader = torch._C.PyTorchFileReader(path)
-        if reader.has_record("byteorder") and reader.get_record("byteorder") != b"little":
+        records = read_zip_directory(path)
+        if "byteorder" in records and read_record(path, "byteorder") != b"little":
             raise TorchFileError(path, "big-endian torch.save file (not supported)")
-        return _IndexUnpickler(reader.get_record("data.pkl"), path, reader).load()
+        return _IndexUnpickler(read_record(path, "data.pkl"), path, records).load()
     except TorchFileError:
         raise
     except Exception as err:  # noqa: BLE001 - zip, pickle and record errors alike

@@ -285,7 +285,9 @@ def test_bad_input_is_refused_by_name_without_output(hf, tmp_path, capsys, case,
     assert named in capsys.readouterr().err
 
 
-def test_existing_output_and_failed_write_leave_nothing(hf, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("dtype", [None, "bf16"])  # bytes copied; tensors made (fp32 -> bf16)
+def test_existing_output_and_failed_write_leave_nothing(hf, tmp_path, capsys, monkeypatch,
+                                                        dtype):
     src = hf[("llama", "fp32")]
     out = tmp_path / "out"
     out.mkdir()
@@ -293,21 +295,24 @@ def test_existing_output_and_failed_write_leave_nothing(hf, tmp_path, capsys, mo
     assert hf_to_mcore_main(["--hf-dir", str(src), "--out", str(out), "--format", "legacy"]) == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").is_file()
     # A write that fails half way (disk full on the second rank file) removes the partial dir.
-    import mswift.bridge.legacy as legacy
+    import mswift.bridge.torch_file as torch_file
 
     calls = []
-    real_save = legacy.save_streaming
+    real_write = torch_file._write_archive
 
-    def failing_save(path, obj):
+    def failing_write(path, data_pkl, records):
         calls.append(path)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        real_save(path, obj)
+            def full(fd, offset):
+                raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(legacy, "save_streaming", failing_save)
+            records = records[:1] + [(key, nbytes, full) for key, nbytes, _ in records[1:]]
+        real_write(path, data_pkl, records)
+
+    monkeypatch.setattr(torch_file, "_write_archive", failing_write)
     fresh = tmp_path / "fresh"
     with pytest.raises(OSError):
-        hf_to_mcore(src, fresh, "legacy", tp=2, progress=False)
+        hf_to_mcore(src, fresh, "legacy", tp=2, dtype=dtype, progress=False)
     assert len(calls) == 2
     assert_no_output(fresh)
 

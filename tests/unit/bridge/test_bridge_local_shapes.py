@@ -32,3 +32,44 @@ def test_local_shape_is_the_shape_of_local_and_split(tmp_path, name):
                 expected = transform.local_shape(rule.hf_shapes(d), tp, d)
                 assert tuple(shard.shape) == expected, (mcore, tp, r)
                 assert tuple(transform.split(full, r, tp, d).shape) == expected, (mcore, tp, r)
+
+
+def _from_tiles(ckpt, hf_names, tiles, shape, dtype):
+    """A TP slice assembled from ``Transform.tiles`` (what the byte copies write)."""
+    import torch
+
+    from mswift.bridge.rules import matrix_shape
+
+    out = torch.empty(matrix_shape(shape), dtype=dtype)
+    at = 0
+    for tile in tiles:
+        assert tile.at_row == at and tile.cols == out.shape[1], tile  # stacked, full width
+        if tile.part is None:
+            out[at:at + tile.rows] = 0
+        else:
+            hf = ckpt.read(hf_names[tile.part])
+            hf = hf.reshape(matrix_shape(tuple(hf.shape)))
+            out[at:at + tile.rows] = hf[tile.row:tile.row + tile.rows,
+                                        tile.col:tile.col + tile.cols]
+        at += tile.rows
+    assert at == out.shape[0]
+    return out.reshape(shape)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiles_give_the_slices_local_reads(tmp_path, name):
+    import torch
+
+    ckpt = HFCheckpoint(save_tiny_hf_model(name, tmp_path / name))
+    family, model = model_config_from_hf(ckpt.config)
+    for tp in (1, 2):
+        wmap = WeightMap(family.weight_rules, dims_for(model, padded_vocab_for(model, tp)))
+        d = wmap.dims
+        for mcore in wmap.mcore_names():
+            rule, hf_names = wmap.lookup(mcore)
+            shape = rule.transform.local_shape(rule.hf_shapes(d), tp, d)
+            for r in range(tp):
+                tiles = rule.transform.tiles(rule.hf_shapes(d), r, tp, d)
+                expected = rule.transform.local(ckpt, hf_names, r, tp, d)
+                got = _from_tiles(ckpt, hf_names, tiles, shape, expected.dtype)
+                assert torch.equal(got, expected), (mcore, tp, r)

@@ -14,6 +14,7 @@ from mswift.bridge.torch_file import (
     LazyTensor,
     StoredTensor,
     TorchFileError,
+    TorchGlobal,
     load_index,
     save_streaming,
 )
@@ -69,9 +70,11 @@ def assert_same(a, b):
 
 
 def read_all(obj):
-    """The object of load_index with every StoredTensor read."""
+    """The object of load_index with every StoredTensor read (and torch globals resolved)."""
     if isinstance(obj, StoredTensor):
         return obj.read()
+    if isinstance(obj, TorchGlobal):
+        return obj.resolve()
     if isinstance(obj, dict):
         return type(obj)((k, read_all(v)) for k, v in obj.items())
     if isinstance(obj, argparse.Namespace):
@@ -138,7 +141,7 @@ def test_index_reads_each_tensor_on_demand(tmp_path, writer):
     assert isinstance(handle, StoredTensor)
     assert handle.shape == (5, 3) and handle.dtype == torch.bfloat16 and handle.nbytes == 30
     assert isinstance(index["model"], collections.OrderedDict)
-    assert index["args"].params_dtype is torch.bfloat16
+    assert index["args"].params_dtype == TorchGlobal("torch", "bfloat16")
     assert_same(obj, read_all(index))
     first, second = handle.read(), handle.read()
     first.zero_()  # each read is a fresh tensor

@@ -1,0 +1,299 @@
+"""Conversions that only move bytes: HF safetensors <-> Megatron-LM legacy rank files.
+
+When a conversion keeps every tensor's dtype, each megatron tensor is a rearrangement of HF
+tensors' rows and columns (fused QKV by query group, gate/up, TP slices, vocabulary padding),
+which the weight map's :meth:`~mswift.bridge.rules.Transform.tiles` describe. These conversions
+copy those rectangles file to file: whole-row runs with ``os.copy_file_range`` (the kernel
+copies, nothing passes through this process: what ``cp`` does), column slices (row-parallel
+weights at TP > 1) through a bounded buffer. No tensor is ever built and torch is not imported
+(its import alone takes longer than such a conversion of a few GB); everything else (the checks,
+the metadata, the files' formats) is what the tensor path does. :mod:`mswift.bridge.convert`
+takes this path when it applies (:func:`hf_to_legacy_applies`, :func:`legacy_to_hf_applies`).
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mswift.bridge import dtypes
+from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter
+from mswift.bridge.legacy import FILE, LegacyLayout, LegacySource, chunk_entries
+from mswift.bridge.rules import Tile, WeightMap, matrix_shape
+from mswift.bridge.safetensors_file import preadv_all
+from mswift.bridge.torch_file import TensorRecord, write_torch_file
+
+BUFFER_BYTES = 32 * 2**20  # column slices are gathered this many bytes at a time
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A row-major matrix of bytes in a file: row ``r`` starts at ``offset + r * row_bytes``."""
+
+    path: str
+    offset: int
+    row_bytes: int
+
+
+@dataclass(frozen=True)
+class Block:
+    """``rows`` rows of ``width`` bytes copied from ``src`` (None: zeros) at (row, byte column)
+    (``src_row``, ``src_col``) to the destination matrix at (``dst_row``, ``dst_col``)."""
+
+    src: Matrix | None
+    src_row: int
+    src_col: int
+    dst_row: int
+    dst_col: int
+    rows: int
+    width: int
+
+
+class OpenFiles:
+    """Read-only descriptors of the source files, opened once each."""
+
+    def __init__(self):
+        self._fds: dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> OpenFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- copying --------------------------------------------------------------------------------------
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+    """``nbytes`` from ``src_fd`` to ``dst_fd`` at those offsets: in the kernel where the file
+    systems allow (``copy_file_range``), else through a buffer."""
+    while nbytes:
+        try:
+            done = os.copy_file_range(src_fd, dst_fd, nbytes, src_offset, dst_offset)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            done = _copy_through_buffer(src_fd, src_offset, dst_fd, dst_offset, nbytes)
+        if done == 0:
+            raise EOFError(f"source ends {nbytes} bytes short")
+        src_offset, dst_offset, nbytes = src_offset + done, dst_offset + done, nbytes - done
+
+
+def _copy_through_buffer(src_fd, src_offset, dst_fd, dst_offset, nbytes) -> int:
+    data = os.pread(src_fd, min(nbytes, BUFFER_BYTES), src_offset)
+    if data:
+        os.pwrite(dst_fd, data, dst_offset)
+    return len(data)
+
+
+def _write_zeros(dst_fd: int, offset: int, nbytes: int) -> None:
+    zeros = bytes(min(nbytes, BUFFER_BYTES))
+    while nbytes:
+        n = min(nbytes, len(zeros))
+        os.pwrite(dst_fd, zeros[:n], offset)
+        offset, nbytes = offset + n, nbytes - n
+
+
+def copy_blocks(files: OpenFiles, dst_fd: int, dst_offset: int, dst_row_bytes: int,
+                blocks: list[Block]) -> None:
+    """Fill a destination matrix (in ``dst_fd`` at ``dst_offset``) from ``blocks``. A block of
+    whole rows on both sides is one contiguous range (copied in the kernel); the others are
+    gathered row band by row band in a buffer and written with one ``pwrite`` per band."""
+    gathered = []
+    for b in blocks:
+        whole = b.width == dst_row_bytes and (b.src is None or b.width == b.src.row_bytes)
+        if not whole:
+            gathered.append(b)
+        elif b.src is None:
+            _write_zeros(dst_fd, dst_offset + b.dst_row * dst_row_bytes, b.rows * b.width)
+        else:
+            copy_range(files.fd(b.src.path), b.src.offset + b.src_row * b.width, dst_fd,
+                       dst_offset + b.dst_row * dst_row_bytes, b.rows * b.width)
+    for first, last in _bands(gathered):
+        step = max(1, BUFFER_BYTES // dst_row_bytes)
+        for r0 in range(first, last, step):
+            r1 = min(last, r0 + step)
+            band = memoryview(bytearray((r1 - r0) * dst_row_bytes))
+            covered = sum(_gather(files, b, band, r0, r1, dst_row_bytes) for b in gathered)
+            # Only rows the gathered blocks cover wholly are written (no row is half-written).
+            assert covered == band.nbytes, f"blocks cover {covered} of {band.nbytes} bytes"
+            os.pwrite(dst_fd, band, dst_offset + r0 * dst_row_bytes)
+
+
+def _bands(blocks: list[Block]) -> list[tuple[int, int]]:
+    """The destination row ranges the blocks cover, merged."""
+    spans = sorted((b.dst_row, b.dst_row + b.rows) for b in blocks)
+    merged: list[list[int]] = []
+    for start, stop in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return [(a, b) for a, b in merged]
+
+
+def _gather(files: OpenFiles, b: Block, band: memoryview, r0: int, r1: int,
+            dst_row_bytes: int) -> int:
+    """Read the rows of block ``b`` that fall in destination rows ``r0:r1`` into ``band``
+    (one scattered read); returns the bytes placed."""
+    first, last = max(r0, b.dst_row), min(r1, b.dst_row + b.rows)
+    if first >= last:
+        return 0
+    targets = [band[(r - r0) * dst_row_bytes + b.dst_col:][:b.width] for r in range(first, last)]
+    if b.src is None:
+        for target in targets:
+            target[:] = bytes(b.width)
+        return len(targets) * b.width
+    gap = b.src.row_bytes - b.width
+    skip = memoryview(bytearray(gap)) if gap else None
+    buffers = []
+    for target in targets:
+        buffers.append(target)
+        if skip is not None:
+            buffers.append(skip)
+    if skip is not None:
+        buffers.pop()  # nothing to skip after the last row
+    start = b.src.offset + (b.src_row + first - b.dst_row) * b.src.row_bytes + b.src_col
+    if not preadv_all(files.fd(b.src.path), buffers, start):
+        raise EOFError(f"{b.src.path}: ends before byte {start} + {len(targets)} rows")
+    return len(targets) * b.width
+
+
+# -- HF -> legacy ---------------------------------------------------------------------------------
+
+
+def hf_to_legacy_applies(ckpt: HFCheckpoint, wmap: WeightMap, kind: dtypes.Dtype) -> bool:
+    """Every HF tensor the weight map reads already has the checkpoint's dtype ``kind``."""
+    return all(ckpt.kind(name) == kind for name in wmap.hf_shapes())
+
+
+def _hf_blocks(ckpt: HFCheckpoint, hf_names: list[str], tiles: list[Tile],
+               kind: dtypes.Dtype) -> list[Block]:
+    blocks = []
+    for t in tiles:
+        if t.part is None:
+            blocks.append(Block(None, 0, 0, t.at_row, 0, t.rows, t.cols * kind.itemsize))
+            continue
+        path, offset = ckpt.location(hf_names[t.part])
+        _, cols = matrix_shape(ckpt.shape(hf_names[t.part]))
+        src = Matrix(str(path), offset, cols * kind.itemsize)
+        blocks.append(Block(src, t.row, t.col * kind.itemsize, t.at_row, 0, t.rows,
+                            t.cols * kind.itemsize))
+    return blocks
+
+
+def write_legacy_copying(ckpt: HFCheckpoint, wmap: WeightMap, layout: LegacyLayout,
+                         root: str | Path, kind: dtypes.Dtype, args, iteration: int = 0,
+                         ranks: list[tuple[int, int, int]] | None = None,
+                         progress: bool = False) -> None:
+    """:func:`mswift.bridge.legacy.write_legacy` from HF files by copying bytes (the HF
+    tensors all of dtype ``kind``, see :func:`hf_to_legacy_applies`)."""
+    d = wmap.dims
+    iter_dir = Path(root) / f"iter_{iteration:07d}"
+    todo = layout.ranks() if ranks is None else ranks
+    if progress:
+        from tqdm import tqdm
+
+        todo = tqdm(todo, desc="writing rank files", unit="file")
+    with OpenFiles() as files:
+        for tp_rank, pp_rank, ep_rank in todo:
+            state = {"checkpoint_version": 3.0, "iteration": iteration, "args": args}
+            for vp_stage in range(layout.chunks):
+                sd = {}
+                for local, name in chunk_entries(wmap, layout, pp_rank, vp_stage, ep_rank):
+                    if name is None:
+                        sd[local] = None
+                        continue
+                    rule, hf_names = wmap.lookup(name)
+                    shapes = rule.hf_shapes(d)
+                    shape = rule.transform.local_shape(shapes, layout.tp, d)
+                    tiles = rule.transform.tiles(shapes, tp_rank, layout.tp, d)
+                    sd[local] = _record(files, shape, kind, _hf_blocks(ckpt, hf_names, tiles,
+                                                                       kind))
+                state["model" if layout.vpp is None else f"model{vp_stage}"] = sd
+            path = iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_torch_file(path, state)
+
+
+def _record(files: OpenFiles, shape: tuple[int, ...], kind: dtypes.Dtype,
+            blocks: list[Block]) -> TensorRecord:
+    row_bytes = matrix_shape(shape)[1] * kind.itemsize
+
+    def fill(fd: int, offset: int) -> None:
+        copy_blocks(files, fd, offset, row_bytes, blocks)
+
+    return TensorRecord(tuple(shape), kind, fill)
+
+
+# -- legacy -> HF ---------------------------------------------------------------------------------
+
+
+def legacy_to_hf_applies(source: LegacySource, kinds: dict[str, dtypes.Dtype]) -> bool:
+    """Every stored piece is contiguous and has the dtype its HF tensors are written in."""
+    wmap = source.wmap
+    for (name, _), piece in source.pieces.items():
+        if not piece.contiguous:
+            return False
+        _, hf_names = wmap.lookup(name)
+        if any(kinds.get(h, piece.kind) != piece.kind for h in hf_names):
+            return False
+    return True
+
+
+def _legacy_blocks(source: LegacySource, name: str, part: int) -> list[Block]:
+    """HF tensor ``part`` of megatron tensor ``name`` as blocks of the stored TP pieces."""
+    rule, _ = source.wmap.lookup(name)
+    tp = source.layout.tp
+    d = source.wmap.dims
+    if rule.transform.pads:  # the rows stored, padded for the checkpoint's TP size
+        d = d.with_padded_vocab(source.pieces[(name, 0)].shape[0] * tp)
+    blocks = []
+    for r in range(tp):
+        piece = source.pieces[(name, r)]
+        itemsize = piece.kind.itemsize
+        src = Matrix(piece.path, piece.offset, matrix_shape(piece.shape)[1] * itemsize)
+        for t in rule.transform.tiles(rule.hf_shapes(d), r, tp, d):
+            if t.part == part:
+                blocks.append(Block(src, t.at_row, 0, t.row, t.col * itemsize, t.rows,
+                                    t.cols * itemsize))
+    return blocks
+
+
+def write_hf_copying(source: LegacySource, writer: HFShardWriter, progress: bool = False
+                     ) -> None:
+    """The HF tensors ``writer`` expects, copied from a legacy checkpoint's pieces (see
+    :func:`legacy_to_hf_applies`); the caller closes the writer."""
+    wmap = source.wmap
+    wanted = set(writer.names)
+    parts = {}
+    for name in wmap.mcore_names(to_hf_only=True):
+        _, hf_names = wmap.lookup(name)
+        for part, hf_name in enumerate(hf_names):
+            if hf_name in wanted:
+                parts[hf_name] = (name, part)
+    entries = writer.plan_entries()
+    if progress:
+        from tqdm import tqdm
+
+        entries = tqdm(entries, desc="writing HF tensors", unit="tensor")
+    with OpenFiles() as files:
+        for hf_name, kind, shape in entries:
+            name, part = parts[hf_name]
+            blocks = _legacy_blocks(source, name, part)
+            row_bytes = matrix_shape(shape)[1] * kind.itemsize
+            writer.add_copied(hf_name, kind, shape,
+                              lambda fd, offset, b=blocks, rb=row_bytes:
+                              copy_blocks(files, fd, offset, rb, b))

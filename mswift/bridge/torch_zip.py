@@ -1,0 +1,237 @@
+"""The zip container of torch.save's format, written and read without importing torch.
+
+A torch.save file is a zip archive whose records are all STORED (not compressed), named
+``<archive>/<record>`` under one top-level folder (torch uses the file's stem; torch.load takes
+any single folder), in the order ``data.pkl``, ``.format_version``, ``.storage_alignment``,
+``byteorder``, ``data/0``, ``data/1``, ..., ``version``, ``.data/serialization_id``. Each
+record's bytes start at a file offset that is a multiple of :data:`ALIGNMENT`, so that
+``torch.load(mmap=True)`` can map them: like torch (miniz), the local header ends with an extra
+field of id ``b"FB"`` whose payload is that many ``b"Z"`` bytes of padding.
+
+:class:`TorchZipWriter` writes such a file record by record with ``os.pwrite`` on a raw fd.
+:meth:`TorchZipWriter.reserve` writes a record's local header only and returns the offset at
+which the caller puts its bytes itself (``os.pwrite``, ``os.copy_file_range``), so multi-GB
+tensors never pass through Python. Unlike torch, no data descriptors follow the records: sizes
+are in the local headers.
+
+CRC-32: records given as bytes get their ``zlib.crc32``; reserved records, whose bytes the
+writer never sees, get CRC 0. torch.load does not check CRCs, nor does :func:`read_record`;
+Python's ``zipfile`` lists such records but raises "Bad CRC-32" on reading one.
+
+Zip64: a record whose size or local-header offset is ``>= zip64_threshold`` (default
+0xFFFFFFFF, the largest a 32-bit field holds) gets zip64 extra fields (local: both sizes;
+central: those fields that do not fit) and 0xFFFFFFFF in the 32-bit field. The zip64
+end-of-central-directory record and locator are always written, as torch does.
+``zip64_threshold=0`` forces zip64 everywhere, which is how the tests cover it without 4 GiB.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+import zlib
+from typing import Self
+
+ALIGNMENT = 64
+ZIP64_LIMIT = 0xFFFF_FFFF
+
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # PK\3\4 ... name length, extra length
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+_ZIP64_END = struct.Struct("<4sQHHIIQQQQ")
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")
+_END = struct.Struct("<4sHHHHIIH")
+_VERSION_ZIP64, _VERSION_PLAIN = 45, 20  # "version needed to extract": 4.5 has zip64
+_FLAG_UTF8 = 0x0800  # names are UTF-8, as torch marks them
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, time 0: output does not depend on the clock
+_ZIP64_EXTRA_ID, _PADDING_EXTRA_ID = 0x0001, 0x4246  # 0x4246 is b"FB" little-endian
+
+
+class TorchZipWriter:
+    """Writes a torch.save zip archive record by record; a with-statement or close()/abort().
+
+    ``self.fd`` is the raw fd (opened with O_CREAT|O_TRUNC). Every write is an ``os.pwrite`` at
+    an offset tracked here, so the fd's position does not matter. Before each record and at
+    close the writer checks the caller wrote nothing past a reserved range; a range left
+    unwritten is a hole that reads as zeros (close sets the file's length).
+    """
+
+    def __init__(self, path: str | os.PathLike, archive: str = "archive", *,
+                 zip64_threshold: int = ZIP64_LIMIT):
+        if not archive or "/" in archive:
+            raise ValueError(f"archive folder name must be one non-empty path part: {archive!r}")
+        self.path = os.fspath(path)
+        self.archive = archive
+        self.zip64_threshold = zip64_threshold
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.offset = 0  # where the next local header (or the central directory) goes
+        self._records: list[tuple[bytes, int, int, int]] = []  # name, header offset, size, crc
+        self._names: set[bytes] = set()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        """Writes record ``<archive>/<name>`` holding ``data`` (with its CRC-32)."""
+        data_offset = self._start_record(name, len(data), zlib.crc32(data))
+        self._pwrite(data, data_offset)
+
+    def reserve(self, name: str, nbytes: int) -> int:
+        """Writes record ``<archive>/<name>``'s header (CRC 0) and returns the offset, a multiple
+        of ALIGNMENT, where the caller must put exactly ``nbytes`` bytes on ``self.fd``."""
+        if nbytes < 0:
+            raise ValueError(f"{self.path}: negative size {nbytes} for record {name!r}")
+        return self._start_record(name, nbytes, 0)
+
+    def close(self) -> None:
+        """Writes the central directory and end records, sets the file's length, closes."""
+        self._check_open()
+        cd_offset = self.offset
+        self._check_caller_writes()
+        central = b"".join(self._central_entry(*record) for record in self._records)
+        cd_size, count = len(central), len(self._records)
+        zip64_end_offset = cd_offset + cd_size
+        end = (_ZIP64_END.pack(b"PK\x06\x06", _ZIP64_END.size - 12, _VERSION_ZIP64,
+                               _VERSION_ZIP64, 0, 0, count, count, cd_size, cd_offset)
+               + _ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, zip64_end_offset, 1)
+               + _END.pack(b"PK\x05\x06", 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                           self._fit32(cd_size), self._fit32(cd_offset), 0))
+        self._pwrite(central + end, cd_offset)
+        os.ftruncate(self.fd, cd_offset + len(central) + len(end))
+        os.close(self.fd)
+        self.fd = -1
+
+    def abort(self) -> None:
+        """Closes the fd (if open) and removes the file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _start_record(self, name: str, size: int, crc: int) -> int:
+        self._check_open()
+        self._check_caller_writes()
+        full_name = f"{self.archive}/{name}".encode()
+        if not name or name.startswith("/") or full_name in self._names:
+            raise ValueError(f"{self.path}: bad or repeated record name {name!r}")
+        header_offset = self.offset
+        zip64 = size >= self.zip64_threshold or header_offset >= self.zip64_threshold
+        extra = _extra(_ZIP64_EXTRA_ID, struct.pack("<QQ", size, size)) if zip64 else b""
+        unpadded = header_offset + _LOCAL.size + len(full_name) + len(extra) + 4
+        extra += _extra(_PADDING_EXTRA_ID, b"Z" * (-unpadded % ALIGNMENT))
+        size32 = ZIP64_LIMIT if zip64 else size
+        header = _LOCAL.pack(b"PK\x03\x04", _VERSION_ZIP64 if zip64 else _VERSION_PLAIN,
+                             _FLAG_UTF8, zipfile.ZIP_STORED, 0, _DOS_DATE, crc, size32, size32,
+                             len(full_name), len(extra))
+        self._pwrite(header + full_name + extra, header_offset)
+        data_offset = header_offset + len(header) + len(full_name) + len(extra)
+        assert data_offset % ALIGNMENT == 0
+        self._names.add(full_name)
+        self._records.append((full_name, header_offset, size, crc))
+        self.offset = data_offset + size
+        return data_offset
+
+    def _central_entry(self, full_name: bytes, header_offset: int, size: int, crc: int) -> bytes:
+        # zip64 extra: only the fields whose 32-bit slot holds 0xFFFFFFFF, in this order.
+        size32, offset32 = self._fit32(size), self._fit32(header_offset)
+        wide = [value for value, slot in ((size, size32), (size, size32),
+                                          (header_offset, offset32)) if slot == ZIP64_LIMIT]
+        extra = _extra(_ZIP64_EXTRA_ID, struct.pack(f"<{len(wide)}Q", *wide)) if wide else b""
+        version = _VERSION_ZIP64 if wide else _VERSION_PLAIN
+        return _CENTRAL.pack(b"PK\x01\x02", _VERSION_ZIP64, version, _FLAG_UTF8,
+                             zipfile.ZIP_STORED, 0, _DOS_DATE, crc, size32, size32,
+                             len(full_name), len(extra), 0, 0, 0, 0, offset32) + full_name + extra
+
+    def _fit32(self, value: int) -> int:
+        return ZIP64_LIMIT if value >= min(self.zip64_threshold, ZIP64_LIMIT) else value
+
+    def _check_open(self) -> None:
+        if self.fd < 0:
+            raise ValueError(f"{self.path}: writer is closed")
+
+    def _check_caller_writes(self) -> None:
+        length = os.fstat(self.fd).st_size
+        if length > self.offset:
+            raise ValueError(f"{self.path}: file is {length} bytes, past the end of the last "
+                             f"record ({self.offset}): bytes written outside a reserved range")
+
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+
+def _extra(field_id: int, payload: bytes) -> bytes:
+    return struct.pack("<HH", field_id, len(payload)) + payload
+
+
+def read_zip_directory(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Record name without its archive folder -> (absolute offset of its bytes, size).
+
+    Reads the central directory (zip64 aware, with ``zipfile``) and each record's local header,
+    whose extra field may differ in length from the central one. Raises ValueError naming the
+    file for a file that is not a zip, is truncated, holds compressed records or records
+    outside one top-level folder.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as file:
+        try:
+            with zipfile.ZipFile(file) as archive:
+                infos = archive.infolist()
+        except (zipfile.BadZipFile, EOFError, struct.error) as exc:
+            file.seek(0)
+            what = ("truncated or corrupt zip archive" if file.read(4) == b"PK\x03\x04"
+                    else "not a zip archive")
+            raise ValueError(f"{path}: {what} ({exc})") from exc
+        file_size = os.fstat(file.fileno()).st_size
+        records: dict[str, tuple[int, int]] = {}
+        folders = set()
+        for info in infos:
+            folder, slash, name = info.filename.partition("/")
+            if not slash:
+                raise ValueError(f"{path}: record {info.filename!r} is not in a folder")
+            folders.add(folder)
+            if not name or name.endswith("/"):  # a directory entry
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: record {info.filename!r} is compressed "
+                                 f"(method {info.compress_type}); torch.save stores records")
+            header = os.pread(file.fileno(), _LOCAL.size, info.header_offset)
+            if len(header) < _LOCAL.size or header[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: no local header for {info.filename!r} at "
+                                 f"offset {info.header_offset} (truncated or corrupt)")
+            name_length, extra_length = _LOCAL.unpack(header)[-2:]
+            data_offset = info.header_offset + _LOCAL.size + name_length + extra_length
+            if data_offset + info.file_size > file_size:
+                raise ValueError(f"{path}: truncated: record {info.filename!r} ends at "
+                                 f"{data_offset + info.file_size}, the file is {file_size} bytes")
+            records[name] = (data_offset, info.file_size)
+        if len(folders) > 1:
+            raise ValueError(f"{path}: records in several top-level folders {sorted(folders)}")
+        return records
+
+
+def read_record(path: str | os.PathLike, name: str) -> bytes:
+    """The bytes of one (small) record, by its name without the archive folder; CRC unchecked."""
+    records = read_zip_directory(path)
+    if name not in records:
+        raise ValueError(f"{os.fspath(path)}: no record {name!r}")
+    offset, size = records[name]
+    with open(path, "rb") as file:
+        data = os.pread(file.fileno(), size, offset)
+    if len(data) != size:
+        raise ValueError(f"{os.fspath(path)}: truncated record {name!r}")
+    return data

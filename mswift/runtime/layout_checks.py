@@ -1,0 +1,99 @@
+"""Checks of a parallel layout against the model and world size, before any process exists.
+
+:func:`layout_problems` runs before any process group or model exists, so a bad layout fails
+in a second with one message per mistake instead of hanging or crashing inside megatron-core.
+Plain config logic: importing this module imports neither torch nor megatron-core (the
+conversion tools check layouts with it without paying for those imports).
+"""
+from __future__ import annotations
+
+from mswift.config.schema import ConfigError, MswiftConfig
+
+
+def layout_problems(cfg: MswiftConfig, world_size: int) -> list[str]:
+    """Every way the parallel layout in ``cfg`` does not fit ``world_size`` ranks and the model."""
+    par = cfg.parallel
+    tp, pp, cp, ep = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                      par.context_parallel_size, par.expert_model_parallel_size)
+    etp = par.expert_tensor_parallel_size or tp
+    problems = []
+    if world_size % (tp * pp * cp):
+        problems.append(
+            f"world size {world_size}: not divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp}) = {tp * pp * cp}"
+        )
+    if world_size % (etp * ep * pp):
+        problems.append(
+            f"world size {world_size}: not divisible by expert_tensor_parallel_size ({etp}) x "
+            f"expert_model_parallel_size ({ep}) x pipeline_model_parallel_size ({pp}) = "
+            f"{etp * ep * pp}"
+        )
+    # With hf_model, the model section must already be filled from its config.json
+    # (mswift.models.registry.apply_hf_model), as the training driver does first.
+    problems += model_fit_problems(cfg)
+    if not problems:
+        problems += batch_problems(cfg, world_size)
+    return problems
+
+
+def batch_problems(cfg: MswiftConfig, world_size: int) -> list[str]:
+    mbs, gbs = cfg.training.micro_batch_size, cfg.training.global_batch_size
+    dp = data_parallel_size(cfg, world_size)
+    if gbs is not None and gbs % (mbs * dp):
+        return [f"global_batch_size={gbs}: must be a multiple of micro_batch_size ({mbs}) x "
+                f"data-parallel size ({dp}) = {mbs * dp}"]
+    return []
+
+
+def model_fit_problems(cfg: MswiftConfig) -> list[str]:
+    """Problems between the layout and the model's shape (heads, groups, experts, layers)."""
+    par, model = cfg.parallel, cfg.model
+    tp, pp, ep = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                  par.expert_model_parallel_size)
+    vpp = par.virtual_pipeline_model_parallel_size or 1
+    problems = []
+    if model.num_attention_heads % tp:
+        problems.append(
+            f"tensor_model_parallel_size={tp}: must divide num_attention_heads="
+            f"{model.num_attention_heads}"
+        )
+    groups = model.num_query_groups or model.num_attention_heads
+    if groups % tp:
+        problems.append(f"tensor_model_parallel_size={tp}: must divide num_query_groups={groups}")
+    if model.num_layers % (pp * vpp):
+        what = "pipeline_model_parallel_size" + (" x virtual_pipeline_model_parallel_size"
+                                                 if vpp > 1 else "")
+        problems.append(
+            f"{what}={pp * vpp}: must divide num_layers={model.num_layers}"
+        )
+    if model.num_experts is None:
+        if ep > 1:
+            problems.append(f"expert_model_parallel_size={ep}: needs an MoE model (num_experts)")
+    else:
+        if model.num_experts % ep:
+            problems.append(
+                f"expert_model_parallel_size={ep}: must divide num_experts={model.num_experts}"
+            )
+        if tp > 1 and not par.sequence_parallel:
+            problems.append(
+                f"sequence_parallel=false: MoE with tensor_model_parallel_size={tp} needs "
+                "sequence_parallel=true (megatron-core refuses to train it otherwise)"
+            )
+    if par.sequence_parallel and cfg.data.seq_length % tp:
+        problems.append(
+            f"seq_length={cfg.data.seq_length}: must be divisible by "
+            f"tensor_model_parallel_size={tp} with sequence_parallel"
+        )
+    return problems
+
+
+def data_parallel_size(cfg: MswiftConfig, world_size: int) -> int:
+    par = cfg.parallel
+    return world_size // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                          * par.context_parallel_size)
+
+
+def check_layout(cfg: MswiftConfig, world_size: int) -> None:
+    problems = layout_problems(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)

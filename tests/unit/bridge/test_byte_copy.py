@@ -1,0 +1,166 @@
+"""The byte-copy conversions (``mswift.bridge.byte_copy``) against the tensor path: the same
+rank files (every tensor, args included) and the same HF files, for every family at TP / PP /
+EP / VPP layouts; column slices gathered in several bands; the buffered fallback where
+``copy_file_range`` is refused; and no torch import on the command line."""
+import argparse
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mswift.bridge import byte_copy, dtypes
+from mswift.bridge.convert import hf_to_mcore, mcore_to_hf
+from mswift.bridge.hf_io import HFCheckpoint
+from mswift.bridge.layout import HFModel
+from mswift.bridge.legacy import FILE, LegacyLayout, megatron_args, write_legacy
+from mswift.bridge.model_io import HFSource
+from mswift.models.registry import families
+from mswift.testing.hf_models import save_tiny_hf_model
+
+ROOT = Path(__file__).resolve().parents[3]
+FAMILIES = [f.name for f in families()]
+LAYOUTS = {"tp1": LegacyLayout(), "tp2_pp2": LegacyLayout(tp=2, pp=2),
+           "pp2_vpp2": LegacyLayout(pp=2, vpp=2)}
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {(name, dtype): save_tiny_hf_model(name, root / f"{name}-{dtype}",
+                                              dtype=getattr(torch, dtype))
+            for name in FAMILIES for dtype in ("bfloat16", "float32")}
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    """Two rank files hold the same object: keys, tensors bit for bit, args."""
+    x, y = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+    assert x.keys() == y.keys()
+    for key in x:
+        if isinstance(x[key], dict):
+            assert list(x[key]) == list(y[key]), key
+            for name, t in x[key].items():
+                u = y[key][name]
+                if t is None:
+                    assert u is None, name
+                else:
+                    assert t.dtype == u.dtype and t.shape == u.shape, name
+                    assert torch.equal(t.view(torch.uint8), u.view(torch.uint8)), name
+        elif isinstance(x[key], argparse.Namespace):
+            assert vars(x[key]) == vars(y[key])
+        else:
+            assert x[key] == y[key], key
+
+
+def write_both(src: Path, tmp_path: Path, layout: LegacyLayout) -> tuple[Path, Path]:
+    """Rank files of ``layout`` written by copying bytes and by making tensors."""
+    model = HFModel.open(src)
+    ckpt = HFCheckpoint(src)
+    wmap = model.weight_map(model.padded_vocab(layout.tp))
+    kind = ckpt.model_kind()
+    assert byte_copy.hf_to_legacy_applies(ckpt, wmap, kind)
+    copied, made = tmp_path / "copied", tmp_path / "made"
+    args = megatron_args(model.model, layout, wmap.dims.padded_vocab, kind, 0)
+    byte_copy.write_legacy_copying(ckpt, wmap, layout, copied, kind, args)
+    dtype = dtypes.torch_dtype(kind)
+    args = megatron_args(model.model, layout, wmap.dims.padded_vocab, dtype, 0)
+    write_legacy(HFSource(ckpt, wmap), wmap, layout, made, dtype, args)
+    return copied, made
+
+
+def rank_files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob(FILE))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_copied_rank_files_equal_made_ones(hf, tmp_path, family, dtype):
+    layouts = dict(LAYOUTS)
+    if family == "qwen3_moe":
+        layouts["ep2_tp2"] = LegacyLayout(tp=2, ep=2)
+    for name, layout in layouts.items():
+        copied, made = write_both(hf[(family, dtype)], tmp_path / name, layout)
+        files = rank_files(made)
+        assert rank_files(copied) == files and len(files) == layout.tp * layout.pp * layout.ep
+        for rel in files:
+            assert_same_files(copied / rel, made / rel)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_copied_hf_files_equal_made_ones(hf, tmp_path, family, monkeypatch):
+    """legacy (TP2 x PP2: column slices merged) -> HF, both paths, byte-identical files; and the
+    copy is the original checkpoint's tensors."""
+    src = hf[(family, "bfloat16")]
+    leg = hf_to_mcore(src, tmp_path / "leg", "legacy", tp=2, pp=2, progress=False)
+    copied = mcore_to_hf(leg, tmp_path / "copied", progress=False)
+    monkeypatch.setattr(byte_copy, "legacy_to_hf_applies", lambda source, kinds: False)
+    made = mcore_to_hf(leg, tmp_path / "made", progress=False)
+    names = sorted(p.name for p in made.iterdir())
+    assert sorted(p.name for p in copied.iterdir()) == names
+    for name in names:
+        assert (copied / name).read_bytes() == (made / name).read_bytes(), name
+    original, back = HFCheckpoint(src), HFCheckpoint(copied)
+    assert sorted(original.names) == sorted(back.names)
+    for name in original.names:
+        assert torch.equal(original.read(name).view(torch.uint8),
+                           back.read(name).view(torch.uint8)), name
+
+
+def test_small_bands_and_refused_copy_file_range(hf, tmp_path, monkeypatch):
+    """Column slices gathered a few rows at a time, and copies through a buffer where the
+    kernel refuses ``copy_file_range`` (another file system), give the same files."""
+    src = hf[("qwen2", "float32")]
+    layout = LegacyLayout(tp=2)
+    expected, _ = write_both(src, tmp_path / "plain", layout)
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(byte_copy, "BUFFER_BYTES", 3 * 64 * 4 + 12)  # a few rows per band
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    copied, made = write_both(src, tmp_path / "small", layout)
+    for rel in rank_files(expected):
+        assert_same_files(copied / rel, expected / rel)
+        assert_same_files(made / rel, expected / rel)
+
+
+def test_a_changed_dtype_makes_tensors(hf, tmp_path):
+    """--dtype bf16 from fp32 weights cannot copy bytes: the tensor path converts."""
+    src = hf[("llama", "float32")]
+    model, ckpt = HFModel.open(src), HFCheckpoint(src)
+    wmap = model.weight_map(model.padded_vocab(1))
+    assert not byte_copy.hf_to_legacy_applies(ckpt, wmap, dtypes.BY_NAME["bfloat16"])
+    leg = hf_to_mcore(src, tmp_path / "leg", "legacy", dtype="bf16", progress=False)
+    state = torch.load(leg / "iter_0000000" / "mp_rank_00" / FILE, weights_only=False)
+    weights = [t for t in state["model"].values() if t is not None]
+    assert weights and all(t.dtype == torch.bfloat16 for t in weights)
+    assert state["args"].params_dtype is torch.bfloat16
+
+
+def test_command_lines_do_not_import_torch(hf, tmp_path):
+    """HF -> legacy -> HF from the command line, dtype kept: torch is never imported."""
+    src = hf[("qwen3", "bfloat16")]
+    leg, back = tmp_path / "leg", tmp_path / "back"
+    script = (
+        "import runpy, sys\n"
+        "for tool, args in [('hf_to_mcore', ['--hf-dir', sys.argv[1], '--out', sys.argv[2], "
+        "'--format', 'legacy', '--tp', '2']), ('mcore_to_hf', ['--mcore-dir', sys.argv[2], "
+        "'--out', sys.argv[3]])]:\n"
+        "    sys.argv = [tool] + args\n"
+        "    try:\n"
+        "        runpy.run_path(f'checkpoint_convert/{tool}.py', run_name='__main__')\n"
+        "    except SystemExit as done:\n"
+        "        assert not done.code, done.code\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(leg), str(back)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout
+    original, copied = HFCheckpoint(src), HFCheckpoint(back)
+    for name in original.names:
+        assert torch.equal(original.read(name).view(torch.uint8),
+                           copied.read(name).view(torch.uint8)), name
