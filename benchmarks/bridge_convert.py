@@ -4,14 +4,16 @@ Builds a synthetic Llama-style HF checkpoint (random weights, exact HF tensor na
 safetensors + index, config.json from ``transformers.LlamaConfig``) of about ``--sizes`` GB
 each, then runs as subprocesses, one at a time:
 
-    cp -r HF COPY                                                    (the baseline)
     checkpoint_convert/hf_to_mcore.py --hf-dir HF --out LEG --format legacy --tp 1 --pp 1
     checkpoint_convert/hf_to_mcore.py --hf-dir HF --out TD  --format torch_dist --tp 1 --pp 1
     checkpoint_convert/mcore_to_hf.py --mcore-dir LEG --out HF_LEG
     checkpoint_convert/mcore_to_hf.py --mcore-dir TD  --out HF_TD
 
-and prints, per size: wall time / cp's wall time (issue 3 target: <= 2x each way; the lower
-median of ``--repeat`` runs, also with a ``sync`` after each command) and peak RSS against
+each paired with its baseline, ``cp -r`` of the same input (HF, LEG or TD) run just before it,
+``--repeat`` times in turn (so both see the same page cache: inputs written earlier may have
+been evicted once the files outgrow memory). It prints, per size: each conversion's wall time /
+its cp's (issue 3 target: <= 2x each way; the lower median of ``--repeat`` runs, also with a
+``sync`` after each command) and peak RSS against
 ``largest tensor x 3 + 1 GB`` (target, and it should not grow with the model). Peak RSS is the
 largest process's ``ru_maxrss`` from ``os.wait4`` in a small launcher (includes file-backed
 pages of memory-mapped inputs); peak ``VmRSS`` and ``RssAnon`` summed over the process tree
@@ -183,19 +185,29 @@ def measure(cmd: list[str], env: dict) -> dict:
     return {"wall": wall, "synced": synced, "rss": maxrss, "tree_rss": peak[0], "anon": peak[1]}
 
 
-def measure_repeated(cmd: list[str], out: Path, env: dict, repeat: int) -> dict:
-    """``measure`` ``repeat`` times (``out`` removed between runs): median times, max memory."""
-    runs = []
-    for i in range(repeat):
-        if i:
-            shutil.rmtree(out)
-            subprocess.run(["sync"], check=True)
-        runs.append(measure(cmd, env))
+def _summary(runs: list[dict]) -> dict:
+    """Median times (the lower one of an even count), max memory, every wall time."""
     median = lambda key: sorted(r[key] for r in runs)[(len(runs) - 1) // 2]  # noqa: E731
     result = {key: median(key) for key in ("wall", "synced")}
     result.update({key: max(r[key] for r in runs) for key in ("rss", "tree_rss", "anon")})
     result["walls"] = [r["wall"] for r in runs]
     return result
+
+
+def measure_paired(cmd: list[str], out: Path, source: Path, copy: Path, env: dict,
+                   repeat: int) -> tuple[dict, dict]:
+    """``cp -r source copy`` then ``cmd``, ``repeat`` times in turn (outputs removed and synced
+    between runs, the last ones kept): the baseline's and the command's summaries."""
+    baseline, runs = [], []
+    for i in range(repeat):
+        for path in (copy, out):
+            if path.exists():
+                shutil.rmtree(path)
+        subprocess.run(["sync"], check=True)
+        baseline.append(measure(["cp", "-r", str(source), str(copy)], env))
+        runs.append(measure(cmd, env))
+    shutil.rmtree(copy)
+    return _summary(baseline), _summary(runs)
 
 
 # -- round-trip check -----------------------------------------------------------------------------
@@ -246,7 +258,6 @@ def run_size(size_gb: float, args, work: Path, env: dict) -> dict:
     to_mcore = py + ["checkpoint_convert/hf_to_mcore.py", "--hf-dir", str(d / "hf"),
                      "--tp", "1", "--pp", "1"]
     runs = {
-        "cp -r": ["cp", "-r", str(d / "hf"), str(d / "copy")],
         "hf -> legacy": to_mcore + ["--out", str(d / "legacy"), "--format", "legacy"],
         "hf -> torch_dist": to_mcore + ["--out", str(d / "td"), "--format", "torch_dist"],
         "legacy -> hf": py + ["checkpoint_convert/mcore_to_hf.py", "--mcore-dir",
@@ -254,16 +265,17 @@ def run_size(size_gb: float, args, work: Path, env: dict) -> dict:
         "torch_dist -> hf": py + ["checkpoint_convert/mcore_to_hf.py", "--mcore-dir",
                                   str(d / "td"), "--out", str(d / "hf_td")],
     }
-    outs = {label: Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else Path(cmd[-1])
-            for label, cmd in runs.items()}
-    results = {}
+    results, baselines = {}, {}
     for label, cmd in runs.items():
-        results[label] = measure_repeated(cmd, outs[label], env, args.repeat)
-        r = results[label]
-        walls = "/".join(f"{w:.1f}" for w in r["walls"])
-        print(f"  {label:<17} {walls} s (+sync {r['synced']:.1f} s)  peak RSS "
-              f"{r['rss'] / GB:5.2f} GB, process tree {r['tree_rss'] / GB:5.2f} GB "
-              f"(anon {r['anon'] / GB:5.2f} GB)", flush=True)
+        source = Path(cmd[cmd.index("--hf-dir" if "--hf-dir" in cmd else "--mcore-dir") + 1])
+        out = Path(cmd[cmd.index("--out") + 1])
+        baselines[label], results[label] = measure_paired(cmd, out, source, d / "copy", env,
+                                                          args.repeat)
+        for name, r in ((f"cp -r {source.name}", baselines[label]), (label, results[label])):
+            walls = "/".join(f"{w:.1f}" for w in r["walls"])
+            print(f"  {name:<17} {walls} s (+sync {r['synced']:.1f} s)  peak RSS "
+                  f"{r['rss'] / GB:5.2f} GB, process tree {r['tree_rss'] / GB:5.2f} GB "
+                  f"(anon {r['anon'] / GB:5.2f} GB)", flush=True)
     exact = {}
     for label, out in (("legacy", d / "hf_legacy"), ("torch_dist", d / "hf_td")):
         problems = compare_hf(d / "hf", out)
@@ -272,21 +284,23 @@ def run_size(size_gb: float, args, work: Path, env: dict) -> dict:
               f"{len(problems)} problems, e.g. {problems[:3]}"), flush=True)
     if not args.keep:
         shutil.rmtree(d)
-    return {"facts": facts, "results": results, "exact": exact}
+    return {"facts": facts, "results": results, "baselines": baselines, "exact": exact}
 
 
 def print_table(all_results: dict) -> None:
-    print("\nwall time vs cp -r (target <= 2x; lower median of --repeat runs; +sync: until on "
-          "disk); peak RSS of the largest process vs largest tensor x 3 + 1 GB (target)")
-    print(f"{'size':>7} {'step':<17} {'wall s':>7} {'x cp':>6} {'+sync s':>8} {'x cp':>6} "
-          f"{'RSS GB':>7} {'anon GB':>8} {'tree GB':>8} {'target GB':>9} {'RSS/target':>10}")
+    print("\nwall time vs cp -r of the same input (target <= 2x; lower median of --repeat runs; "
+          "+sync: until on disk); peak RSS of the largest process vs largest tensor x 3 + 1 GB "
+          "(target)")
+    print(f"{'size':>7} {'step':<17} {'cp s':>5} {'wall s':>7} {'x cp':>6} {'cp+sync':>8} "
+          f"{'+sync s':>8} {'x cp':>6} {'RSS GB':>7} {'anon GB':>8} {'tree GB':>8} "
+          f"{'target GB':>9} {'RSS/target':>10}")
     for size, res in all_results.items():
         target = 3 * res["facts"]["largest"] + GB
-        cp = res["results"]["cp -r"]["wall"]
-        cp_synced = res["results"]["cp -r"]["synced"]
         for label, r in res["results"].items():
-            print(f"{res['facts']['bytes'] / GB:6.2f}G {label:<17} {r['wall']:7.1f} "
-                  f"{r['wall'] / cp:6.2f} {r['synced']:8.1f} {r['synced'] / cp_synced:6.2f} "
+            cp = res["baselines"][label]
+            print(f"{res['facts']['bytes'] / GB:6.2f}G {label:<17} {cp['wall']:5.1f} "
+                  f"{r['wall']:7.1f} {r['wall'] / cp['wall']:6.2f} {cp['synced']:8.1f} "
+                  f"{r['synced']:8.1f} {r['synced'] / cp['synced']:6.2f} "
                   f"{r['rss'] / GB:7.2f} {r['anon'] / GB:8.2f} {r['tree_rss'] / GB:8.2f} "
                   f"{target / GB:9.2f} {r['rss'] / target:10.2f}")
         print(f"{'':7} round trip bit-exact: " +

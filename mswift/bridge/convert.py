@@ -192,14 +192,14 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
 
 def _write_legacy_from_hf(hf, ckpt, wmap, layout: Layout, tmp: Path, kind: dtypes.Dtype,
                           progress) -> None:
-    from mswift.bridge.byte_copy import hf_to_legacy_applies, write_legacy_copying
+    from mswift.bridge.byte_copy import HFBytes, hf_to_legacy_applies, write_legacy_copying
 
     legacy = LegacyLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=layout.vpp)
     mine = legacy.ranks()[rank()::world_size()]
     progress = progress and rank() == 0
     if hf_to_legacy_applies(ckpt, wmap, kind):
         args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, kind, iteration=0)
-        write_legacy_copying(ckpt, wmap, legacy, tmp, kind, args, ranks=mine,
+        write_legacy_copying(HFBytes(ckpt, wmap), wmap, legacy, tmp, args, ranks=mine,
                              progress=progress)
     else:
         dtype = dtypes.torch_dtype(kind)
@@ -285,7 +285,7 @@ def _write_hf_from_source(source, tmp: Path, kinds: dict[str, dtypes.Dtype], max
     """Every rank calls this: the HF shards are shared out (rank r writes shards r, r + world,
     ...), each rank reads the megatron tensors its shards need; rank 0 writes the index.
     ``kinds``: the dtype of each HF tensor (others keep their megatron tensor's)."""
-    from mswift.bridge.byte_copy import legacy_to_hf_applies, write_hf_copying
+    from mswift.bridge.byte_copy import COPY_THREADS, legacy_to_hf_applies, write_hf_copying
 
     copying = isinstance(source, LegacySource) and legacy_to_hf_applies(source, kinds)
     plan = hf_plan(source.wmap, kinds, source.kind if copying else
@@ -293,7 +293,8 @@ def _write_hf_from_source(source, tmp: Path, kinds: dict[str, dtypes.Dtype], max
     max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     shards = HFShardWriter.plan_shards(plan, max_shard_bytes)
     writer = HFShardWriter(tmp, plan, max_shard_bytes,
-                           shards=range(rank(), len(shards), world_size()))
+                           shards=range(rank(), len(shards), world_size()),
+                           copy_threads=COPY_THREADS if copying else 1)
     if copying:
         write_hf_copying(source, writer, progress and rank() == 0)
     else:
@@ -365,19 +366,27 @@ def reshard(mcore_dir, out, tp: int, pp: int, ep: int, vpp: int | None = None, h
     wmap = template.weight_map(padded)
     check_new_output(out, [root])
     ensure_process_group()
+    from mswift.bridge.byte_copy import LegacyBytes, reshard_applies, write_legacy_copying
+
     source = LegacySource(root, wmap)
     target = LegacyLayout(tp=tp, pp=pp, ep=ep, vpp=vpp)
-    dtype = next(iter(source.pieces.values())).dtype
-    args = megatron_args(template.model, target, padded, dtype, source.iteration)
+    kind = next(iter(source.pieces.values())).kind
+    copying = reshard_applies(source)
+    args = megatron_args(template.model, target, padded,
+                         kind if copying else dtypes.torch_dtype(kind), source.iteration)
+    mine, progress = target.ranks()[rank()::world_size()], progress and rank() == 0
     with staged_output(out) as tmp:
-        write_legacy(source, wmap, target, tmp, None, args, iteration=source.iteration,
-                     ranks=target.ranks()[rank()::world_size()],
-                     progress=progress and rank() == 0)
+        if copying:
+            write_legacy_copying(LegacyBytes(source), wmap, target, tmp, args,
+                                 iteration=source.iteration, ranks=mine, progress=progress)
+        else:
+            write_legacy(source, wmap, target, tmp, None, args, iteration=source.iteration,
+                         ranks=mine, progress=progress)
         barrier()
         if rank() == 0:
             write_tracker(tmp, source.iteration)
             meta = read_metadata(root)
-            write_metadata(tmp, template, "legacy", layout, padded, dtype,
+            write_metadata(tmp, template, "legacy", layout, padded, kind,
                            meta.get("hf_tensors", []), source.iteration)
     return out
 

@@ -22,6 +22,7 @@ from mswift.bridge.safetensors_file import (
     encode_header,
     tensor_bytes,
 )
+from mswift.bridge.torch_file import run_parallel
 from mswift.lazy_import import lazy_module
 
 torch = lazy_module("torch")  # opening and checking a checkpoint does not need it
@@ -247,7 +248,8 @@ class HFShardWriter:
     """
 
     def __init__(self, directory: str | Path, plan: list[PlanEntry],
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, shards=None):
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, shards=None,
+                 copy_threads: int = 1):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shards = self.plan_shards(plan, max_shard_bytes)
@@ -261,6 +263,8 @@ class HFShardWriter:
         self._queue = [(i, entry) for i in self._mine for entry in self.shards[i]]
         self._next = 0
         self._file = None
+        self._fills: list = []  # add_copied's, run when the shard is complete
+        self.copy_threads = copy_threads
         self._file_shard = -1
 
     @staticmethod
@@ -315,7 +319,8 @@ class HFShardWriter:
 
     def add_copied(self, name: str, kind: dtypes.Dtype, shape: tuple[int, ...], fill) -> None:
         """Like :meth:`add` for a tensor whose bytes ``fill(fd, offset)`` writes into the shard
-        itself (``os.copy_file_range`` / ``os.pwrite`` at that offset), without torch."""
+        itself (``os.copy_file_range`` / ``os.pwrite`` at that offset), without torch. The
+        fills of a shard run when it is complete, ``copy_threads`` at once."""
         if self._next == len(self._queue):
             raise ValueError(f"{name}: added after every tensor of the plan")
         shard, (want, dtype, want_shape) = self._queue[self._next]
@@ -328,7 +333,7 @@ class HFShardWriter:
         offset = self._file.tell()
         nbytes = tensor_bytes(kind, shape)
         if nbytes:
-            fill(self._file.fileno(), offset)
+            self._fills.append(lambda fd=self._file.fileno(): fill(fd, offset))
             self._file.seek(offset + nbytes)
         self._next += 1
         if self._next == len(self._queue) or self._queue[self._next][0] != shard:
@@ -343,8 +348,13 @@ class HFShardWriter:
 
     def _end_shard(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            try:
+                self._file.flush()
+                fills, self._fills = self._fills, []
+                run_parallel(fills, self.copy_threads)
+            finally:
+                self._file.close()
+                self._file = None
 
     def close(self) -> dict | None:
         """Rename the shards to their final names and (writing every shard) write the index,
@@ -363,6 +373,7 @@ class HFShardWriter:
         return write_index(self.dir, self.shards) if self._write_index else None
 
     def _discard(self) -> None:
+        self._fills.clear()
         self._end_shard()
         for shard in self._mine:
             self._path(shard).unlink(missing_ok=True)

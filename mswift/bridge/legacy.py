@@ -252,6 +252,19 @@ class LegacySource:
             problems += self._read_rank(tp_rank, pp_rank, ep_rank)
         if problems:
             raise BridgeError(problems, headline=f"{root}: checkpoint does not match its model")
+        self._alias_copies()
+
+    def _alias_copies(self) -> None:
+        """A tensor only read from HF (a tied model's output layer, which a checkpoint without
+        a separate last stage does not store) is the stored tensor made of the same HF names."""
+        by_hf = {}
+        for name in self.wmap.mcore_names(to_hf_only=True):
+            by_hf[tuple(self.wmap.lookup(name)[1])] = name
+        for name in self.wmap.mcore_names():
+            twin = by_hf.get(tuple(self.wmap.lookup(name)[1]))
+            for r in range(self.layout.tp):
+                if (name, r) not in self.pieces and twin and (twin, r) in self.pieces:
+                    self.pieces[(name, r)] = self.pieces[(twin, r)]
 
     def _read_rank(self, tp_rank: int, pp_rank: int, ep_rank: int) -> list[str]:
         path = self.iter_dir / self.layout.rank_dir(tp_rank, pp_rank, ep_rank) / FILE

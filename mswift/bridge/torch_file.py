@@ -185,10 +185,12 @@ def save_streaming(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _write_archive(path: str | os.PathLike, data_pkl: bytes,
-                   records: list[tuple[str, int, Callable[[int, int], None]]]) -> None:
+                   records: list[tuple[str, int, Callable[[int, int], None]]],
+                   threads: int = 1) -> None:
     """The records torch.save writes, in its order; each storage record ``(key, nbytes,
-    fill)`` is filled by ``fill(fd, offset)``. A failure removes the file (a partial file
-    must not pass for a checkpoint)."""
+    fill)`` is filled by ``fill(fd, offset)``, one after the other, or with ``threads`` > 1
+    all records laid out first and then filled by that many threads at once. A failure
+    removes the file (a partial file must not pass for a checkpoint)."""
     # No CRC-32s for the storages: torch.load never checks them, and computing them takes
     # longer than writing the bytes (3.4 s of 4.5 s for a 1.2 GB file here).
     with TorchZipWriter(path, archive=Path(path).stem or "archive") as writer:
@@ -196,10 +198,15 @@ def _write_archive(path: str | os.PathLike, data_pkl: bytes,
         writer.add_bytes(".format_version", b"1")
         writer.add_bytes(".storage_alignment", str(ALIGNMENT).encode())
         writer.add_bytes("byteorder", sys.byteorder.encode())
-        for key, nbytes, fill in records:
-            offset = writer.reserve(f"data/{key}", nbytes)
-            if nbytes:
-                fill(writer.fd, offset)
+        if threads > 1:
+            fills = [(fill, writer.reserve(f"data/{key}", nbytes), nbytes)
+                     for key, nbytes, fill in records]
+            run_parallel([lambda f=f, o=o: f(writer.fd, o) for f, o, n in fills if n], threads)
+        else:
+            for key, nbytes, fill in records:
+                offset = writer.reserve(f"data/{key}", nbytes)
+                if nbytes:
+                    fill(writer.fd, offset)
         writer.add_bytes("version", b"3\n")
         writer.add_bytes(".data/serialization_id", str(secrets.randbits(128)).zfill(40).encode())
 
@@ -255,7 +262,7 @@ class _RecordPickler(pickle._Pickler):
         kind = obj.dtype
         if kind.storage:
             return ("storage", self._global("torch", kind.storage), obj.key, "cpu", obj.numel)
-        return ("storage", self._global("torch", "UntypedStorage"), obj.key, "cpu",
+        return ("storage", self._global("torch.storage", "UntypedStorage"), obj.key, "cpu",
                 obj.numel * kind.itemsize)
 
     def reducer_override(self, obj):
@@ -275,16 +282,26 @@ class _RecordPickler(pickle._Pickler):
         return self._globals.setdefault((module, name), TorchGlobal(module, name))
 
 
-def write_torch_file(path: str | os.PathLike, obj: Any) -> None:
+def run_parallel(tasks: list[Callable[[], None]], threads: int) -> None:
+    """Run ``tasks`` on ``threads`` threads; the first exception is raised once all stopped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for future in [pool.submit(task) for task in tasks]:
+            future.result()
+
+
+def write_torch_file(path: str | os.PathLike, obj: Any, threads: int = 1) -> None:
     """A torch.save file of ``obj`` (dicts, lists, numbers, strings, argparse.Namespace,
     :class:`TorchGlobal`, :class:`TensorRecord`) without importing torch: torch.load reads
-    each TensorRecord as a tensor, whose bytes its ``fill`` wrote."""
+    each TensorRecord as a tensor, whose bytes its ``fill`` wrote (``threads`` fills at once:
+    each must write only its own record)."""
     pickled = io.BytesIO()
     pickler = _RecordPickler(pickled)
     pickler.dump(obj)
     records = [(str(i), _numel(r.shape) * r.kind.itemsize, r.fill)
                for i, r in enumerate(pickler.records)]
-    _write_archive(path, pickled.getvalue(), records)
+    _write_archive(path, pickled.getvalue(), records, threads)
 
 
 # -- reading --------------------------------------------------------------------------------------

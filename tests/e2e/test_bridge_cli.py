@@ -300,14 +300,14 @@ def test_existing_output_and_failed_write_leave_nothing(hf, tmp_path, capsys, mo
     calls = []
     real_write = torch_file._write_archive
 
-    def failing_write(path, data_pkl, records):
+    def failing_write(path, data_pkl, records, *threads):
         calls.append(path)
         if len(calls) == 2:
             def full(fd, offset):
                 raise OSError(28, "No space left on device")
 
             records = records[:1] + [(key, nbytes, full) for key, nbytes, _ in records[1:]]
-        real_write(path, data_pkl, records)
+        real_write(path, data_pkl, records, *threads)
 
     monkeypatch.setattr(torch_file, "_write_archive", failing_write)
     fresh = tmp_path / "fresh"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mswift.bridge import byte_copy, dtypes
-from mswift.bridge.convert import hf_to_mcore, mcore_to_hf
+from mswift.bridge.convert import hf_to_mcore, mcore_to_hf, reshard
 from mswift.bridge.hf_io import HFCheckpoint
 from mswift.bridge.layout import HFModel
 from mswift.bridge.legacy import FILE, LegacyLayout, megatron_args, write_legacy
@@ -64,7 +64,7 @@ def write_both(src: Path, tmp_path: Path, layout: LegacyLayout) -> tuple[Path, P
     assert byte_copy.hf_to_legacy_applies(ckpt, wmap, kind)
     copied, made = tmp_path / "copied", tmp_path / "made"
     args = megatron_args(model.model, layout, wmap.dims.padded_vocab, kind, 0)
-    byte_copy.write_legacy_copying(ckpt, wmap, layout, copied, kind, args)
+    byte_copy.write_legacy_copying(byte_copy.HFBytes(ckpt, wmap), wmap, layout, copied, args)
     dtype = dtypes.torch_dtype(kind)
     args = megatron_args(model.model, layout, wmap.dims.padded_vocab, dtype, 0)
     write_legacy(HFSource(ckpt, wmap), wmap, layout, made, dtype, args)
@@ -164,3 +164,26 @@ def test_command_lines_do_not_import_torch(hf, tmp_path):
     for name in original.names:
         assert torch.equal(original.read(name).view(torch.uint8),
                            copied.read(name).view(torch.uint8)), name
+
+
+RESHARDS = [((2, 2, 1), (1, 1, 1)), ((1, 1, 1), (2, 1, 1)), ((2, 1, 1), (1, 2, 1))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_copied_reshard_equals_made_one(hf, tmp_path, family, monkeypatch):
+    """legacy layout A -> B by cutting the stored pieces (TP merges and splits, column slices,
+    vocabulary padded for another TP size, experts over EP) equals the tensor path's."""
+    src = hf[(family, "bfloat16")]
+    cases = RESHARDS + ([((2, 1, 2), (1, 1, 1)), ((1, 1, 1), (2, 1, 2))]
+                        if family == "qwen3_moe" else [])
+    for i, ((tp, pp, ep), (tp2, pp2, ep2)) in enumerate(cases):
+        leg = hf_to_mcore(src, tmp_path / f"leg{i}", "legacy", tp=tp, pp=pp, ep=ep,
+                          progress=False)
+        copied = reshard(leg, tmp_path / f"copied{i}", tp2, pp2, ep2, progress=False)
+        with monkeypatch.context() as patch:
+            patch.setattr(byte_copy, "reshard_applies", lambda source: False)
+            made = reshard(leg, tmp_path / f"made{i}", tp2, pp2, ep2, progress=False)
+        files = rank_files(made)
+        assert rank_files(copied) == files and len(files) == tp2 * pp2 * ep2
+        for rel in files:
+            assert_same_files(copied / rel, made / rel)

@@ -2,6 +2,7 @@
 its own, LazyTensors made once each, in file order, one at a time, and torch.save files read
 back tensor by tensor (views and shared storages included)."""
 import argparse
+import os
 import collections
 import gc
 import weakref
@@ -188,3 +189,36 @@ def test_read_of_a_file_cut_after_indexing(tmp_path):
         f.truncate(handle.offset + 100)
     with pytest.raises(TorchFileError, match=r"x\.pt: truncated"):
         handle.read()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_write_torch_file_without_torch_objects(tmp_path, threads):
+    """TensorRecords (typed and untyped storages, an empty one) filled by callbacks, one at a
+    time or several at once, and a TorchGlobal dtype: torch.load reads what torch.save of the
+    same tensors would give; load_index reads it back."""
+    from mswift.bridge import dtypes
+    from mswift.bridge.torch_file import TensorRecord, write_torch_file
+
+    tensors = {"bf16": torch.randn(7, 5).to(torch.bfloat16), "f32": torch.randn(3),
+               "u16": torch.arange(6, dtype=torch.int32).to(torch.uint16).reshape(2, 3),
+               "f8": torch.randn(4).to(torch.float8_e4m3fn), "empty": torch.empty(0, 4)}
+
+    def record(t):
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return TensorRecord(tuple(t.shape), dtypes.of_torch(t.dtype),
+                            lambda fd, offset: os.pwrite(fd, data, offset))
+
+    obj = {"model": {k: record(t) for k, t in tensors.items()}, "none": None,
+           "args": argparse.Namespace(params_dtype=TorchGlobal("torch", "bfloat16"), tp=2)}
+    write_torch_file(tmp_path / "x.pt", obj, threads=threads)
+    for weights_only in (True, False):
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            got = torch.load(tmp_path / "x.pt", weights_only=weights_only)
+        assert got["args"].params_dtype is torch.bfloat16 and got["none"] is None
+        for k, t in tensors.items():
+            u = got["model"][k]
+            assert u.dtype == t.dtype and u.shape == t.shape, k
+            assert torch.equal(u.view(torch.uint8), t.view(torch.uint8)), k
+    index = load_index(tmp_path / "x.pt")
+    for k, t in tensors.items():
+        assert torch.equal(index["model"][k].read().view(torch.uint8), t.view(torch.uint8)), k
