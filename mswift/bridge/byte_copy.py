@@ -179,7 +179,7 @@ def _gather(files: OpenFiles, b: Block, band: memoryview, r0: int, r1: int,
     return len(targets) * b.width
 
 
-# -- HF -> legacy ---------------------------------------------------------------------------------
+# -- HF -> legacy, legacy -> legacy ---------------------------------------------------------------
 
 
 def hf_to_legacy_applies(ckpt: HFCheckpoint, wmap: WeightMap, kind: dtypes.Dtype) -> bool:
@@ -211,6 +211,11 @@ class HFBytes:
             blocks.append(Block(src, t.row, t.col * itemsize, t.at_row, 0, t.rows,
                                 t.cols * itemsize))
         return blocks
+
+
+def reshard_applies(source: LegacySource) -> bool:
+    """Every stored piece is contiguous (a reshard keeps the dtypes)."""
+    return all(piece.contiguous for piece in source.pieces.values())
 
 
 class LegacyBytes:
@@ -288,11 +293,6 @@ def _record(files: OpenFiles, shape: tuple[int, ...], kind: dtypes.Dtype,
 
 
 # -- legacy -> HF ---------------------------------------------------------------------------------
-
-
-def reshard_applies(source: LegacySource) -> bool:
-    """Every stored piece is contiguous (a reshard keeps the dtypes)."""
-    return all(piece.contiguous for piece in source.pieces.values())
 
 
 def legacy_to_hf_applies(source: LegacySource, kinds: dict[str, dtypes.Dtype]) -> bool:

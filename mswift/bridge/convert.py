@@ -14,9 +14,8 @@ under torchrun the ranks share the tensors out) and write or read it with megatr
 ``dist_checkpointing`` formats, one tensor at a time (:mod:`mswift.bridge.torch_dist`). HF
 output is written in shards, shared out over the ranks under torchrun.
 
-Legacy conversions that keep every tensor's dtype copy bytes instead, file to file, without
-importing torch (:mod:`mswift.bridge.byte_copy`): same checks, same files, in about the time
-``cp`` takes for the same bytes.
+Legacy conversions and reshards that keep every tensor's dtype copy bytes instead, file to
+file, without importing torch (:mod:`mswift.bridge.byte_copy`): same checks, same files.
 """
 from __future__ import annotations
 
