@@ -15,10 +15,11 @@ tensor's bytes are made only when its record is written:
   copies of :mod:`mswift.bridge.byte_copy`), and :class:`TorchGlobal` names a torch object
   such as ``torch.bfloat16``.
 
-:func:`load_index` unpickles ``data.pkl`` alone (only the classes a Megatron checkpoint holds,
-without importing torch) and returns the object with each tensor replaced by a
-:class:`StoredTensor`, whose ``read()`` copies its bytes from the file straight into a new
-tensor (no mmap: nothing stays resident).
+:func:`load_index` unpickles ``data.pkl`` alone, without importing torch or running any
+class's code, and returns the object with each tensor replaced by a :class:`StoredTensor`,
+whose ``read()`` copies its bytes from the file straight into a new tensor (no mmap: nothing
+stays resident); objects of other classes (numpy RNG state, enums, ...) become inert
+:class:`Opaque` records.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ torch = lazy_module("torch")  # write_torch_file and load_index do not need it
 
 
 class TorchFileError(ValueError):
-    """A file torch.load could not read, or that holds more than tensors, dicts and Namespaces."""
+    """A file torch.load could not read (not a zip, a broken pickle, a missing record)."""
 
     def __init__(self, path: str, reason: str):
         self.path, self.reason = path, reason
@@ -386,10 +387,37 @@ class _StorageKind:
     kind: dtypes.Dtype | None
 
 
+class Opaque:
+    """What :func:`load_index` makes of an object of any other class (a Megatron-LM
+    checkpoint's numpy RNG state, enums in its ``args``, optimizer classes): the class's name
+    and the arguments and state it was pickled with, inert. Nothing of the class is imported or
+    run, so an untrusted file cannot execute code when its index is read."""
+
+    module: ClassVar[str] = ""
+    qualname: ClassVar[str] = ""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"Opaque({self.module}.{self.qualname})"
+
+
+def _opaque_class(module: str, name: str) -> type:
+    return type(f"Opaque_{name}", (Opaque,), {"module": module, "qualname": name})
+
+
 class _IndexUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl`` of a Megatron checkpoint: dicts, OrderedDicts, argparse.Namespace,
-    dtypes (as :class:`TorchGlobal`) and tensors (as :class:`StoredTensor`); any other class is
-    refused. ``records``: the zip's record name -> (data offset, size)."""
+    dtypes (as :class:`TorchGlobal`) and tensors (as :class:`StoredTensor`); an object of any
+    other class becomes an inert :class:`Opaque`. ``records``: the zip's record name -> (data
+    offset, size)."""
 
     _CLASSES: ClassVar[dict] = {("collections", "OrderedDict"): collections.OrderedDict,
                                 ("argparse", "Namespace"): argparse.Namespace}
@@ -398,6 +426,7 @@ class _IndexUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self.path, self.zip_records = path, records
         self._records: dict[str, _Record] = {}
+        self._opaque: dict[tuple[str, str], type] = {}
 
     def find_class(self, module, name):
         if (module, name) in self._CLASSES:
@@ -413,9 +442,10 @@ class _IndexUnpickler(pickle.Unpickler):
                 return _StorageKind(dtypes.BY_STORAGE[name])
             if name in dtypes.BY_NAME:
                 return TorchGlobal("torch", name)
-        raise pickle.UnpicklingError(
-            f"{module}.{name} is not read (a Megatron checkpoint holds only tensors, dicts, "
-            "argparse.Namespace and dtypes)")
+        key = (module, name)
+        if key not in self._opaque:
+            self._opaque[key] = _opaque_class(module, name)
+        return self._opaque[key]
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"

@@ -3,6 +3,7 @@ rank files (every tensor, args included) and the same HF files, for every family
 EP / VPP layouts; column slices gathered in several bands; the buffered fallback where
 ``copy_file_range`` is refused; and no torch import on the command line."""
 import argparse
+import enum
 import errno
 import os
 import subprocess
@@ -187,3 +188,39 @@ def test_copied_reshard_equals_made_one(hf, tmp_path, family, monkeypatch):
         assert rank_files(copied) == files and len(files) == tp2 * pp2 * ep2
         for rel in files:
             assert_same_files(copied / rel, made / rel)
+
+
+class AttnBackend(enum.Enum):  # Megatron-LM keeps enums like this in its args
+    auto = 5
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_megatron_lm_rank_files_convert_back(hf, tmp_path, monkeypatch, copy):
+    """Rank files as Megatron-LM's training writes them (torch.save itself; optimizer state,
+    scheduler, RNG state with numpy arrays, an enum in args) convert back to the original HF
+    tensors, by copying bytes and by making tensors."""
+    import numpy as np
+
+    src = hf[("llama", "bfloat16")]
+    leg = hf_to_mcore(src, tmp_path / "leg", "legacy", tp=2, pp=2, progress=False)
+    for path in leg.rglob(FILE):
+        state = torch.load(path, weights_only=False)
+        state["args"].attention_backend = AttnBackend.auto
+        weights = {k: t for k, t in state["model"].items() if t is not None}
+        state["optimizer"] = {"state": {i: {"exp_avg": torch.zeros_like(t, dtype=torch.float32)}
+                                        for i, t in enumerate(weights.values())},
+                              "param_groups": [{"lr": 1e-4, "params": list(range(len(weights)))}]}
+        state["opt_param_scheduler"] = {"num_steps": 10, "decay_style": "cosine"}
+        state["rng_state"] = [{"random_rng_state": (3, tuple(range(5)), None),
+                               "np_rng_state": np.random.get_state(),
+                               "torch_rng_state": torch.get_rng_state(),
+                               "rng_tracker_states": {"model-parallel-rng": torch.ones(8)}}]
+        torch.save(state, path)
+    if not copy:
+        monkeypatch.setattr(byte_copy, "legacy_to_hf_applies", lambda source, kinds: False)
+    back = mcore_to_hf(leg, tmp_path / "back", progress=False)
+    original, copied = HFCheckpoint(src), HFCheckpoint(back)
+    assert sorted(original.names) == sorted(copied.names)
+    for name in original.names:
+        assert torch.equal(original.read(name).view(torch.uint8),
+                           copied.read(name).view(torch.uint8)), name

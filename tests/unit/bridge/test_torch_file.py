@@ -2,9 +2,10 @@
 its own, LazyTensors made once each, in file order, one at a time, and torch.save files read
 back tensor by tensor (views and shared storages included)."""
 import argparse
-import os
 import collections
+import enum
 import gc
+import os
 import weakref
 import zipfile
 
@@ -13,6 +14,7 @@ import torch
 
 from mswift.bridge.torch_file import (
     LazyTensor,
+    Opaque,
     StoredTensor,
     TorchFileError,
     TorchGlobal,
@@ -176,10 +178,37 @@ def test_truncated_or_foreign_files_are_refused_by_name(tmp_path):
         load_index(tmp_path / "missing.pt")
 
 
-def test_other_classes_are_refused(tmp_path):
-    torch.save({"t": torch.ones(1), "f": collections.Counter("ab")}, tmp_path / "x.pt")
-    with pytest.raises(TorchFileError, match=r"x\.pt: .*collections.Counter is not read"):
-        load_index(tmp_path / "x.pt")
+class Backend(enum.Enum):  # like the enums Megatron-LM keeps in its args
+    auto = 1
+    local = 2
+
+
+def test_other_classes_are_read_as_inert_records(tmp_path):
+    """Anything but tensors, dicts and Namespaces is an Opaque record: a Megatron-LM file's
+    numpy RNG state and enums load, and a pickle that would run code runs nothing."""
+    import numpy as np
+
+    state = {"t": torch.ones(1), "f": collections.Counter("ab"),
+             "rng": {"np_rng_state": np.random.get_state(), "torch": torch.get_rng_state()},
+             "mode": Backend.auto}
+    torch.save(state, tmp_path / "x.pt")
+    index = load_index(tmp_path / "x.pt")
+    assert torch.equal(index["t"].read(), torch.ones(1))
+    assert isinstance(index["f"], Opaque) and index["f"].qualname == "Counter"
+    np_state = index["rng"]["np_rng_state"]
+    assert isinstance(np_state, tuple) and np_state[0] == "MT19937"
+    assert isinstance(np_state[1], Opaque) and np_state[1].module.startswith("numpy")
+    assert torch.equal(index["rng"]["torch"].read(), state["rng"]["torch"])
+    assert isinstance(index["mode"], Opaque)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    got = load_index(tmp_path / "evil.pt")["x"]
+    assert isinstance(got, Opaque) and got.qualname == "system"
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_read_of_a_file_cut_after_indexing(tmp_path):
