@@ -16,6 +16,7 @@ A transform works at three levels, so one table serves every path of the bridge:
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Protocol
 
@@ -123,29 +124,31 @@ def _reads_into(src, names: list[str]) -> bool:
     return hasattr(src, "read_rows_into") and len({src.dtype(n) for n in names}) == 1
 
 
-class Transform:
-    """HF tensors <-> one megatron tensor; ``tp_dim`` is the dim megatron splits over TP."""
+class Transform(ABC):
+    """HF tensors <-> one megatron tensor; ``tp_dim`` is the dim megatron splits over TP.
+    Subclasses give :meth:`local`, :meth:`local_shape` and :meth:`tiles`; the others default
+    to a tensor that is not split."""
 
     tp_dim: Optional[int] = None
     pads = False  # rows past the HF size are padding (which depends on the TP size)
     name = "transform"
 
+    @abstractmethod
     def local(self, src: TensorReader, names: list[str], tp_rank: int, tp_size: int,
               d: Dims) -> torch.Tensor:
         """This TP rank's slice, reading only its part of the HF tensors ``names``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def local_shape(self, hf_shapes: list[tuple[int, ...]], tp_size: int, d: Dims
                     ) -> tuple[int, ...]:
         """The shape of :meth:`local`'s slice (of :meth:`split` too), from the HF tensors'
         shapes (``Rule.hf_shapes``), without reading anything."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tiles(self, hf_shapes: list[tuple[int, ...]], tp_rank: int, tp_size: int, d: Dims
               ) -> list[Tile]:
         """:meth:`local`'s slice as rectangles of the HF tensors, without torch: the
         conversions that only move bytes copy them (:mod:`mswift.bridge.byte_copy`)."""
-        raise NotImplementedError
 
     def merge(self, shards: list[torch.Tensor], d: Dims) -> torch.Tensor:
         if self.tp_dim is None:

@@ -1,10 +1,12 @@
 """``Transform.local_shape`` (a TP slice's shape from the HF shapes alone, what a streamed write
-announces before reading) against the slices ``local`` and ``split`` actually give, for every
+announces before reading) and ``Transform.tiles`` (the slice as rectangles of the HF tensors,
+what the byte copies copy) against the slices ``local`` and ``split`` actually give, for every
 tensor of every family's tiny model at TP 1 and 2."""
 import pytest
+import torch
 
 from mswift.bridge.hf_io import HFCheckpoint
-from mswift.bridge.rules import WeightMap
+from mswift.bridge.rules import WeightMap, matrix_shape
 from mswift.models.registry import (
     dims_for,
     families,
@@ -16,30 +18,31 @@ from mswift.testing.hf_models import save_tiny_hf_model
 FAMILIES = [f.name for f in families()]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_local_shape_is_the_shape_of_local_and_split(tmp_path, name):
-    ckpt = HFCheckpoint(save_tiny_hf_model(name, tmp_path / name))
+def every_tensor(ckpt: HFCheckpoint):
+    """(rule, HF names, TP size, dims) of every megatron tensor of the model, at TP 1 and 2."""
     family, model = model_config_from_hf(ckpt.config)
     for tp in (1, 2):
         wmap = WeightMap(family.weight_rules, dims_for(model, padded_vocab_for(model, tp)))
-        d = wmap.dims
         for mcore in wmap.mcore_names():
             rule, hf_names = wmap.lookup(mcore)
-            transform = rule.transform
-            shards = [transform.local(ckpt, hf_names, r, tp, d) for r in range(tp)]
-            full = transform.merge(shards, d)
-            for r, shard in enumerate(shards):
-                expected = transform.local_shape(rule.hf_shapes(d), tp, d)
-                assert tuple(shard.shape) == expected, (mcore, tp, r)
-                assert tuple(transform.split(full, r, tp, d).shape) == expected, (mcore, tp, r)
+            yield mcore, rule, hf_names, tp, wmap.dims
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_local_shape_is_the_shape_of_local_and_split(tmp_path, name):
+    ckpt = HFCheckpoint(save_tiny_hf_model(name, tmp_path / name))
+    for mcore, rule, hf_names, tp, d in every_tensor(ckpt):
+        transform = rule.transform
+        shards = [transform.local(ckpt, hf_names, r, tp, d) for r in range(tp)]
+        full = transform.merge(shards, d)
+        expected = transform.local_shape(rule.hf_shapes(d), tp, d)
+        for r, shard in enumerate(shards):
+            assert tuple(shard.shape) == expected, (mcore, tp, r)
+            assert tuple(transform.split(full, r, tp, d).shape) == expected, (mcore, tp, r)
 
 
 def _from_tiles(ckpt, hf_names, tiles, shape, dtype):
     """A TP slice assembled from ``Transform.tiles`` (what the byte copies write)."""
-    import torch
-
-    from mswift.bridge.rules import matrix_shape
-
     out = torch.empty(matrix_shape(shape), dtype=dtype)
     at = 0
     for tile in tiles:
@@ -58,18 +61,11 @@ def _from_tiles(ckpt, hf_names, tiles, shape, dtype):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_tiles_give_the_slices_local_reads(tmp_path, name):
-    import torch
-
     ckpt = HFCheckpoint(save_tiny_hf_model(name, tmp_path / name))
-    family, model = model_config_from_hf(ckpt.config)
-    for tp in (1, 2):
-        wmap = WeightMap(family.weight_rules, dims_for(model, padded_vocab_for(model, tp)))
-        d = wmap.dims
-        for mcore in wmap.mcore_names():
-            rule, hf_names = wmap.lookup(mcore)
-            shape = rule.transform.local_shape(rule.hf_shapes(d), tp, d)
-            for r in range(tp):
-                tiles = rule.transform.tiles(rule.hf_shapes(d), r, tp, d)
-                expected = rule.transform.local(ckpt, hf_names, r, tp, d)
-                got = _from_tiles(ckpt, hf_names, tiles, shape, expected.dtype)
-                assert torch.equal(got, expected), (mcore, tp, r)
+    for mcore, rule, hf_names, tp, d in every_tensor(ckpt):
+        shape = rule.transform.local_shape(rule.hf_shapes(d), tp, d)
+        for r in range(tp):
+            tiles = rule.transform.tiles(rule.hf_shapes(d), r, tp, d)
+            expected = rule.transform.local(ckpt, hf_names, r, tp, d)
+            got = _from_tiles(ckpt, hf_names, tiles, shape, expected.dtype)
+            assert torch.equal(got, expected), (mcore, tp, r)
