@@ -9,7 +9,7 @@ copies, nothing passes through this process: what ``cp`` does), column slices (r
 weights at TP > 1) through a bounded buffer. No tensor is ever built and torch is not imported
 (its import alone takes longer than such a conversion of a few GB); everything else (the checks,
 the metadata, the files' formats) is what the tensor path does. :mod:`mswift.bridge.convert`
-takes this path when it applies (:func:`hf_to_legacy_applies`, :func:`legacy_to_hf_applies`,
+takes this path when it applies (:func:`hf_copy_applies`, :func:`legacy_to_hf_applies`,
 :func:`reshard_applies`).
 """
 from __future__ import annotations
@@ -182,7 +182,7 @@ def _gather(files: OpenFiles, b: Block, band: memoryview, r0: int, r1: int,
 # -- HF -> legacy, legacy -> legacy ---------------------------------------------------------------
 
 
-def hf_to_legacy_applies(ckpt: HFCheckpoint, wmap: WeightMap, kind: dtypes.Dtype) -> bool:
+def hf_copy_applies(ckpt: HFCheckpoint, wmap: WeightMap, kind: dtypes.Dtype) -> bool:
     """Every HF tensor the weight map reads already has the checkpoint's dtype ``kind``."""
     return all(ckpt.kind(name) == kind for name in wmap.hf_shapes())
 
@@ -224,9 +224,14 @@ class LegacyBytes:
 
     def __init__(self, source: LegacySource):
         self.source = source
+        self.wmap = source.wmap
 
     def kind(self, name: str) -> dtypes.Dtype:
         return self.source.kind(name)
+
+    def hf_blocks(self, name: str, part: int) -> list[Block]:
+        """HF tensor ``part`` of megatron tensor ``name`` as blocks of the stored pieces."""
+        return _legacy_blocks(self.source, name, part)
 
     def blocks(self, name: str, tiles: list[Tile]) -> list[Block]:
         itemsize = self.kind(name).itemsize
@@ -326,10 +331,11 @@ def _legacy_blocks(source: LegacySource, name: str, part: int) -> list[Block]:
     return blocks
 
 
-def write_hf_copying(source: LegacySource, writer: HFShardWriter, progress: bool = False
-                     ) -> None:
-    """The HF tensors ``writer`` expects, copied from a legacy checkpoint's pieces (see
-    :func:`legacy_to_hf_applies`); the caller closes the writer."""
+def write_hf_copying(source, writer: HFShardWriter, progress: bool = False) -> None:
+    """The HF tensors ``writer`` expects, copied from the checkpoint's stored pieces:
+    ``source`` gives each HF tensor's blocks (``hf_blocks(name, part)``: :class:`LegacyBytes`,
+    or :class:`~mswift.bridge.dist_bytes.DistBytes` for torch_dist); the caller closes the
+    writer."""
     wmap = source.wmap
     wanted = set(writer.names)
     parts = {}
@@ -346,7 +352,7 @@ def write_hf_copying(source: LegacySource, writer: HFShardWriter, progress: bool
     with OpenFiles() as files:
         for hf_name, kind, shape in entries:
             name, part = parts[hf_name]
-            blocks = _legacy_blocks(source, name, part)
+            blocks = source.hf_blocks(name, part)
             row_bytes = matrix_shape(shape)[1] * kind.itemsize
             writer.add_copied(hf_name, kind, shape,
                               lambda fd, offset, b=blocks, rb=row_bytes:

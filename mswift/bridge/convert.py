@@ -8,14 +8,18 @@ padded vocabulary, and every HF tensor's name, dtype and shape in the original o
 
 Every conversion streams: it holds about one tensor at a time, whatever the model size. Legacy
 conversions need no process group: one process writes or reads every rank file (under torchrun
-the rank files are shared out). torch_dist conversions take the checkpoint's structure from the
-whole model built on the meta device at TP1 (the same reshardable checkpoint a TP1 run saves;
-under torchrun the ranks share the tensors out) and write or read it with megatron-core's
-``dist_checkpointing`` formats, one tensor at a time (:mod:`mswift.bridge.torch_dist`). HF
-output is written in shards, shared out over the ranks under torchrun.
+the rank files are shared out). torch_dist conversions write the whole model at TP1 (the same
+reshardable checkpoint a TP1 run saves; under torchrun the ranks share the files out) and read
+a checkpoint saved at any layout. HF output is written in shards, shared out over the ranks
+under torchrun.
 
-Legacy conversions and reshards that keep every tensor's dtype copy bytes instead, file to
-file, without importing torch (:mod:`mswift.bridge.byte_copy`): same checks, same files.
+Conversions that keep every tensor's dtype copy bytes, file to file, without importing torch:
+legacy ones and reshards with :mod:`mswift.bridge.byte_copy`, torch_dist ones with
+:mod:`mswift.bridge.dist_bytes` (the checkpoint's keys and chunks derived from the weight map);
+same checks, same files. Otherwise (``--dtype`` changes it, or a stored chunk is not plain)
+tensors are made: legacy files with torch, torch_dist with megatron-core's
+``dist_checkpointing`` save of a meta-device model and PyTorch's reader, one tensor at a time
+(:mod:`mswift.bridge.torch_dist`).
 """
 from __future__ import annotations
 
@@ -183,7 +187,7 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
         if fmt == "legacy":
             _write_legacy_from_hf(hf, ckpt, wmap, layout, tmp, kind, progress)
         else:
-            _write_torch_dist_from_hf(hf, ckpt, padded, tmp, dtypes.torch_dtype(kind))
+            _write_torch_dist_from_hf(hf, ckpt, wmap, padded, tmp, kind, progress)
         if rank() == 0:
             write_metadata(tmp, hf, fmt, layout, padded, kind, ckpt.tensor_records())
     return out
@@ -191,12 +195,12 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
 
 def _write_legacy_from_hf(hf, ckpt, wmap, layout: Layout, tmp: Path, kind: dtypes.Dtype,
                           progress) -> None:
-    from mswift.bridge.byte_copy import HFBytes, hf_to_legacy_applies, write_legacy_copying
+    from mswift.bridge.byte_copy import HFBytes, hf_copy_applies, write_legacy_copying
 
     legacy = LegacyLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=layout.vpp)
     mine = legacy.ranks()[rank()::world_size()]
     progress = progress and rank() == 0
-    if hf_to_legacy_applies(ckpt, wmap, kind):
+    if hf_copy_applies(ckpt, wmap, kind):
         args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, kind, iteration=0)
         write_legacy_copying(HFBytes(ckpt, wmap), wmap, legacy, tmp, args, ranks=mine,
                              progress=progress)
@@ -216,12 +220,27 @@ def _whole_model(hf: HFModel, padded: int) -> HFModel:
     return dataclasses.replace(hf, model=model)
 
 
-def _write_torch_dist_from_hf(hf, ckpt, padded, tmp, dtype) -> None:
-    """The whole model's structure from a meta-device build at TP1 (under torchrun: TP1 with
-    data-parallel ranks, each writing a share); each tensor read from HF when it is written."""
+def _write_torch_dist_from_hf(hf, ckpt, wmap, padded, tmp, kind: dtypes.Dtype,
+                              progress) -> None:
+    """The whole model at TP1 (megatron-core reshards on load); under torchrun each rank
+    writes a share. Byte copies when the dtype is kept (:mod:`mswift.bridge.dist_bytes`),
+    else megatron-core's own save of a meta-device model whose tensors are read from HF
+    when written."""
+    from mswift.bridge.byte_copy import HFBytes, hf_copy_applies
+
+    if hf_copy_applies(ckpt, wmap, kind):
+        from mswift.bridge.dist_bytes import write_torch_dist_copying
+
+        write_torch_dist_copying(HFBytes(ckpt, wmap), wmap, tmp, rank=rank(),
+                                 world=world_size(), progress=progress and rank() == 0)
+        barrier()
+        if rank() == 0:
+            write_tracker(tmp, 0)
+        return
     from mswift.bridge.torch_dist import meta_chunks, save_torch_dist_streaming
 
     # Pad the vocabulary as training at --tp will, whatever TP this conversion runs at.
+    dtype = dtypes.torch_dtype(kind)
     whole = _whole_model(hf, padded)
     chunks = meta_chunks(whole.run_config(Layout(), dtype=dtype))
     source = HFSource(ckpt, whole.weight_map(padded))
@@ -271,7 +290,7 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
     if legacy:
         source = LegacySource(root, template.weight_map(template.padded_vocab(1)))
     else:
-        source = _torch_dist_source(template, root)
+        source = _torch_dist_source(template, root, kinds)
     with staged_output(out) as tmp:
         _write_hf_from_source(source, tmp, kinds, max_shard_bytes, progress)
         if rank() == 0:
@@ -284,9 +303,17 @@ def _write_hf_from_source(source, tmp: Path, kinds: dict[str, dtypes.Dtype], max
     """Every rank calls this: the HF shards are shared out (rank r writes shards r, r + world,
     ...), each rank reads the megatron tensors its shards need; rank 0 writes the index.
     ``kinds``: the dtype of each HF tensor (others keep their megatron tensor's)."""
-    from mswift.bridge.byte_copy import COPY_THREADS, legacy_to_hf_applies, write_hf_copying
+    from mswift.bridge.byte_copy import (
+        COPY_THREADS,
+        LegacyBytes,
+        legacy_to_hf_applies,
+        write_hf_copying,
+    )
+    from mswift.bridge.dist_bytes import DistBytes
 
-    copying = isinstance(source, LegacySource) and legacy_to_hf_applies(source, kinds)
+    if isinstance(source, LegacySource) and legacy_to_hf_applies(source, kinds):
+        source = LegacyBytes(source)
+    copying = isinstance(source, (LegacyBytes, DistBytes))
     plan = hf_plan(source.wmap, kinds, source.kind if copying else
                    lambda name: dtypes.as_kind(source.dtype(name)))
     max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
@@ -323,29 +350,27 @@ def _write_hf_tensors(source, writer: HFShardWriter, progress: bool) -> None:
 
 
 def _is_torch_dist(root: Path) -> bool:
-    from mswift.bridge.torch_dist import is_torch_dist
+    from mswift.bridge.dist_bytes import is_torch_dist
 
     return is_torch_dist(root)
 
 
-def _torch_dist_source(template: HFModel, root: Path):
-    """The checkpoint's tensors, read one at a time (any layout it was saved at); its structure
-    comes from a meta-device build of the whole model at TP1 (every rank calls this)."""
-    from mswift.bridge.torch_dist import (
-        TorchDistSource,
-        meta_chunks,
-        model_pieces,
-        stored_embedding,
-    )
+def _torch_dist_source(template: HFModel, root: Path, kinds: dict[str, dtypes.Dtype]):
+    """The checkpoint's chunks (saved at any layout) as byte blocks of the HF tensors, or, when
+    dtypes change or a chunk is not stored plainly, its tensors read one at a time."""
+    from mswift.bridge.dist_bytes import DistBytes, stored_embedding
 
-    padded, dtype = stored_embedding(root)
+    padded, _ = stored_embedding(root)
     if padded < template.model.vocab_size:
         raise BridgeError(f"{root}: stored vocabulary of {padded} rows is smaller than "
                           f"vocab_size {template.model.vocab_size}")
-    whole = _whole_model(template, padded)
-    chunks = meta_chunks(whole.run_config(Layout(), dtype=dtype))
-    pieces, _ = model_pieces(chunks[0])
-    return TorchDistSource(root, whole.weight_map(padded), pieces)
+    wmap = _whole_model(template, padded).weight_map(padded)
+    source = DistBytes(root, wmap)
+    if source.applies(kinds):
+        return source
+    from mswift.bridge.torch_dist import TorchDistSource
+
+    return TorchDistSource(root, wmap, source.pieces)
 
 
 # -- legacy reshard -------------------------------------------------------------------------------

@@ -5,13 +5,15 @@ latest_checkpointed_iteration.txt``; the model is ``GPTModel.sharded_state_dict(
 ``model`` (``model0``, ``model1``, ... for virtual pipeline chunks), so training starts from it
 with ``load=ROOT no_load_optim=true`` at any layout (megatron-core reshards on load).
 
-Conversions stream: :func:`save_torch_dist_streaming` and :class:`TorchDistSource` take the
-checkpoint's structure from a model built on the ``meta`` device (shapes, no memory) at TP1 and
-move one tensor at a time between the checkpoint files and the other format, so a conversion
-holds about one tensor in memory, whatever the model size. The files are megatron-core's own:
-its ``dist_checkpointing.save`` writes them, with the tensors' bytes produced on demand while
-PyTorch's distributed-checkpoint writer streams them out; reading goes through the same
-PyTorch reader, one stored chunk at a time.
+Conversions that keep the dtype copy bytes without torch (:mod:`mswift.bridge.dist_bytes`).
+The others (``--dtype`` changes it) stream: :func:`save_torch_dist_streaming` takes the
+checkpoint's structure from a model built on the ``meta`` device (shapes, no memory) at TP1,
+:class:`TorchDistSource` from the weight map (:func:`~mswift.bridge.dist_bytes.stored_pieces`),
+and they move one tensor at a time between the checkpoint files and the other format, so a
+conversion holds about one tensor in memory, whatever the model size. The files are
+megatron-core's own: its ``dist_checkpointing.save`` writes them, with the tensors' bytes
+produced on demand while PyTorch's distributed-checkpoint writer streams them out; reading
+goes through the same PyTorch reader, one stored chunk at a time.
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from mswift.bridge.dist_bytes import StoredPiece, torch_dist_dir
 from mswift.bridge.errors import BridgeError
-from mswift.bridge.legacy import TRACKER, read_iteration_dir
+from mswift.bridge.legacy import TRACKER
 
-EMBEDDING_KEY = "embedding.word_embeddings.weight"
 WRITER_THREADS = 2
 
 
@@ -70,28 +72,11 @@ def _iter_dir(root: str | Path, iteration: int) -> Path:
 
 
 def _finish(root: str | Path, iteration: int) -> None:
+    """The tracker, once every rank has saved; no rank returns before it is written."""
     _barrier()
     if _rank_world()[0] == 0:
         (Path(root) / TRACKER).write_text(f"{iteration}\n")
-
-
-def torch_dist_dir(root: str | Path) -> Path:
-    """The checkpoint dir of a torch_dist root (tracker) or the dir itself."""
-    root = Path(root)
-    if (root / "metadata.json").is_file():
-        return root
-    ckpt, _ = read_iteration_dir(root)
-    if not (ckpt / "metadata.json").is_file():
-        raise BridgeError(f"{ckpt}: not a torch_dist checkpoint (no metadata.json)")
-    return ckpt
-
-
-def is_torch_dist(root: str | Path) -> bool:
-    try:
-        torch_dist_dir(root)
-    except BridgeError:
-        return False
-    return True
+    _barrier()
 
 
 def _read_dcp_metadata(ckpt: Path):
@@ -102,15 +87,6 @@ def _read_dcp_metadata(ckpt: Path):
     except Exception as err:  # noqa: BLE001 - any unreadable metadata gets the same message
         raise BridgeError(f"{ckpt}/.metadata: cannot be read as a torch_dist checkpoint "
                           f"({type(err).__name__}: {err})") from None
-
-
-def stored_embedding(root: str | Path) -> tuple[int, torch.dtype]:
-    """Rows (the vocabulary as padded when saved) and dtype of the stored embedding."""
-    ckpt = torch_dist_dir(root)
-    meta = _read_dcp_metadata(ckpt).state_dict_metadata.get(EMBEDDING_KEY)
-    if meta is None or not hasattr(meta, "size"):
-        raise BridgeError(f"{ckpt}: holds no {EMBEDDING_KEY} (not a GPT model checkpoint?)")
-    return int(meta.size[0]), meta.properties.dtype
 
 
 def load_torch_dist(chunks, root: str | Path) -> None:
@@ -149,26 +125,6 @@ def meta_chunks(cfg):
     config = dataclasses.replace(transformer_config(cfg), perform_initialization=False)
     with torch.device("meta"), _ToMeta():
         return build_model(cfg, config)
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredPiece:
-    """One stored chunk of a checkpoint tensor and the part of a TP1 model parameter it holds.
-
-    ``offset`` / ``shape``: the chunk in the global tensor ``key`` (with megatron's prepended
-    layer / expert axes, of size 1 in ``shape``); ``region``: (start, length) per dim of the
-    parameter."""
-
-    key: str
-    offset: tuple[int, ...]
-    shape: tuple[int, ...]
-    region: tuple[tuple[int, int], ...]
-
-    def view_of(self, param: torch.Tensor) -> torch.Tensor:
-        """This piece's part of a whole (TP1) parameter, shaped like the stored chunk."""
-        for dim, (start, length) in enumerate(self.region):
-            param = param.narrow(dim, start, length)
-        return param.reshape(self.shape)
 
 
 def _flat_sharded(state: dict):

@@ -26,6 +26,7 @@ end-of-central-directory record and locator are always written, as torch does.
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zipfile
@@ -34,6 +35,7 @@ from typing import Self
 
 ALIGNMENT = 64
 ZIP64_LIMIT = 0xFFFF_FFFF
+DRY_RUN = -2  # TorchZipWriter(fd=DRY_RUN): lay the archive out, write nothing
 
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # PK\3\4 ... name length, extra length
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
@@ -56,13 +58,20 @@ class TorchZipWriter:
     """
 
     def __init__(self, path: str | os.PathLike, archive: str = "archive", *,
-                 zip64_threshold: int = ZIP64_LIMIT):
+                 zip64_threshold: int = ZIP64_LIMIT, fd: int | None = None, base: int = 0):
         if not archive or "/" in archive:
             raise ValueError(f"archive folder name must be one non-empty path part: {archive!r}")
         self.path = os.fspath(path)
         self.archive = archive
         self.zip64_threshold = zip64_threshold
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Embedded (``fd`` given): the archive is written into that open file at byte ``base``
+        # (its offsets count from there), the file is neither truncated nor closed, and other
+        # writers may fill other ranges of it. ``fd=-2``: nothing is written at all (a dry run
+        # that only lays the archive out: ``self.offset`` after close() is its length).
+        self._owned = fd is None
+        self.base = 0 if self._owned else base
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) \
+            if fd is None else fd
         self.offset = 0  # where the next local header (or the central directory) goes
         self._records: list[tuple[bytes, int, int, int]] = []  # name, header offset, size, crc
         self._names: set[bytes] = set()
@@ -86,11 +95,12 @@ class TorchZipWriter:
         self._pwrite(data, data_offset)
 
     def reserve(self, name: str, nbytes: int) -> int:
-        """Writes record ``<archive>/<name>``'s header (CRC 0) and returns the offset, a multiple
-        of ALIGNMENT, where the caller must put exactly ``nbytes`` bytes on ``self.fd``."""
+        """Writes record ``<archive>/<name>``'s header (CRC 0) and returns the file offset
+        where the caller must put exactly ``nbytes`` bytes on ``self.fd`` (``base`` + a
+        multiple of ALIGNMENT)."""
         if nbytes < 0:
             raise ValueError(f"{self.path}: negative size {nbytes} for record {name!r}")
-        return self._start_record(name, nbytes, 0)
+        return self.base + self._start_record(name, nbytes, 0)
 
     def close(self) -> None:
         """Writes the central directory and end records, sets the file's length, closes."""
@@ -106,12 +116,18 @@ class TorchZipWriter:
                + _END.pack(b"PK\x05\x06", 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
                            self._fit32(cd_size), self._fit32(cd_offset), 0))
         self._pwrite(central + end, cd_offset)
-        os.ftruncate(self.fd, cd_offset + len(central) + len(end))
-        os.close(self.fd)
+        self.offset = cd_offset + len(central) + len(end)  # the archive's length
+        if self._owned:
+            os.ftruncate(self.fd, self.offset)
+            os.close(self.fd)
         self.fd = -1
 
     def abort(self) -> None:
-        """Closes the fd (if open) and removes the file."""
+        """Closes the fd (if open) and removes the file (embedded: only stops; the caller
+        owns the file)."""
+        if not self._owned:
+            self.fd = -1
+            return
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -158,17 +174,21 @@ class TorchZipWriter:
         return ZIP64_LIMIT if value >= min(self.zip64_threshold, ZIP64_LIMIT) else value
 
     def _check_open(self) -> None:
-        if self.fd < 0:
+        if self.fd == -1:
             raise ValueError(f"{self.path}: writer is closed")
 
     def _check_caller_writes(self) -> None:
+        if not self._owned:  # other writers fill the rest of the file
+            return
         length = os.fstat(self.fd).st_size
         if length > self.offset:
             raise ValueError(f"{self.path}: file is {length} bytes, past the end of the last "
                              f"record ({self.offset}): bytes written outside a reserved range")
 
     def _pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
+        if self.fd == DRY_RUN:
+            return
+        view, offset = memoryview(data), offset + self.base
         while view:
             written = os.pwrite(self.fd, view, offset)
             view, offset = view[written:], offset + written
@@ -178,55 +198,98 @@ def _extra(field_id: int, payload: bytes) -> bytes:
     return struct.pack("<HH", field_id, len(payload)) + payload
 
 
-def read_zip_directory(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+class _FileRange(io.RawIOBase):
+    """Bytes ``start:start + length`` of an open file, as a seekable file of their own (for
+    ``zipfile``, to read an archive embedded in a larger file)."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        super().__init__()
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        want = max(0, min(len(buffer), self.length - self.pos))
+        data = os.pread(self.fd, want, self.start + self.pos)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def read_zip_directory(path: str | os.PathLike, start: int = 0, length: int | None = None
+                       ) -> dict[str, tuple[int, int]]:
     """Record name without its archive folder -> (absolute offset of its bytes, size).
 
-    Reads the central directory (zip64 aware, with ``zipfile``) and each record's local header,
-    whose extra field may differ in length from the central one. Raises ValueError naming the
-    file for a file that is not a zip, is truncated, holds compressed records or records
-    outside one top-level folder.
+    ``start``/``length``: the archive is those bytes of the file (an archive embedded in a
+    larger file, as PyTorch's distributed checkpoint stores each tensor); by default the
+    whole file. Reads the central directory (zip64 aware, with ``zipfile``) and each record's
+    local header, whose extra field may differ in length from the central one. Raises
+    ValueError naming the file for a file that is not a zip, is truncated, holds compressed
+    records or records outside one top-level folder.
     """
     path = os.fspath(path)
+    where = path if start == 0 and length is None else f"{path} (bytes {start}+{length})"
     with open(path, "rb") as file:
+        file_size = os.fstat(file.fileno()).st_size
+        if length is None:
+            length = file_size - start
+        if start + length > file_size:
+            raise ValueError(f"{where}: truncated: the file is {file_size} bytes")
+        view = _FileRange(file.fileno(), start, length)
         try:
-            with zipfile.ZipFile(file) as archive:
+            with zipfile.ZipFile(view) as archive:
                 infos = archive.infolist()
         except (zipfile.BadZipFile, EOFError, struct.error) as exc:
-            file.seek(0)
-            what = ("truncated or corrupt zip archive" if file.read(4) == b"PK\x03\x04"
+            what = ("truncated or corrupt zip archive"
+                    if os.pread(file.fileno(), 4, start) == b"PK\x03\x04"
                     else "not a zip archive")
-            raise ValueError(f"{path}: {what} ({exc})") from exc
-        file_size = os.fstat(file.fileno()).st_size
+            raise ValueError(f"{where}: {what} ({exc})") from exc
         records: dict[str, tuple[int, int]] = {}
         folders = set()
         for info in infos:
             folder, slash, name = info.filename.partition("/")
             if not slash:
-                raise ValueError(f"{path}: record {info.filename!r} is not in a folder")
+                raise ValueError(f"{where}: record {info.filename!r} is not in a folder")
             folders.add(folder)
             if not name or name.endswith("/"):  # a directory entry
                 continue
             if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"{path}: record {info.filename!r} is compressed "
+                raise ValueError(f"{where}: record {info.filename!r} is compressed "
                                  f"(method {info.compress_type}); torch.save stores records")
-            header = os.pread(file.fileno(), _LOCAL.size, info.header_offset)
+            header = os.pread(file.fileno(), _LOCAL.size, start + info.header_offset)
             if len(header) < _LOCAL.size or header[:4] != b"PK\x03\x04":
-                raise ValueError(f"{path}: no local header for {info.filename!r} at "
+                raise ValueError(f"{where}: no local header for {info.filename!r} at "
                                  f"offset {info.header_offset} (truncated or corrupt)")
             name_length, extra_length = _LOCAL.unpack(header)[-2:]
             data_offset = info.header_offset + _LOCAL.size + name_length + extra_length
-            if data_offset + info.file_size > file_size:
-                raise ValueError(f"{path}: truncated: record {info.filename!r} ends at "
-                                 f"{data_offset + info.file_size}, the file is {file_size} bytes")
-            records[name] = (data_offset, info.file_size)
+            if data_offset + info.file_size > length:
+                raise ValueError(f"{where}: truncated: record {info.filename!r} ends at "
+                                 f"{data_offset + info.file_size}, the archive is {length} "
+                                 "bytes")
+            records[name] = (start + data_offset, info.file_size)
         if len(folders) > 1:
-            raise ValueError(f"{path}: records in several top-level folders {sorted(folders)}")
+            raise ValueError(f"{where}: records in several top-level folders {sorted(folders)}")
         return records
 
 
-def read_record(path: str | os.PathLike, name: str) -> bytes:
-    """The bytes of one (small) record, by its name without the archive folder; CRC unchecked."""
-    records = read_zip_directory(path)
+def read_record(path: str | os.PathLike, name: str,
+                records: dict[str, tuple[int, int]] | None = None) -> bytes:
+    """The bytes of one (small) record, by its name without the archive folder; CRC unchecked.
+    ``records``: the archive's directory, if already read (:func:`read_zip_directory`)."""
+    if records is None:
+        records = read_zip_directory(path)
     if name not in records:
         raise ValueError(f"{os.fspath(path)}: no record {name!r}")
     offset, size = records[name]

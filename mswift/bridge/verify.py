@@ -96,7 +96,7 @@ def hf_reference_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _padded_vocab(hf, mcore_dir, tp: int) -> int:
-    from mswift.bridge.torch_dist import is_torch_dist, stored_embedding
+    from mswift.bridge.dist_bytes import is_torch_dist, stored_embedding
 
     if mcore_dir is not None and is_torch_dist(mcore_dir):
         padded, _ = stored_embedding(mcore_dir)
@@ -108,10 +108,11 @@ def _padded_vocab(hf, mcore_dir, tp: int) -> int:
 
 
 def _load_weights(chunks, hf, mcore_dir, wmap) -> None:
+    from mswift.bridge.dist_bytes import is_torch_dist
     from mswift.bridge.hf_io import HFCheckpoint
     from mswift.bridge.legacy import LegacySource, is_legacy
     from mswift.bridge.model_io import HFSource, load_into_model
-    from mswift.bridge.torch_dist import is_torch_dist, load_torch_dist
+    from mswift.bridge.torch_dist import load_torch_dist
 
     if mcore_dir is None:
         ckpt = HFCheckpoint(hf.hf_dir)

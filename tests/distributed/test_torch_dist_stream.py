@@ -5,7 +5,11 @@
   ``dist_checkpointing.save`` of a TP1 model loaded from the same HF weights, and megatron-core
   loads it into a TP2 (+EP2 for MoE) model with every parameter equal to loading HF directly.
 * The streaming reader reads back every tensor of a checkpoint megatron-core saved at TP2
-  (fused gate/up split four ways, vocabulary split over ranks) equal to the HF weights.
+  (fused gate/up split four ways, vocabulary split over ranks) equal to the HF weights, and
+  mcore_to_hf copies the HF tensors out of its chunks bit for bit.
+* The keys, chunks and ``_extra_state`` objects mswift derives from the weight map (for the
+  byte-copy writer and reader) are those of megatron-core's ``sharded_state_dict`` for every
+  family, and for a model with both dense and MoE layers (not stacked).
 """
 import pytest
 import torch
@@ -25,21 +29,16 @@ def hf_dirs(tmp_path_factory):
 def _whole_source(hf_dir, root):
     """Every megatron tensor of ``root`` read by the streaming reader, and the HF ones."""
     from mswift.bridge.convert import _whole_model
+    from mswift.bridge.dist_bytes import DistBytes, stored_embedding
     from mswift.bridge.hf_io import HFCheckpoint
-    from mswift.bridge.layout import HFModel, Layout
+    from mswift.bridge.layout import HFModel
     from mswift.bridge.model_io import HFSource
-    from mswift.bridge.torch_dist import (
-        TorchDistSource,
-        meta_chunks,
-        model_pieces,
-        stored_embedding,
-    )
+    from mswift.bridge.torch_dist import TorchDistSource
 
     hf = HFModel.open(hf_dir)
-    padded, dtype = stored_embedding(root)
-    whole = _whole_model(hf, padded)
-    pieces, _ = model_pieces(meta_chunks(whole.run_config(Layout(), dtype=dtype))[0])
-    wmap = whole.weight_map(padded)
+    padded, _ = stored_embedding(root)
+    wmap = _whole_model(hf, padded).weight_map(padded)
+    pieces = DistBytes(root, wmap).pieces
     return TorchDistSource(root, wmap, pieces), HFSource(HFCheckpoint(hf_dir), wmap), wmap
 
 
@@ -73,7 +72,7 @@ def _chunks_of(root):
     out = {}
     for key, md in meta.items():
         if hasattr(md, "chunks"):
-            out[key] = (tuple(md.size), md.properties.dtype,
+            out[key] = (tuple(md.size), md.properties,
                         sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
         else:
             out[key] = "bytes"
@@ -154,23 +153,79 @@ def test_two_ranks_share_the_writing_and_megatron_loads_it_at_tp2(hf_dirs, tmp_p
     assert min(written.values()) > 0.3 * sum(written.values())  # both ranks wrote a share
 
 
-def read_megatron_tp2(hf_dir, out):
+def read_megatron_tp2(hf_dir, out, back):
+    """megatron-core saves at TP2 (+EP2): the tensor reader reads every tensor equal to HF;
+    mcore_to_hf (both ranks) copies the HF tensors out of the chunks."""
     import torch.distributed as dist
 
+    from mswift.bridge.convert import _hf_dtypes, mcore_to_hf
+    from mswift.bridge.dist_bytes import DistBytes
+    from mswift.bridge.hf_io import HFCheckpoint
+    from mswift.bridge.layout import HFModel
     from mswift.runtime.cpu_layer import enable_cpu_layer
 
     enable_cpu_layer()
     _megatron_save(hf_dir, out, tp=2, ep=2)
-    source, hf_source, wmap = _whole_source(hf_dir, out)  # every rank: starts process groups
+    source, hf_source, wmap = _whole_source(hf_dir, out)
+    copies = DistBytes(out, wmap).applies(_hf_dtypes({}, HFModel.open(hf_dir)))
+    mcore_to_hf(out, back, hf_dir=hf_dir, progress=False)
     if dist.get_rank() != 0:
         return None
     names = wmap.mcore_names(to_hf_only=True)
-    return len(names), [n for n in names
-                        if not torch.equal(source.full(n), hf_source.local(n, 0, 1))]
+    made = [n for n in names if not torch.equal(source.full(n), hf_source.local(n, 0, 1))]
+    original, copied = HFCheckpoint(hf_dir), HFCheckpoint(back)
+    differ = [n for n in original.names
+              if not torch.equal(original.read(n).view(torch.uint8),
+                                 copied.read(n).view(torch.uint8))]
+    return len(names), made, copies, sorted(copied.names) == sorted(original.names), differ
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streaming_reader_reads_a_tp2_megatron_checkpoint(hf_dirs, tmp_path, family):
-    count, differ = run_ranks(2, read_megatron_tp2, str(hf_dirs[family]),
-                              str(tmp_path / "tp2"), timeout=300)[0]
-    assert count > 10 and differ == []
+    count, made, copies, same_names, differ = run_ranks(
+        2, read_megatron_tp2, str(hf_dirs[family]), str(tmp_path / "tp2"),
+        str(tmp_path / "back"), timeout=300)[0]
+    assert count > 10 and made == []
+    assert copies and same_names and differ == []  # byte copies out of TP2 (+EP2) chunks
+
+
+STRUCTURES = {"llama": {}, "qwen2": {}, "qwen3": {}, "qwen3_moe": {},
+              "qwen3_moe_mixed": {"mlp_only_layers": [0]}}
+
+
+def megatron_and_derived_structure(hf_dir):
+    """The checkpoint keys, chunks and objects of megatron-core's sharded_state_dict of the
+    whole model (vocabulary padded for TP2) and those mswift derives from the weight map."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    from mswift.bridge.convert import _whole_model
+    from mswift.bridge.dist_bytes import extra_state_keys, global_shape, stored_pieces
+    from mswift.bridge.layout import HFModel, Layout
+    from mswift.bridge.torch_dist import meta_chunks, model_pieces
+    from mswift.runtime.cpu_layer import enable_cpu_layer
+
+    enable_cpu_layer()
+    hf = HFModel.open(hf_dir)
+    padded = hf.padded_vocab(2)
+    whole = _whole_model(hf, padded)
+    wmap = whole.weight_map(padded)
+    pieces, flat = model_pieces(meta_chunks(whole.run_config(Layout(), dtype=torch.bfloat16))[0])
+    theirs = (pieces, {t.key: tuple(t.global_shape) for t in flat if isinstance(t, ShardedTensor)},
+              sorted(o.unique_key for o in flat if isinstance(o, ShardedObject)))
+    names = wmap.mcore_names(to_hf_only=True)
+    ours = ({name: stored_pieces(wmap, name) for name in names},
+            {stored_pieces(wmap, name)[0].key: global_shape(wmap, name) for name in names},
+            sorted(extra_state_keys(wmap)))
+    return theirs, ours
+
+
+@pytest.mark.parametrize("case", sorted(STRUCTURES))
+def test_structure_from_the_weight_map_is_megatrons(tmp_path, case):
+    family = case.removesuffix("_mixed")
+    hf_dir = save_tiny_hf_model(family, tmp_path / case, dtype=torch.bfloat16,
+                                **STRUCTURES[case])
+    [(theirs, ours)] = run_ranks(1, megatron_and_derived_structure, str(hf_dir), timeout=300)
+    assert ours[0] == theirs[0]  # per parameter: key, chunk offset and shape, region
+    assert ours[1] == theirs[1]  # global shapes
+    assert ours[2] == theirs[2]  # _extra_state objects
+    assert len(ours[2]) > 0

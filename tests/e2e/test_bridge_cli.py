@@ -285,35 +285,42 @@ def test_bad_input_is_refused_by_name_without_output(hf, tmp_path, capsys, case,
     assert named in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype", [None, "bf16"])  # bytes copied; tensors made (fp32 -> bf16)
+@pytest.mark.parametrize("fmt,dtype", [
+    ("legacy", None), ("legacy", "bf16"),  # bytes copied; tensors made (fp32 -> bf16)
+    ("torch_dist", None),  # bytes copied into .distcp items
+])
 def test_existing_output_and_failed_write_leave_nothing(hf, tmp_path, capsys, monkeypatch,
-                                                        dtype):
+                                                        fmt, dtype):
     src = hf[("llama", "fp32")]
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert hf_to_mcore_main(["--hf-dir", str(src), "--out", str(out), "--format", "legacy"]) == 2
+    assert hf_to_mcore_main(["--hf-dir", str(src), "--out", str(out), "--format", fmt]) == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").is_file()
-    # A write that fails half way (disk full on the second rank file) removes the partial dir.
+    # A write that fails half way (disk full on the second rank file / checkpoint item)
+    # removes the partial dir.
     import mswift.bridge.torch_file as torch_file
 
     calls = []
     real_write = torch_file._write_archive
 
-    def failing_write(path, data_pkl, records, *threads):
-        calls.append(path)
-        if len(calls) == 2:
+    def failing_write(path, data_pkl, records, threads=1, fd=None, base=0):
+        if fd != torch_file.DRY_RUN:  # a dry run only lays an archive out
+            calls.append(path)
+        if len(calls) == 2 and fd != torch_file.DRY_RUN:
             def full(fd, offset):
                 raise OSError(28, "No space left on device")
 
             records = records[:1] + [(key, nbytes, full) for key, nbytes, _ in records[1:]]
-        real_write(path, data_pkl, records, *threads)
+            if fmt == "torch_dist":  # one tensor per item
+                records = [(key, nbytes, full) for key, nbytes, _ in records]
+        return real_write(path, data_pkl, records, threads, fd, base)
 
     monkeypatch.setattr(torch_file, "_write_archive", failing_write)
     fresh = tmp_path / "fresh"
     with pytest.raises(OSError):
-        hf_to_mcore(src, fresh, "legacy", tp=2, dtype=dtype, progress=False)
-    assert len(calls) == 2
+        hf_to_mcore(src, fresh, fmt, tp=2, dtype=dtype, progress=False)
+    assert len(calls) >= 2
     assert_no_output(fresh)
 
 

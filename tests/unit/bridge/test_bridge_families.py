@@ -6,6 +6,7 @@ import pytest
 
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import HFCheckpoint
+from mswift.bridge.rules import WeightMap
 from mswift.config import load_config
 from mswift.models.registry import (
     apply_hf_model,
@@ -14,7 +15,6 @@ from mswift.models.registry import (
     model_config_from_hf,
     padded_vocab_for,
 )
-from mswift.bridge.rules import WeightMap
 from mswift.testing.hf_models import save_tiny_hf_model, tiny_hf_config
 
 FAMILIES = [f.name for f in families()]

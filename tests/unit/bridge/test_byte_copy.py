@@ -62,7 +62,7 @@ def write_both(src: Path, tmp_path: Path, layout: LegacyLayout) -> tuple[Path, P
     ckpt = HFCheckpoint(src)
     wmap = model.weight_map(model.padded_vocab(layout.tp))
     kind = ckpt.model_kind()
-    assert byte_copy.hf_to_legacy_applies(ckpt, wmap, kind)
+    assert byte_copy.hf_copy_applies(ckpt, wmap, kind)
     copied, made = tmp_path / "copied", tmp_path / "made"
     args = megatron_args(model.model, layout, wmap.dims.padded_vocab, kind, 0)
     byte_copy.write_legacy_copying(byte_copy.HFBytes(ckpt, wmap), wmap, layout, copied, args)
@@ -133,7 +133,7 @@ def test_a_changed_dtype_makes_tensors(hf, tmp_path):
     src = hf[("llama", "float32")]
     model, ckpt = HFModel.open(src), HFCheckpoint(src)
     wmap = model.weight_map(model.padded_vocab(1))
-    assert not byte_copy.hf_to_legacy_applies(ckpt, wmap, dtypes.BY_NAME["bfloat16"])
+    assert not byte_copy.hf_copy_applies(ckpt, wmap, dtypes.BY_NAME["bfloat16"])
     leg = hf_to_mcore(src, tmp_path / "leg", "legacy", dtype="bf16", progress=False)
     state = torch.load(leg / "iter_0000000" / "mp_rank_00" / FILE, weights_only=False)
     weights = [t for t in state["model"].values() if t is not None]

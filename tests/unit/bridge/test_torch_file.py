@@ -5,6 +5,7 @@ import argparse
 import collections
 import enum
 import gc
+import io
 import os
 import weakref
 import zipfile
@@ -251,3 +252,39 @@ def test_write_torch_file_without_torch_objects(tmp_path, threads):
     index = load_index(tmp_path / "x.pt")
     for k, t in tensors.items():
         assert torch.equal(index["model"][k].read().view(torch.uint8), t.view(torch.uint8)), k
+
+
+def test_archives_embedded_in_one_file(tmp_path):
+    """Several archives written into one file at offsets laid out by a dry run (how a
+    torch_dist .distcp file holds its items): each byte range is what torch.load reads,
+    load_index reads each range, and the dry run's lengths are the lengths written."""
+    from mswift.bridge import dtypes
+    from mswift.bridge.torch_file import TensorRecord, write_torch_file
+    from mswift.bridge.torch_zip import DRY_RUN
+
+    tensors = [torch.randn(3, 4).to(torch.bfloat16), torch.randn(5), torch.randn(2, 2, 3)]
+
+    def record(t):
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return TensorRecord(tuple(t.shape), dtypes.of_torch(t.dtype),
+                            lambda fd, offset: os.pwrite(fd, data, offset))
+
+    objects = [record(t) for t in tensors] + [[None]]
+    lengths = [write_torch_file("x", obj, fd=DRY_RUN) for obj in objects]
+    starts = [sum(lengths[:i]) + 7 for i in range(len(objects))]  # not aligned on purpose
+    path = tmp_path / "items.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for obj, start, length in reversed(list(zip(objects, starts, lengths))):
+            assert write_torch_file(path, obj, fd=fd, base=start) == length
+    finally:
+        os.close(fd)
+    raw = path.read_bytes()
+    assert len(raw) == starts[-1] + lengths[-1]
+    for t, start, length in zip(tensors, starts, lengths):
+        got = torch.load(io.BytesIO(raw[start:start + length]), weights_only=True)
+        assert got.dtype == t.dtype and torch.equal(got, t)
+        assert torch.equal(load_index(path, start, length).read(), t)
+    assert torch.load(io.BytesIO(raw[starts[-1]:]), weights_only=True) == [None]
+    with pytest.raises(TorchFileError, match="items.bin"):
+        load_index(path, starts[1], lengths[1] - 10)  # cut: no end record

@@ -1,0 +1,171 @@
+"""torch_dist checkpoints by copying bytes (``mswift.bridge.dist_bytes``) against the tensor
+path (megatron-core's own save of a meta-device model, PyTorch's reader): the same keys,
+chunks, dtypes and item payloads; HF -> torch_dist -> HF bit-exact on both readers, for every
+family in bf16 and fp32 and a model with both dense and MoE layers; the .metadata pickle is
+read without torch; a damaged checkpoint is refused by name."""
+import io
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mswift.bridge import byte_copy, dist_bytes
+from mswift.bridge.convert import hf_to_mcore, mcore_to_hf
+from mswift.bridge.errors import BridgeError
+from mswift.bridge.hf_io import HFCheckpoint
+from mswift.models.registry import families
+from mswift.testing.hf_models import save_tiny_hf_model
+
+ROOT = Path(__file__).resolve().parents[3]
+CASES = {f.name: {} for f in families()}
+CASES["qwen3_moe_mixed"] = {"mlp_only_layers": [0]}  # layers not stacked in the checkpoint
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {(case, dtype): save_tiny_hf_model(case.removesuffix("_mixed"),
+                                              root / f"{case}-{dtype}",
+                                              dtype=getattr(torch, dtype), **overrides)
+            for case, overrides in CASES.items() for dtype in ("bfloat16", "float32")}
+
+
+def items(root: Path) -> tuple[dict, dict, dict]:
+    """(structure, payload per item, common.pt) of a torch_dist checkpoint, read with torch."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt = root / "iter_0000000"
+    meta = FileSystemReader(str(ckpt)).read_metadata()
+    structure = {key: (tuple(md.size), md.properties,
+                       sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
+                 if hasattr(md, "chunks") else "object"
+                 for key, md in meta.state_dict_metadata.items()}
+    payloads = {}
+    for index, info in meta.storage_data.items():
+        with open(ckpt / info.relative_path, "rb") as file:
+            file.seek(info.offset)
+            raw = file.read(info.length)
+        assert len(raw) == info.length
+        where = (index.fqn, None if index.offset is None else tuple(index.offset))
+        payloads[where] = torch.load(io.BytesIO(raw), weights_only=True)
+    assert set(where[0] for where in payloads) == set(structure)
+    return structure, payloads, torch.load(ckpt / "common.pt")
+
+
+def assert_same_hf(a: Path, b: Path) -> None:
+    x, y = HFCheckpoint(a), HFCheckpoint(b)
+    assert sorted(x.names) == sorted(y.names)
+    for name in x.names:
+        u, v = x.read(name), y.read(name)
+        assert u.dtype == v.dtype and torch.equal(u.view(torch.uint8), v.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_copied_torch_dist_equals_megatrons_and_converts_back(hf, tmp_path, case, dtype,
+                                                              monkeypatch):
+    src = hf[(case, dtype)]
+    copied = hf_to_mcore(src, tmp_path / "copied", "torch_dist", progress=False)
+    assert not (copied / "iter_0000000" / "__0_0.distcp.tmp").exists()
+    back = mcore_to_hf(copied, tmp_path / "back", progress=False)  # bytes both ways
+    assert_same_hf(back, src)
+    with monkeypatch.context() as patch:  # the tensor paths: megatron-core writes, torch reads
+        patch.setattr(byte_copy, "hf_copy_applies", lambda *args: False)
+        patch.setattr(dist_bytes.DistBytes, "applies", lambda self, kinds: False)
+        made = hf_to_mcore(src, tmp_path / "made", "torch_dist", progress=False)
+        assert_same_hf(mcore_to_hf(copied, tmp_path / "back_read", progress=False), src)
+    ours, theirs = items(copied), items(made)
+    assert ours[0] == theirs[0]  # keys, global shapes, dtype properties, chunks
+    assert ours[1].keys() == theirs[1].keys()
+    for where, value in theirs[1].items():
+        if isinstance(value, torch.Tensor):
+            got = ours[1][where]
+            assert got.dtype == value.dtype and got.shape == value.shape, where
+            assert torch.equal(got.view(torch.uint8), value.view(torch.uint8)), where
+        else:
+            assert ours[1][where] == value == [None], where
+    assert ours[2] == theirs[2]
+    # megatron-core's checkpoint read by the byte path gives the same HF files.
+    assert_same_hf(mcore_to_hf(made, tmp_path / "back_made", progress=False), src)
+
+
+def test_metadata_read_without_torch(hf, tmp_path):
+    """The .metadata pickle read without torch gives what PyTorch's reader gives."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root = hf_to_mcore(hf[("qwen3_moe", "bfloat16")], tmp_path / "ckpt", "torch_dist", tp=2,
+                       progress=False)
+    ckpt = root / "iter_0000000"
+    keys = dist_bytes.read_metadata(ckpt)
+    meta = FileSystemReader(str(ckpt)).read_metadata()
+    tensors = {k: v for k, v in meta.state_dict_metadata.items() if hasattr(v, "chunks")}
+    assert set(keys) == set(tensors)
+    for key, info in keys.items():
+        md = tensors[key]
+        assert info.shape == tuple(md.size) and info.kind.name == str(md.properties.dtype)[6:]
+        stored = {(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks}
+        assert {(c.offsets, c.sizes) for c in info.chunks} == stored
+        for c in info.chunks:
+            place = meta.storage_data[next(i for i in meta.storage_data if i.fqn == key
+                                           and tuple(i.offset) == c.offsets)]
+            assert (Path(c.path).name, c.start, c.length) == (
+                place.relative_path, place.offset, place.length)
+    padded, kind = dist_bytes.stored_embedding(root)
+    assert padded % 2 == 0 and kind.name == "bfloat16"
+
+
+def damaged(root: Path, tmp_path: Path, how: str) -> Path:
+    bad = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(root), str(bad)], check=True)
+    ckpt = bad / "iter_0000000"
+    if how == "metadata":
+        (ckpt / ".metadata").write_bytes(b"not a pickle")
+    elif how == "chunk":  # a chunk of one tensor dropped from the metadata
+        with open(ckpt / ".metadata", "rb") as file:
+            meta = pickle.load(file)
+        meta.state_dict_metadata["decoder.layers.mlp.linear_fc1.weight"].chunks.pop()
+        with open(ckpt / ".metadata", "wb") as file:
+            pickle.dump(meta, file)
+    else:  # a .distcp file cut short
+        data = (ckpt / "__0_0.distcp").read_bytes()
+        (ckpt / "__0_0.distcp").write_bytes(data[:len(data) // 2])
+    return bad
+
+
+@pytest.mark.parametrize("how,named", [
+    ("metadata", ".metadata: cannot be read as a torch_dist checkpoint"),
+    ("chunk", "decoder.layers.mlp.linear_fc1.weight: the stored chunks do not cover"),
+    ("truncated", "__0_0.distcp"),
+])
+def test_damaged_checkpoint_is_refused_by_name(hf, tmp_path, how, named):
+    root = hf_to_mcore(hf[("llama", "bfloat16")], tmp_path / "ckpt", "torch_dist",
+                       progress=False)
+    bad = damaged(root, tmp_path, how)
+    with pytest.raises(BridgeError, match=named.replace(".", r"\.")):
+        mcore_to_hf(bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_command_lines_do_not_import_torch(hf, tmp_path):
+    """HF -> torch_dist -> HF from the command line, dtype kept: torch is never imported."""
+    src = hf[("qwen3_moe", "bfloat16")]
+    out, back = tmp_path / "dist", tmp_path / "back"
+    script = (
+        "import runpy, sys\n"
+        "for tool, args in [('hf_to_mcore', ['--hf-dir', sys.argv[1], '--out', sys.argv[2]]), "
+        "('mcore_to_hf', ['--mcore-dir', sys.argv[2], '--out', sys.argv[3]])]:\n"
+        "    sys.argv = [tool] + args\n"
+        "    try:\n"
+        "        runpy.run_path(f'checkpoint_convert/{tool}.py', run_name='__main__')\n"
+        "    except SystemExit as done:\n"
+        "        assert not done.code, done.code\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(out), str(back)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout
+    assert_same_hf(back, src)
