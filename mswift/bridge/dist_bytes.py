@@ -204,13 +204,6 @@ def _items(wmap: WeightMap) -> list[_Item]:
     return items + [_Item(key) for key in extra_state_keys(wmap)]
 
 
-def _nbytes(shape: tuple[int, ...], kind: dtypes.Dtype) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count * kind.itemsize
-
-
 def _item_object(item: _Item, kind: dtypes.Dtype, fill=None):
     """What torch.save wrote for the item (DCP saves each chunk and each object that way)."""
     if item.piece is None:
@@ -218,9 +211,9 @@ def _item_object(item: _Item, kind: dtypes.Dtype, fill=None):
     return TensorRecord(item.piece.shape, kind, fill)
 
 
-def _piece_blocks(source: HFBytes, wmap: WeightMap, item: _Item) -> tuple[list[Block], int]:
-    """The blocks of HF bytes that make the item's chunk (rows ``region[0]`` of the TP1
-    parameter), and the chunk's row length in bytes."""
+def _piece_fill(source: HFBytes, wmap: WeightMap, item: _Item, opened: OpenFiles):
+    """``fill(fd, offset)`` that copies the item's chunk (rows ``region[0]`` of the TP1
+    parameter) from the HF files."""
     rule, _ = wmap.lookup(item.name)
     d = wmap.dims
     tiles = rule.transform.tiles(rule.hf_shapes(d), 0, 1, d)
@@ -232,7 +225,11 @@ def _piece_blocks(source: HFBytes, wmap: WeightMap, item: _Item) -> tuple[list[B
             blocks.append(Block(b.src, b.src_row + r0 - b.dst_row, b.src_col, r0 - start,
                                 b.dst_col, r1 - r0, b.width))
     row_bytes = matrix_shape(param_shape(wmap, item.name))[1] * source.kind(item.name).itemsize
-    return blocks, row_bytes
+
+    def fill(fd: int, offset: int) -> None:
+        copy_blocks(opened, fd, offset, row_bytes, blocks)
+
+    return fill
 
 
 def _share(lengths: list[int], bins: int) -> list[list[int]]:
@@ -259,15 +256,16 @@ def write_torch_dist_copying(source: HFBytes, wmap: WeightMap, root: str | Path,
     lengths = [write_torch_file("item", _item_object(item, kind), fd=DRY_RUN)
                for item in items]
     per_file = _share(lengths, world * threads)
-    files = [(f"__{f // threads}_{f % threads}.distcp", members)
+    # File f belongs to rank f // threads (DCP's names: __<rank>_<file of that rank>.distcp).
+    files = [(f // threads, f"__{f // threads}_{f % threads}.distcp", members)
              for f, members in enumerate(per_file) if members]
     where = {}
-    for file, members in files:
+    for _, file, members in files:
         offset = 0
         for i in members:
             where[i] = (file, offset, lengths[i])
             offset += lengths[i]
-    mine = [(file, members) for file, members in files if int(file[2:].split("_")[0]) == rank]
+    mine = [(file, members) for owner, file, members in files if owner == rank]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -279,12 +277,7 @@ def write_torch_dist_copying(source: HFBytes, wmap: WeightMap, root: str | Path,
             try:
                 for i in members:
                     item, (_, offset, length) = items[i], where[i]
-                    fill = None
-                    if item.piece is not None:
-                        blocks, row_bytes = _piece_blocks(source, wmap, item)
-
-                        def fill(out_fd, at, blocks=blocks, row_bytes=row_bytes):
-                            copy_blocks(opened, out_fd, at, row_bytes, blocks)
+                    fill = None if item.piece is None else _piece_fill(source, wmap, item, opened)
                     wrote = write_torch_file(file, _item_object(item, kind, fill), fd=fd,
                                              base=offset)
                     assert wrote == length, f"{file}: item {item.key} took {wrote} bytes, " \
@@ -436,8 +429,10 @@ def stored_embedding(root: str | Path) -> tuple[int, dtypes.Dtype]:
     """Rows (the vocabulary as padded when saved) and dtype of the stored embedding."""
     ckpt = torch_dist_dir(root)
     info = read_metadata(ckpt).get(EMBEDDING_KEY)
-    if info is None or info.kind is None:
+    if info is None:
         raise BridgeError(f"{ckpt}: holds no {EMBEDDING_KEY} (not a GPT model checkpoint?)")
+    if info.kind is None:
+        raise BridgeError(f"{ckpt}: {EMBEDDING_KEY} is stored in a dtype mswift does not know")
     return info.shape[0], info.kind
 
 
@@ -528,9 +523,8 @@ class DistBytes:
         for p in range(lead):  # the chunk must hold this layer / expert
             if not chunk.offsets[p] <= piece.offset[p] < chunk.offsets[p] + chunk.sizes[p]:
                 return []
-        param_shape_ = tuple(length for _, length in piece.region)
-        if len(param_shape_) > 2:
-            raise BridgeError(f"{piece.key}: {len(param_shape_)}-D parameters are not copied")
+        if len(piece.region) > 2:
+            raise BridgeError(f"{piece.key}: {len(piece.region)}-D parameters are not copied")
         # Rows and columns of the parameter, in the piece's and the chunk's coordinates.
         (pr, pn) = piece.region[0]
         (pc, pcn) = piece.region[1] if len(piece.region) > 1 else (0, 1)

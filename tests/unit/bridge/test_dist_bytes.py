@@ -51,7 +51,7 @@ def items(root: Path) -> tuple[dict, dict, dict]:
         assert len(raw) == info.length
         where = (index.fqn, None if index.offset is None else tuple(index.offset))
         payloads[where] = torch.load(io.BytesIO(raw), weights_only=True)
-    assert set(where[0] for where in payloads) == set(structure)
+    assert {where[0] for where in payloads} == set(structure)
     return structure, payloads, torch.load(ckpt / "common.pt")
 
 
@@ -165,7 +165,7 @@ def test_command_lines_do_not_import_torch(hf, tmp_path):
         "print('torch imported:', 'torch' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(src), str(out), str(back)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "torch imported: False" in done.stdout
     assert_same_hf(back, src)
