@@ -17,6 +17,7 @@ from mswift.bridge.convert import hf_to_mcore, mcore_to_hf
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import HFCheckpoint
 from mswift.models.registry import families
+from mswift.testing import run_ranks
 from mswift.testing.hf_models import save_tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -63,20 +64,28 @@ def assert_same_hf(a: Path, b: Path) -> None:
         assert u.dtype == v.dtype and torch.equal(u.view(torch.uint8), v.view(torch.uint8)), name
 
 
+def tensor_paths(src: str, made: str, copied: str, back: str) -> None:
+    """The tensor paths (megatron-core's save of a meta-device model; PyTorch's reader), in
+    a process of their own: they start process groups."""
+    from unittest import mock
+
+    with mock.patch.object(byte_copy, "hf_copy_applies", lambda *args: False), \
+            mock.patch.object(dist_bytes.DistBytes, "applies", lambda self, kinds: False):
+        hf_to_mcore(src, made, "torch_dist", progress=False)
+        mcore_to_hf(copied, back, progress=False)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_copied_torch_dist_equals_megatrons_and_converts_back(hf, tmp_path, case, dtype,
-                                                              monkeypatch):
+def test_copied_torch_dist_equals_megatrons_and_converts_back(hf, tmp_path, case, dtype):
     src = hf[(case, dtype)]
     copied = hf_to_mcore(src, tmp_path / "copied", "torch_dist", progress=False)
-    assert not (copied / "iter_0000000" / "__0_0.distcp.tmp").exists()
     back = mcore_to_hf(copied, tmp_path / "back", progress=False)  # bytes both ways
     assert_same_hf(back, src)
-    with monkeypatch.context() as patch:  # the tensor paths: megatron-core writes, torch reads
-        patch.setattr(byte_copy, "hf_copy_applies", lambda *args: False)
-        patch.setattr(dist_bytes.DistBytes, "applies", lambda self, kinds: False)
-        made = hf_to_mcore(src, tmp_path / "made", "torch_dist", progress=False)
-        assert_same_hf(mcore_to_hf(copied, tmp_path / "back_read", progress=False), src)
+    made = tmp_path / "made"
+    run_ranks(1, tensor_paths, str(src), str(made), str(copied), str(tmp_path / "back_read"),
+              timeout=300)
+    assert_same_hf(tmp_path / "back_read", src)  # our checkpoint, read by PyTorch's reader
     ours, theirs = items(copied), items(made)
     assert ours[0] == theirs[0]  # keys, global shapes, dtype properties, chunks
     assert ours[1].keys() == theirs[1].keys()
@@ -90,6 +99,7 @@ def test_copied_torch_dist_equals_megatrons_and_converts_back(hf, tmp_path, case
     assert ours[2] == theirs[2]
     # megatron-core's checkpoint read by the byte path gives the same HF files.
     assert_same_hf(mcore_to_hf(made, tmp_path / "back_made", progress=False), src)
+    assert not torch.distributed.is_initialized()  # nothing here needed a process group
 
 
 def test_metadata_read_without_torch(hf, tmp_path):
