@@ -63,6 +63,7 @@ from mswift.bridge.torch_file import (
 
 METADATA, COMMON, BACKENDS = ".metadata", "common.pt", "metadata.json"
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
+ITEM_ALIGNMENT = 4096  # items start on a page: with their storage record on a page as well
 _DCP = "torch.distributed.checkpoint.metadata"
 # Norms megatron stores under the linear layer they are fused into (TE's LayerNormLinear).
 _FUSED_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -264,7 +265,7 @@ def write_torch_dist_copying(source: HFBytes, wmap: WeightMap, root: str | Path,
         offset = 0
         for i in members:
             where[i] = (file, offset, lengths[i])
-            offset += lengths[i]
+            offset += lengths[i] + (-lengths[i] % ITEM_ALIGNMENT)
     mine = [(file, members) for owner, file, members in files if owner == rank]
     bar = None
     if progress:

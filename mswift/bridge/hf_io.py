@@ -23,6 +23,7 @@ from mswift.bridge.safetensors_file import (
     tensor_bytes,
 )
 from mswift.bridge.torch_file import run_parallel
+from mswift.bridge.torch_zip import PAGE
 from mswift.lazy_import import lazy_module
 
 torch = lazy_module("torch")  # opening and checking a checkpoint does not need it
@@ -344,7 +345,7 @@ class HFShardWriter:
         # Open across add() calls, closed by _end_shard (or _discard on failure).
         self._file = open(self._path(shard), "wb")  # noqa: SIM115
         self._file_shard = shard
-        self._file.write(encode_header(self.shards[shard], {"format": "pt"}))
+        self._file.write(encode_header(self.shards[shard], {"format": "pt"}, align=PAGE))
 
     def _end_shard(self) -> None:
         if self._file is not None:

@@ -36,6 +36,7 @@ from typing import Self
 ALIGNMENT = 64
 ZIP64_LIMIT = 0xFFFF_FFFF
 DRY_RUN = -2  # TorchZipWriter(fd=DRY_RUN): lay the archive out, write nothing
+PAGE = 4096  # copy_file_range moves whole pages when source and destination offsets agree
 
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # PK\3\4 ... name length, extra length
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
@@ -94,13 +95,16 @@ class TorchZipWriter:
         data_offset = self._start_record(name, len(data), zlib.crc32(data))
         self._pwrite(data, data_offset)
 
-    def reserve(self, name: str, nbytes: int) -> int:
+    def reserve(self, name: str, nbytes: int, alignment: int = ALIGNMENT) -> int:
         """Writes record ``<archive>/<name>``'s header (CRC 0) and returns the file offset
         where the caller must put exactly ``nbytes`` bytes on ``self.fd`` (``base`` + a
-        multiple of ALIGNMENT)."""
+        multiple of ``alignment``, itself a multiple of ALIGNMENT: PAGE for bytes copied
+        from file to file, so that source and destination pages line up)."""
         if nbytes < 0:
             raise ValueError(f"{self.path}: negative size {nbytes} for record {name!r}")
-        return self.base + self._start_record(name, nbytes, 0)
+        if alignment % ALIGNMENT:
+            raise ValueError(f"alignment {alignment}: not a multiple of {ALIGNMENT}")
+        return self.base + self._start_record(name, nbytes, 0, alignment)
 
     def close(self) -> None:
         """Writes the central directory and end records, sets the file's length, closes."""
@@ -136,7 +140,7 @@ class TorchZipWriter:
         except FileNotFoundError:
             pass
 
-    def _start_record(self, name: str, size: int, crc: int) -> int:
+    def _start_record(self, name: str, size: int, crc: int, alignment: int = ALIGNMENT) -> int:
         self._check_open()
         self._check_caller_writes()
         full_name = f"{self.archive}/{name}".encode()
@@ -146,14 +150,14 @@ class TorchZipWriter:
         zip64 = size >= self.zip64_threshold or header_offset >= self.zip64_threshold
         extra = _extra(_ZIP64_EXTRA_ID, struct.pack("<QQ", size, size)) if zip64 else b""
         unpadded = header_offset + _LOCAL.size + len(full_name) + len(extra) + 4
-        extra += _extra(_PADDING_EXTRA_ID, b"Z" * (-unpadded % ALIGNMENT))
+        extra += _extra(_PADDING_EXTRA_ID, b"Z" * (-unpadded % alignment))
         size32 = ZIP64_LIMIT if zip64 else size
         header = _LOCAL.pack(b"PK\x03\x04", _VERSION_ZIP64 if zip64 else _VERSION_PLAIN,
                              _FLAG_UTF8, zipfile.ZIP_STORED, 0, _DOS_DATE, crc, size32, size32,
                              len(full_name), len(extra))
         self._pwrite(header + full_name + extra, header_offset)
         data_offset = header_offset + len(header) + len(full_name) + len(extra)
-        assert data_offset % ALIGNMENT == 0
+        assert data_offset % alignment == 0
         self._names.add(full_name)
         self._records.append((full_name, header_offset, size, crc))
         self.offset = data_offset + size
