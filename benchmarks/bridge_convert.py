@@ -20,9 +20,14 @@ pages of memory-mapped inputs); peak ``VmRSS`` and ``RssAnon`` summed over the p
 (polled every 50 ms; shared copy-on-write pages of forked children count once per process) are
 shown beside it. Finally every tensor of both round trips is compared bit for bit with the
 original. Everything is written under ``--workdir`` and removed at the end (``--keep`` keeps it).
+``--drop-caches`` (root): before each timed command the page cache is dropped and the command's
+input read back into it, so that ``cp`` and the conversion start from the same memory state
+(otherwise the page cache is full of the run's other files, and a command's writes first
+reclaim their pages).
 
     python benchmarks/bridge_convert.py                       # 1.2 GB and 2.5 GB, bf16
     python benchmarks/bridge_convert.py --sizes 0.1 --dtype fp32
+    python benchmarks/bridge_convert.py --sizes 1.2 2.5 5 --repeat 3 --drop-caches
 """
 from __future__ import annotations
 
@@ -195,19 +200,41 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def measure_paired(cmd: list[str], out: Path, source: Path, copy: Path, env: dict,
-                   repeat: int) -> tuple[dict, dict]:
+                   repeat: int, drop_caches: bool = False) -> tuple[dict, dict]:
     """``cp -r source copy`` then ``cmd``, ``repeat`` times in turn (outputs removed and synced
-    between runs, the last ones kept): the baseline's and the command's summaries."""
+    between runs, the last ones kept): the baseline's and the command's summaries. With
+    ``drop_caches``, each of the two starts from the same memory state: the page cache
+    dropped, then ``source`` read into it (so the copy's work is measured, not the disk's
+    reads or the reclaim of other files' pages)."""
     baseline, runs = [], []
     for i in range(repeat):
         for path in (copy, out):
             if path.exists():
                 shutil.rmtree(path)
         subprocess.run(["sync"], check=True)
+        if drop_caches:
+            fresh_cache(source)
         baseline.append(measure(["cp", "-r", str(source), str(copy)], env))
+        if drop_caches:
+            fresh_cache(source)
         runs.append(measure(cmd, env))
     shutil.rmtree(copy)
     return _summary(baseline), _summary(runs)
+
+
+def fresh_cache(source: Path) -> None:
+    """Drop the page cache (root only), then read every file under ``source`` into it."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as err:
+        sys.exit(f"--drop-caches: cannot write /proc/sys/vm/drop_caches ({err.strerror}); "
+                 "run as root, or without --drop-caches")
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as file:
+                while file.read(64 * 2**20):
+                    pass
 
 
 # -- round-trip check -----------------------------------------------------------------------------
@@ -270,7 +297,7 @@ def run_size(size_gb: float, args, work: Path, env: dict) -> dict:
         source = Path(cmd[cmd.index("--hf-dir" if "--hf-dir" in cmd else "--mcore-dir") + 1])
         out = Path(cmd[cmd.index("--out") + 1])
         baselines[label], results[label] = measure_paired(cmd, out, source, d / "copy", env,
-                                                          args.repeat)
+                                                          args.repeat, args.drop_caches)
         for name, r in ((f"cp -r {source.name}", baselines[label]), (label, results[label])):
             walls = "/".join(f"{w:.1f}" for w in r["walls"])
             print(f"  {name:<17} {walls} s (+sync {r['synced']:.1f} s)  peak RSS "
@@ -318,6 +345,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where to write (default: a new dir in /tmp)")
     p.add_argument("--repeat", type=int, default=2, help="runs of each step (median time)")
     p.add_argument("--keep", action="store_true", help="keep the files written")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="before each timed command: drop the page cache (root), then read its "
+                        "input into it, so that cp and the conversion start alike")
     args = p.parse_args(argv)
     import megatron.core
     import safetensors

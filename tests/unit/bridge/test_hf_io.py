@@ -248,3 +248,26 @@ def test_rows_read_into_a_buffer_and_fused_transforms_use_it(tmp_path):
                                      (FUSED_GATE_UP, ["gate", "up"])):
                 fast = transform.local(ckpt, names, rank, tp, d)
                 assert torch.equal(fast, transform.local(slow, names, rank, tp, d))
+
+
+def test_shards_written_with_their_data_on_a_page(tmp_path):
+    """HF shards pad the JSON header with spaces so that the data starts on a page (byte
+    copies line pages up); safetensors reads them as usual."""
+    import struct
+
+    from safetensors import safe_open
+
+    from mswift.bridge.hf_io import HFShardWriter
+
+    tensors = {"a": torch.randn(4, 6), "b": torch.arange(5, dtype=torch.int64)}
+    plan = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    writer = HFShardWriter(tmp_path, plan)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.close()
+    [shard] = list(tmp_path.glob("*.safetensors"))
+    with open(shard, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+    assert (8 + length) % 4096 == 0
+    with safe_open(str(shard), "pt") as f:
+        assert all(torch.equal(f.get_tensor(name), t) for name, t in tensors.items())

@@ -223,3 +223,29 @@ def test_module_imports_without_torch():
     code = ("import sys, mswift.bridge.torch_zip; "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_records_reserved_on_a_page(tmp_path):
+    """Storages reserved on a page (what the byte-copy writers do) start at a multiple of
+    4096 and torch.load (also mmap) reads them; an alignment that breaks torch's 64 bytes is
+    refused."""
+    from mswift.bridge.torch_zip import PAGE
+
+    obj = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16)}
+    records = torch_records(obj)
+    path = tmp_path / "paged.pt"
+    with TorchZipWriter(path, archive="paged") as writer:
+        for name, data in records:
+            if name.startswith("data/"):
+                offset = writer.reserve(name, len(data), PAGE)
+                assert offset % PAGE == 0
+                os.pwrite(writer.fd, data, offset)
+            else:
+                writer.add_bytes(name, data)
+        with pytest.raises(ValueError, match="alignment 100"):
+            writer.reserve("data/9", 4, 100)
+    for mmap in (False, True):
+        got = torch.load(path, weights_only=True, mmap=mmap)
+        assert all(torch.equal(got[k], obj[k]) for k in obj)
+    assert all(offset % PAGE == 0 for name, (offset, _) in read_zip_directory(path).items()
+               if name.startswith("data/"))
