@@ -46,7 +46,7 @@ from mswift.bridge.byte_copy import (
 )
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.legacy import read_iteration_dir
-from mswift.bridge.rules import WeightMap, matrix_shape
+from mswift.bridge.rules import FusedGateUp, WeightMap, matrix_shape
 from mswift.bridge.torch_file import (
     DRY_RUN,
     Built,
@@ -147,8 +147,6 @@ def param_shape(wmap: WeightMap, name: str) -> tuple[int, ...]:
 def stored_pieces(wmap: WeightMap, name: str) -> list[StoredPiece]:
     """The chunks a TP1 save stores of parameter ``name`` (a fused gate/up weight: its two
     halves, as megatron's ShardedTensorFactory splits it)."""
-    from mswift.bridge.rules import FusedGateUp
-
     rule, _ = wmap.lookup(name)
     shape = param_shape(wmap, name)
     key, axes = stored_key(name, wmap.dims)
@@ -400,6 +398,9 @@ def read_metadata(ckpt: Path) -> dict[str, KeyInfo]:
             index, info = _state(index, "MetadataIndex"), _state(info, "_StorageInfo")
             offset = index.get("offset")
             plain = not info.get("transform_descriptors")
+            if Path(info["relative_path"]).name != info["relative_path"]:  # no ../ tricks
+                raise ValueError(f"{index['fqn']}: stored in {info['relative_path']!r}, "
+                                 "outside the checkpoint folder")
             places[(index["fqn"], None if offset is None else _tuple(offset))] = (
                 str(ckpt / info["relative_path"]), int(info["offset"]), int(info["length"]),
                 plain)

@@ -5,6 +5,7 @@ family in bf16 and fp32 and a model with both dense and MoE layers; the .metadat
 read without torch; a damaged checkpoint is refused by name."""
 import io
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,12 @@ def damaged(root: Path, tmp_path: Path, how: str) -> Path:
         meta.state_dict_metadata["decoder.layers.mlp.linear_fc1.weight"].chunks.pop()
         with open(ckpt / ".metadata", "wb") as file:
             pickle.dump(meta, file)
+    elif how == "path":  # an item said to be outside the checkpoint folder
+        with open(ckpt / ".metadata", "rb") as file:
+            meta = pickle.load(file)
+        next(iter(meta.storage_data.values())).relative_path = "../__0_0.distcp"
+        with open(ckpt / ".metadata", "wb") as file:
+            pickle.dump(meta, file)
     else:  # a .distcp file cut short
         data = (ckpt / "__0_0.distcp").read_bytes()
         (ckpt / "__0_0.distcp").write_bytes(data[:len(data) // 2])
@@ -149,12 +156,13 @@ def damaged(root: Path, tmp_path: Path, how: str) -> Path:
     ("metadata", ".metadata: cannot be read as a torch_dist checkpoint"),
     ("chunk", "decoder.layers.mlp.linear_fc1.weight: the stored chunks do not cover"),
     ("truncated", "__0_0.distcp"),
+    ("path", "stored in '../__0_0.distcp', outside the checkpoint folder"),
 ])
 def test_damaged_checkpoint_is_refused_by_name(hf, tmp_path, how, named):
     root = hf_to_mcore(hf[("llama", "bfloat16")], tmp_path / "ckpt", "torch_dist",
                        progress=False)
     bad = damaged(root, tmp_path, how)
-    with pytest.raises(BridgeError, match=named.replace(".", r"\.")):
+    with pytest.raises(BridgeError, match=re.escape(named)):
         mcore_to_hf(bad, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
