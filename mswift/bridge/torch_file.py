@@ -281,8 +281,8 @@ class TensorRecord:
 class _RecordPickler(pickle._Pickler):
     """Pickles plain objects, :class:`TensorRecord` (as torch.save pickles a contiguous tensor
     that is its whole storage), :class:`TorchGlobal`, :class:`Built` and :class:`Reduced`,
-    without torch. The pure-Python
-    pickler, because the C one imports a global's module to check it."""
+    without torch. The pure-Python pickler, because the C one imports a global's module to
+    check it."""
 
     dispatch = dict(pickle._Pickler.dispatch)
 
