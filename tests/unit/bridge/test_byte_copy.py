@@ -5,6 +5,7 @@ EP / VPP layouts; column slices gathered in several bands; the buffered fallback
 import argparse
 import enum
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -141,15 +142,17 @@ def test_a_changed_dtype_makes_tensors(hf, tmp_path):
     assert state["args"].params_dtype is torch.bfloat16
 
 
-def test_command_lines_do_not_import_torch(hf, tmp_path):
-    """HF -> legacy -> HF from the command line, dtype kept: torch is never imported."""
-    src = hf[("qwen3", "bfloat16")]
-    leg, back = tmp_path / "leg", tmp_path / "back"
+@pytest.mark.parametrize("fmt,flags", [("legacy", ["--tp", "2"]), ("torch_dist", [])])
+def test_command_lines_do_not_import_torch(hf, tmp_path, fmt, flags):
+    """HF -> legacy / torch_dist -> HF from the command line, dtype kept: torch is never
+    imported."""
+    src = hf[("qwen3_moe" if fmt == "torch_dist" else "qwen3", "bfloat16")]
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    to_mcore = ["--hf-dir", str(src), "--out", str(ckpt), "--format", fmt, *flags]
     script = (
-        "import runpy, sys\n"
-        "for tool, args in [('hf_to_mcore', ['--hf-dir', sys.argv[1], '--out', sys.argv[2], "
-        "'--format', 'legacy', '--tp', '2']), ('mcore_to_hf', ['--mcore-dir', sys.argv[2], "
-        "'--out', sys.argv[3]])]:\n"
+        "import json, runpy, sys\n"
+        "for tool, args in [('hf_to_mcore', json.loads(sys.argv[1])), ('mcore_to_hf', "
+        "['--mcore-dir', sys.argv[2], '--out', sys.argv[3]])]:\n"
         "    sys.argv = [tool] + args\n"
         "    try:\n"
         "        runpy.run_path(f'checkpoint_convert/{tool}.py', run_name='__main__')\n"
@@ -157,11 +160,13 @@ def test_command_lines_do_not_import_torch(hf, tmp_path):
         "        assert not done.code, done.code\n"
         "print('torch imported:', 'torch' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(src), str(leg), str(back)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(to_mcore), str(ckpt),
+                           str(back)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stderr
     assert "torch imported: False" in done.stdout
     original, copied = HFCheckpoint(src), HFCheckpoint(back)
+    assert sorted(original.names) == sorted(copied.names)
     for name in original.names:
         assert torch.equal(original.read(name).view(torch.uint8),
                            copied.read(name).view(torch.uint8)), name
