@@ -79,3 +79,30 @@ def test_sft_trains_and_exports_a_model_transformers_generates_with(hf_dir, tmp_
     out = model.generate(ids, min_new_tokens=4, max_new_tokens=8, do_sample=False)
     assert ids.shape[1] + 4 <= out.shape[1] <= ids.shape[1] + 8
     assert isinstance(tokenizer.decode(out[0, ids.shape[1]:]), str)
+
+
+def test_training_from_a_converted_torch_dist_checkpoint_starts_where_hf_does(hf_dir, tmp_path):
+    """Other weights (seed 1) -> torch_dist on the command line (bytes copied, no torch);
+    training at TP2 from the first model's dir with ``load=CKPT no_load_optim=true`` gives, step
+    for step, the losses of training that reads the other weights from HF (so the checkpoint,
+    not the HF weights, was loaded)."""
+    import shutil
+
+    from mswift.testing.hf_models import save_tiny_hf_model
+
+    other = tmp_path / "other"  # hf_dir with the weights of another seed
+    shutil.copytree(hf_dir, other)
+    save_tiny_hf_model("llama", tmp_path / "seed1", seed=1, vocab_size=384)
+    shutil.copy(tmp_path / "seed1" / "model.safetensors", other / "model" / "model.safetensors")
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.run([sys.executable, "checkpoint_convert/hf_to_mcore.py", "--hf-dir",
+                           str(other / "model"), "--out", str(ckpt), "--tp", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {}
+    for name, root, extra in (("hf", other, []),
+                              ("ckpt", hf_dir, [f"load={ckpt}", "no_load_optim=true"])):
+        proc = sft(root, tmp_path / name, "train_iters=3", "lr=1e-3", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = re.findall(r"^step +\d+/3 \| loss ([0-9.]+)", proc.stdout, re.M)
+    assert len(runs["hf"]) == 3 and runs["ckpt"] == runs["hf"], runs
