@@ -370,7 +370,7 @@ def _torch_dist_source(template: HFModel, root: Path, kinds: dict[str, dtypes.Dt
         return source
     from mswift.bridge.torch_dist import TorchDistSource
 
-    return TorchDistSource(root, wmap, source.pieces)
+    return TorchDistSource(source)
 
 
 # -- legacy reshard -------------------------------------------------------------------------------

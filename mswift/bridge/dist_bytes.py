@@ -21,14 +21,16 @@ tensor in other chunks. :func:`stored_pieces` derives those keys and chunks from
 :func:`write_torch_dist_copying` writes a checkpoint whose items are copies of rectangles of the
 HF files (what :mod:`mswift.bridge.byte_copy` does for the legacy format); every rank lays out
 all files the same way (an item's length depends only on its shape and dtype), writes its own
-and rank 0 writes ``.metadata``. :class:`DistCheckpoint` reads ``.metadata`` and each item's
-index without torch (:func:`mswift.bridge.torch_file.load_index`: nothing of any class runs) and
-:class:`DistBytes` gives the blocks of an HF tensor in the stored chunks, for a checkpoint saved
-at any layout (training's own, with or without optimizer state).
+and rank 0 writes ``.metadata``. :func:`read_metadata` reads ``.metadata`` without torch
+(:func:`mswift.bridge.torch_file.unpickle_inert`: nothing of any class runs), and
+:class:`DistBytes` reads each item's index the same way and gives the blocks of an HF tensor in
+the stored chunks, for a checkpoint saved at any layout (training's own, with or without
+optimizer state).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import uuid
@@ -55,6 +57,7 @@ from mswift.bridge.torch_file import (
     TensorRecord,
     TorchFileError,
     TorchGlobal,
+    load_index,
     pickle_plain,
     run_parallel,
     unpickle_inert,
@@ -463,7 +466,7 @@ class DistBytes:
                         o + s > g for o, s, g in zip(piece.offset, piece.shape, info.shape)):
                     problems.append(f"{piece.key}: stored with shape {list(info.shape)}, which "
                                     f"does not hold {name} at {list(piece.offset)}")
-                elif sum(_overlap(c, piece) for c in info.chunks) != _count(piece.shape):
+                elif sum(_overlap(c, piece) for c in info.chunks) != math.prod(piece.shape):
                     problems.append(f"{piece.key}: the stored chunks do not cover {name}")
         if problems:
             raise BridgeError(problems, headline=f"{self.ckpt}: checkpoint does not match "
@@ -495,8 +498,6 @@ class DistBytes:
 
     def _tensor(self, chunk: Chunk):
         if chunk not in self._stored:
-            from mswift.bridge.torch_file import load_index
-
             try:
                 self._stored[chunk] = load_index(chunk.path, chunk.start, chunk.length)
             except TorchFileError as err:
@@ -549,13 +550,6 @@ class DistBytes:
         return [Block(src, r0 - pr + krow - crow, (c0 - pc + kcol - ccol) * itemsize,
                       t.row + r0 - t.at_row, (t.col + c0) * itemsize, r1 - r0,
                       (c1 - c0) * itemsize)]
-
-
-def _count(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _overlap(chunk: Chunk, piece: StoredPiece) -> int:

@@ -271,38 +271,21 @@ def save_torch_dist_streaming(chunks, root: str | Path, produce: Callable[[str],
 
 
 class TorchDistSource:
-    """Whole megatron tensors read from a torch_dist checkpoint one at a time, by the names of
-    a TP1 model (``pieces``: :func:`model_pieces`); only the chunks of the tensor asked for are
-    read (a checkpoint saved at any layout, with or without optimizer state)."""
+    """Whole megatron tensors read from a torch_dist checkpoint one at a time with PyTorch's
+    reader, by the names of a TP1 model; only the chunks of the tensor asked for are read (a
+    checkpoint saved at any layout, with or without optimizer state). ``checked``: the same
+    checkpoint as :class:`~mswift.bridge.dist_bytes.DistBytes`, which checked that its chunks
+    hold every tensor (for conversions that change dtypes, where bytes cannot be copied)."""
 
-    def __init__(self, root: str | Path, wmap, pieces: dict[str, list[StoredPiece]]):
+    def __init__(self, checked):
         from torch.distributed.checkpoint import FileSystemReader
 
-        self.wmap = wmap
-        self.ckpt = torch_dist_dir(root)
-        self.pieces = pieces
+        self.wmap = checked.wmap
+        self.ckpt = checked.ckpt
+        self.pieces = checked.pieces
         self.metadata = _read_dcp_metadata(self.ckpt)
         self.reader = FileSystemReader(str(self.ckpt))
         self.reader.set_up_storage_reader(self.metadata, True)
-        self._check()
-
-    def _check(self) -> None:
-        stored = self.metadata.state_dict_metadata
-        problems, seen = [], set()
-        for name, pieces in self.pieces.items():
-            for piece in pieces:
-                if piece.key in seen:
-                    continue
-                seen.add(piece.key)
-                meta = stored.get(piece.key)
-                if meta is None or not hasattr(meta, "chunks"):
-                    problems.append(f"{piece.key}: missing (needed for {name})")
-                elif any(o + s > g for o, s, g in zip(piece.offset, piece.shape, meta.size)):
-                    problems.append(f"{piece.key}: stored with shape {list(meta.size)}, which "
-                                    f"does not hold {name} at {list(piece.offset)}")
-        if problems:
-            raise BridgeError(problems, headline=f"{self.ckpt}: checkpoint does not match "
-                                                 "its model")
 
     def dtype(self, name: str) -> torch.dtype:
         return self.metadata.state_dict_metadata[self.pieces[name][0].key].properties.dtype

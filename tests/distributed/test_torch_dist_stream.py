@@ -38,8 +38,7 @@ def _whole_source(hf_dir, root):
     hf = HFModel.open(hf_dir)
     padded, _ = stored_embedding(root)
     wmap = _whole_model(hf, padded).weight_map(padded)
-    pieces = DistBytes(root, wmap).pieces
-    return TorchDistSource(root, wmap, pieces), HFSource(HFCheckpoint(hf_dir), wmap), wmap
+    return TorchDistSource(DistBytes(root, wmap)), HFSource(HFCheckpoint(hf_dir), wmap), wmap
 
 
 def _megatron_save(hf_dir, out, tp, ep):
