@@ -45,6 +45,7 @@ from mswift.bridge.byte_copy import (
     Matrix,
     OpenFiles,
     copy_blocks,
+    page_phase,
 )
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.legacy import read_iteration_dir
@@ -66,7 +67,7 @@ from mswift.bridge.torch_file import (
 
 METADATA, COMMON, BACKENDS = ".metadata", "common.pt", "metadata.json"
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
-ITEM_ALIGNMENT = 4096  # items start on a page: with their storage record on a page as well
+ITEM_ALIGNMENT = 4096  # items start on a page (their storage record: at its page phase)
 _DCP = "torch.distributed.checkpoint.metadata"
 # Norms megatron stores under the linear layer they are fused into (TE's LayerNormLinear).
 _FUSED_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -206,16 +207,12 @@ def _items(wmap: WeightMap) -> list[_Item]:
     return items + [_Item(key) for key in extra_state_keys(wmap)]
 
 
-def _item_object(item: _Item, kind: dtypes.Dtype, fill=None):
-    """What torch.save wrote for the item (DCP saves each chunk and each object that way)."""
+def _item_object(source: HFBytes, wmap: WeightMap, item: _Item, kind: dtypes.Dtype,
+                 opened: OpenFiles):
+    """What torch.save wrote for the item (DCP saves each chunk and each object that way): for
+    a chunk (rows ``region[0]`` of the TP1 parameter), a record copied from the HF files."""
     if item.piece is None:
         return [None]
-    return TensorRecord(item.piece.shape, kind, fill)
-
-
-def _piece_fill(source: HFBytes, wmap: WeightMap, item: _Item, opened: OpenFiles):
-    """``fill(fd, offset)`` that copies the item's chunk (rows ``region[0]`` of the TP1
-    parameter) from the HF files."""
     rule, _ = wmap.lookup(item.name)
     d = wmap.dims
     tiles = rule.transform.tiles(rule.hf_shapes(d), 0, 1, d)
@@ -226,12 +223,13 @@ def _piece_fill(source: HFBytes, wmap: WeightMap, item: _Item, opened: OpenFiles
         if r0 < r1:
             blocks.append(Block(b.src, b.src_row + r0 - b.dst_row, b.src_col, r0 - start,
                                 b.dst_col, r1 - r0, b.width))
-    row_bytes = matrix_shape(param_shape(wmap, item.name))[1] * source.kind(item.name).itemsize
+    row_bytes = matrix_shape(param_shape(wmap, item.name))[1] * kind.itemsize
 
     def fill(fd: int, offset: int) -> None:
         copy_blocks(opened, fd, offset, row_bytes, blocks)
 
-    return fill
+    return TensorRecord(item.piece.shape, kind, fill,
+                        page_phase(blocks, row_bytes, kind.itemsize))
 
 
 def _share(lengths: list[int], bins: int) -> list[list[int]]:
@@ -255,8 +253,9 @@ def write_torch_dist_copying(source: HFBytes, wmap: WeightMap, root: str | Path,
     ckpt = Path(root) / f"iter_{iteration:07d}"
     ckpt.mkdir(parents=True, exist_ok=True)
     items = _items(wmap)
-    lengths = [write_torch_file("item", _item_object(item, kind), fd=DRY_RUN)
-               for item in items]
+    opened = OpenFiles()
+    objects = [_item_object(source, wmap, item, kind, opened) for item in items]
+    lengths = [write_torch_file("item", obj, fd=DRY_RUN) for obj in objects]
     per_file = _share(lengths, world * threads)
     # File f belongs to rank f // threads (DCP's names: __<rank>_<file of that rank>.distcp).
     files = [(f // threads, f"__{f // threads}_{f % threads}.distcp", members)
@@ -273,17 +272,15 @@ def write_torch_dist_copying(source: HFBytes, wmap: WeightMap, root: str | Path,
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(m) for _, m in mine), desc="writing torch_dist", unit="item")
-    with OpenFiles() as opened:
+    with opened:
         def write_file(file: str, members: list[int]) -> None:
             fd = os.open(ckpt / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 for i in members:
-                    item, (_, offset, length) = items[i], where[i]
-                    fill = None if item.piece is None else _piece_fill(source, wmap, item, opened)
-                    wrote = write_torch_file(file, _item_object(item, kind, fill), fd=fd,
-                                             base=offset)
-                    assert wrote == length, f"{file}: item {item.key} took {wrote} bytes, " \
-                                            f"laid out as {length}"
+                    _, offset, length = where[i]
+                    wrote = write_torch_file(file, objects[i], fd=fd, base=offset)
+                    assert wrote == length, f"{file}: item {items[i].key} took {wrote} " \
+                                            f"bytes, laid out as {length}"
                     if bar is not None:
                         bar.update()
             finally:

@@ -9,10 +9,12 @@ as it is added, into ``model-0000i-of-0000N.safetensors`` shards of bounded size
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mswift.bridge import dtypes
@@ -22,7 +24,6 @@ from mswift.bridge.safetensors_file import (
     encode_header,
     tensor_bytes,
 )
-from mswift.bridge.torch_file import run_parallel
 from mswift.bridge.torch_zip import PAGE
 from mswift.lazy_import import lazy_module
 
@@ -266,7 +267,17 @@ class HFShardWriter:
         self._file = None
         self._fills: list = []  # add_copied's, run when the shard is complete
         self.copy_threads = copy_threads
+        self._pool = None  # fills shards, copy_threads at once (each shard by one thread)
+        self._pending: list = []  # futures of the shards being filled
         self._file_shard = -1
+        self._phases: dict[str, int] = {}
+
+    def want_phases(self, phases: dict[str, int]) -> None:
+        """Tensors whose bytes will be copied in from a file, each mapped to the offset in a
+        page that its copy's source starts at. Each shard's data is then started (its header
+        padded with spaces) where the most of those bytes line up with their source's pages
+        (``copy_file_range`` then moves whole pages); by default, on a page."""
+        self._phases = dict(phases)
 
     @staticmethod
     def plan_shards(plan: list[PlanEntry], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -321,7 +332,9 @@ class HFShardWriter:
     def add_copied(self, name: str, kind: dtypes.Dtype, shape: tuple[int, ...], fill) -> None:
         """Like :meth:`add` for a tensor whose bytes ``fill(fd, offset)`` writes into the shard
         itself (``os.copy_file_range`` / ``os.pwrite`` at that offset), without torch. The
-        fills of a shard run when it is complete, ``copy_threads`` at once."""
+        fills of a shard run, in order, when it is complete: with ``copy_threads`` > 1 on a
+        thread of their own while the next shards are laid out (``copy_threads`` shards at
+        once; :meth:`close` waits for them)."""
         if self._next == len(self._queue):
             raise ValueError(f"{name}: added after every tensor of the plan")
         shard, (want, dtype, want_shape) = self._queue[self._next]
@@ -345,17 +358,50 @@ class HFShardWriter:
         # Open across add() calls, closed by _end_shard (or _discard on failure).
         self._file = open(self._path(shard), "wb")  # noqa: SIM115
         self._file_shard = shard
-        self._file.write(encode_header(self.shards[shard], {"format": "pt"}, align=PAGE))
+        self._file.write(encode_header(self.shards[shard], {"format": "pt"}, align=PAGE,
+                                       phase=self._data_phase(self.shards[shard])))
+
+    def _data_phase(self, entries: list[PlanEntry]) -> int:
+        """Where in a page to start a shard's data, for :meth:`want_phases`."""
+        weight: dict[int, int] = {}
+        offset = 0
+        for name, dtype, shape in entries:
+            nbytes = tensor_bytes(dtype, shape)
+            if name in self._phases:
+                phase = (self._phases[name] - offset) % PAGE
+                weight[phase] = weight.get(phase, 0) + nbytes
+            offset += nbytes
+        best = max(weight, key=weight.__getitem__, default=0)
+        return best if best % 8 == 0 else 0  # safetensors aligns the data to 8 bytes
 
     def _end_shard(self) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        fills, self._fills = self._fills, []
+        if self.copy_threads > 1 and fills:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.copy_threads)
+            self._pending.append(self._pool.submit(_fill_and_close, file, fills))
+        else:
+            _fill_and_close(file, fills)
+
+    def wait(self) -> None:
+        """Wait until every complete shard is filled (by :meth:`add_copied`'s fills); raise
+        the first failure. :meth:`close` waits too; a caller whose fills read files it
+        closes waits first."""
+        pending, self._pending = self._pending, []
+        failure = None
+        for future in pending:
             try:
-                self._file.flush()
-                fills, self._fills = self._fills, []
-                run_parallel(fills, self.copy_threads)
-            finally:
-                self._file.close()
-                self._file = None
+                future.result()
+            except BaseException as err:  # noqa: BLE001 - raised below, after the others
+                failure = failure or err
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if failure is not None:
+            raise failure
 
     def close(self) -> dict | None:
         """Rename the shards to their final names and (writing every shard) write the index,
@@ -365,10 +411,15 @@ class HFShardWriter:
             self._discard()
             raise ValueError(f"{len(missing)} tensors of the plan were never added "
                              f"(first: {missing[0]}); nothing written to {self.dir}")
-        for shard in self._mine:
-            if not self.shards[shard]:  # an empty plan: a header-only file
-                self._start_shard(shard)
-                self._end_shard()
+        try:
+            for shard in self._mine:
+                if not self.shards[shard]:  # an empty plan: a header-only file
+                    self._start_shard(shard)
+                    self._end_shard()
+            self.wait()
+        except BaseException:
+            self._discard()
+            raise
         for shard in self._mine:
             os.replace(self._path(shard), self.dir / shard_file_name(shard, len(self.shards)))
         return write_index(self.dir, self.shards) if self._write_index else None
@@ -376,5 +427,17 @@ class HFShardWriter:
     def _discard(self) -> None:
         self._fills.clear()
         self._end_shard()
+        with contextlib.suppress(Exception):  # the caller is already failing
+            self.wait()
         for shard in self._mine:
             self._path(shard).unlink(missing_ok=True)
+
+
+def _fill_and_close(file, fills: list) -> None:
+    """Run a shard's fills in order, then close its file."""
+    try:
+        file.flush()
+        for fill in fills:
+            fill()
+    finally:
+        file.close()

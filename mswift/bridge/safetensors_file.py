@@ -44,12 +44,15 @@ def tensor_bytes(dtype, shape) -> int:
 
 
 def encode_header(tensors: list[tuple[str, object, tuple[int, ...]]],
-                  metadata: dict[str, str] | None = None, align: int = 8) -> bytes:
+                  metadata: dict[str, str] | None = None, align: int = 8,
+                  phase: int = 0) -> bytes:
     """Length + JSON header for ``(name, dtype, shape)`` stored back to back in this order, the
     JSON padded with spaces (the format allows trailing whitespace) so that the data starts at
-    a multiple of ``align`` bytes (8, as safetensors writes it; a page for files whose tensors
-    are copied in, so that their pages line up with the source's); ``dtype`` a torch dtype or a
-    ``dtypes.Dtype``."""
+    ``phase`` + a multiple of ``align`` bytes (8, as safetensors writes it; a page for files
+    whose tensors are copied in, with ``phase`` where their sources start in a page, so that
+    the pages line up); ``dtype`` a torch dtype or a ``dtypes.Dtype``."""
+    if phase % 8 or not 0 <= phase < align:
+        raise ValueError(f"data start {phase} bytes into {align}: not a multiple of 8 below it")
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in tensors:
@@ -62,7 +65,7 @@ def encode_header(tensors: list[tuple[str, object, tuple[int, ...]]],
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % align)
+    text += b" " * ((phase - 8 - len(text)) % align)
     return len(text).to_bytes(8, "little") + text
 
 

@@ -3,8 +3,9 @@
 A torch.save file is a zip archive (records stored, not compressed) of ``<archive>/data.pkl``,
 the pickled object in which each tensor is a ``torch._utils._rebuild_tensor_v2`` call on a
 persistent id ``("storage", torch.<Dtype>Storage, key, location, numel)``, and one record
-``<archive>/data/<key>`` of raw bytes per storage, aligned to 64 bytes so that
-``torch.load(mmap=True)`` can map it (the zip container: :mod:`mswift.bridge.torch_zip`).
+``<archive>/data/<key>`` of raw bytes per storage (torch aligns it to 64 bytes; the writers
+here put it on a page, or as far into a page as its copy's source starts; torch.load, also
+with ``mmap=True``, reads it anywhere; the zip container: :mod:`mswift.bridge.torch_zip`).
 torch.save pickles first and copies each storage after; so do the writers here, but each
 tensor's bytes are made only when its record is written:
 
@@ -186,43 +187,46 @@ def save_streaming(path: str | os.PathLike, obj: Any) -> None:
     pickled = io.BytesIO()
     pickler = _StreamingPickler(pickled)
     pickler.dump(obj)
-    records = [(s.key, s.numel * s.dtype.itemsize, _tensor_fill(s, source, path))
+    records = [(s.key, s.numel * s.dtype.itemsize, _tensor_fill(s, source, path), 0)
                for s, source in pickler.records]
     del pickler
     _write_archive(path, pickled.getvalue(), records)
 
 
 def _write_archive(path: str | os.PathLike, data_pkl: bytes,
-                   records: list[tuple[str, int, Callable[[int, int], None]]],
+                   records: list[tuple[str, int, Callable[[int, int], None], int]],
                    threads: int = 1, fd: int | None = None, base: int = 0) -> int:
     """The records torch.save writes, in its order; each storage record ``(key, nbytes,
-    fill)`` is filled by ``fill(fd, offset)``, one after the other, or with ``threads`` > 1
+    fill, phase)`` starts ``phase`` bytes into a page (of the archive) and is filled by
+    ``fill(fd, offset)``, one after the other, or with ``threads`` > 1
     all records laid out first and then filled by that many threads at once. A failure
     removes the file (a partial file must not pass for a checkpoint). ``fd``/``base``: write
     the archive into that open file at that offset instead (see
     :class:`~mswift.bridge.torch_zip.TorchZipWriter`; ``fd=DRY_RUN`` writes and fills
     nothing). Returns the archive's length in bytes."""
     # No CRC-32s for the storages: torch.load never checks them, and computing them takes
-    # longer than writing the bytes (3.4 s of 4.5 s for a 1.2 GB file here). Storages start on
-    # a page (of the archive: callers embedding one put it at a page too), so that copies from
-    # page-aligned sources move whole pages (torch itself aligns to 64 bytes, and so
-    # does every other record here).
+    # longer than writing the bytes (3.4 s of 4.5 s for a 1.2 GB file here). Storages start
+    # at their phase in a page (of the archive: callers embedding one put it on a page), so
+    # that copies whose source starts at that phase move whole pages (torch itself aligns to
+    # 64 bytes, and so does every other record here). No ``.format_version`` record: with
+    # one, torch.load(map_location="meta") computes each storage's `_checkpoint_offset` as
+    # if the records were laid out by torch's own writer, which these are not; without it,
+    # torch reads each offset from the zip directory.
     archive = "archive" if fd is not None else Path(path).stem or "archive"
     dry = fd == DRY_RUN
     with TorchZipWriter(path, archive=archive, fd=fd, base=base) as writer:
         writer.add_bytes("data.pkl", data_pkl)
-        writer.add_bytes(".format_version", b"1")
         writer.add_bytes(".storage_alignment", str(ALIGNMENT).encode())
         writer.add_bytes("byteorder", sys.byteorder.encode())
         if threads > 1:
-            fills = [(fill, writer.reserve(f"data/{key}", nbytes, PAGE), nbytes)
-                     for key, nbytes, fill in records]
+            fills = [(fill, writer.reserve(f"data/{key}", nbytes, PAGE, phase), nbytes)
+                     for key, nbytes, fill, phase in records]
             if not dry:
                 run_parallel([lambda f=f, o=o: f(writer.fd, o) for f, o, n in fills if n],
                              threads)
         else:
-            for key, nbytes, fill in records:
-                offset = writer.reserve(f"data/{key}", nbytes, PAGE)
+            for key, nbytes, fill, phase in records:
+                offset = writer.reserve(f"data/{key}", nbytes, PAGE, phase)
                 if nbytes and not dry:
                     fill(writer.fd, offset)
         writer.add_bytes("version", b"3\n")
@@ -271,11 +275,13 @@ class Reduced:
 @dataclass(frozen=True, eq=False)
 class TensorRecord:
     """A tensor for :func:`write_torch_file`: ``fill(fd, offset)`` writes its
-    ``prod(shape) * kind.itemsize`` bytes (contiguous, row-major) at ``offset`` of ``fd``."""
+    ``prod(shape) * kind.itemsize`` bytes (contiguous, row-major) at ``offset`` of ``fd``, an
+    offset ``phase`` bytes into a page of the archive (see :func:`byte_copy.page_phase`)."""
 
     shape: tuple[int, ...]
     kind: dtypes.Dtype
     fill: Callable[[int, int], None]
+    phase: int = 0
 
 
 class _RecordPickler(pickle._Pickler):
@@ -363,7 +369,7 @@ def write_torch_file(path: str | os.PathLike, obj: Any, threads: int = 1,
     pickled = io.BytesIO()
     pickler = _RecordPickler(pickled)
     pickler.dump(obj)
-    records = [(str(i), _numel(r.shape) * r.kind.itemsize, r.fill)
+    records = [(str(i), _numel(r.shape) * r.kind.itemsize, r.fill, r.phase)
                for i, r in enumerate(pickler.records)]
     return _write_archive(path, pickled.getvalue(), records, threads, fd, base)
 

@@ -4,9 +4,9 @@ A torch.save file is a zip archive whose records are all STORED (not compressed)
 ``<archive>/<record>`` under one top-level folder (torch uses the file's stem; torch.load takes
 any single folder), in the order ``data.pkl``, ``.format_version``, ``.storage_alignment``,
 ``byteorder``, ``data/0``, ``data/1``, ..., ``version``, ``.data/serialization_id``. Each
-record's bytes start at a file offset that is a multiple of :data:`ALIGNMENT`, so that
-``torch.load(mmap=True)`` can map them: like torch (miniz), the local header ends with an extra
-field of id ``b"FB"`` whose payload is that many ``b"Z"`` bytes of padding.
+record's bytes start at a file offset that is a multiple of :data:`ALIGNMENT`, or wherever
+:meth:`TorchZipWriter.reserve` is asked to put them: like torch (miniz), the local header ends
+with an extra field of id ``b"FB"`` whose payload is that many ``b"Z"`` bytes of padding.
 
 :class:`TorchZipWriter` writes such a file record by record with ``os.pwrite`` on a raw fd.
 :meth:`TorchZipWriter.reserve` writes a record's local header only and returns the offset at
@@ -95,16 +95,20 @@ class TorchZipWriter:
         data_offset = self._start_record(name, len(data), zlib.crc32(data))
         self._pwrite(data, data_offset)
 
-    def reserve(self, name: str, nbytes: int, alignment: int = ALIGNMENT) -> int:
+    def reserve(self, name: str, nbytes: int, alignment: int = ALIGNMENT, phase: int = 0) -> int:
         """Writes record ``<archive>/<name>``'s header (CRC 0) and returns the file offset
-        where the caller must put exactly ``nbytes`` bytes on ``self.fd`` (``base`` + a
-        multiple of ``alignment``, itself a multiple of ALIGNMENT: PAGE for bytes copied
-        from file to file, so that source and destination pages line up)."""
+        where the caller must put exactly ``nbytes`` bytes on ``self.fd``: ``base`` + a
+        multiple of ``alignment`` (itself a multiple of ALIGNMENT) + ``phase``. For bytes
+        copied from file to file: ``alignment`` PAGE and ``phase`` the source's offset in its
+        page, so that source and destination pages line up (torch.load reads a record at any
+        offset)."""
         if nbytes < 0:
             raise ValueError(f"{self.path}: negative size {nbytes} for record {name!r}")
         if alignment % ALIGNMENT:
             raise ValueError(f"alignment {alignment}: not a multiple of {ALIGNMENT}")
-        return self.base + self._start_record(name, nbytes, 0, alignment)
+        if not 0 <= phase < alignment:
+            raise ValueError(f"phase {phase}: not in [0, {alignment})")
+        return self.base + self._start_record(name, nbytes, 0, alignment, phase)
 
     def close(self) -> None:
         """Writes the central directory and end records, sets the file's length, closes."""
@@ -140,7 +144,8 @@ class TorchZipWriter:
         except FileNotFoundError:
             pass
 
-    def _start_record(self, name: str, size: int, crc: int, alignment: int = ALIGNMENT) -> int:
+    def _start_record(self, name: str, size: int, crc: int, alignment: int = ALIGNMENT,
+                      phase: int = 0) -> int:
         self._check_open()
         self._check_caller_writes()
         full_name = f"{self.archive}/{name}".encode()
@@ -150,14 +155,14 @@ class TorchZipWriter:
         zip64 = size >= self.zip64_threshold or header_offset >= self.zip64_threshold
         extra = _extra(_ZIP64_EXTRA_ID, struct.pack("<QQ", size, size)) if zip64 else b""
         unpadded = header_offset + _LOCAL.size + len(full_name) + len(extra) + 4
-        extra += _extra(_PADDING_EXTRA_ID, b"Z" * (-unpadded % alignment))
+        extra += _extra(_PADDING_EXTRA_ID, b"Z" * ((phase - unpadded) % alignment))
         size32 = ZIP64_LIMIT if zip64 else size
         header = _LOCAL.pack(b"PK\x03\x04", _VERSION_ZIP64 if zip64 else _VERSION_PLAIN,
                              _FLAG_UTF8, zipfile.ZIP_STORED, 0, _DOS_DATE, crc, size32, size32,
                              len(full_name), len(extra))
         self._pwrite(header + full_name + extra, header_offset)
         data_offset = header_offset + len(header) + len(full_name) + len(extra)
-        assert data_offset % alignment == 0
+        assert data_offset % alignment == phase
         self._names.add(full_name)
         self._records.append((full_name, header_offset, size, crc))
         self.offset = data_offset + size

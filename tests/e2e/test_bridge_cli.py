@@ -311,9 +311,10 @@ def test_existing_output_and_failed_write_leave_nothing(hf, tmp_path, capsys, mo
             def full(fd, offset):
                 raise OSError(28, "No space left on device")
 
-            records = records[:1] + [(key, nbytes, full) for key, nbytes, _ in records[1:]]
+            records = records[:1] + [(key, nbytes, full, phase)
+                                     for key, nbytes, _, phase in records[1:]]
             if fmt == "torch_dist":  # one tensor per item
-                records = [(key, nbytes, full) for key, nbytes, _ in records]
+                records = [(key, nbytes, full, phase) for key, nbytes, _, phase in records]
         return real_write(path, data_pkl, records, threads, fd, base)
 
     monkeypatch.setattr(torch_file, "_write_archive", failing_write)

@@ -20,6 +20,8 @@ from mswift.bridge.hf_io import HFCheckpoint
 from mswift.bridge.layout import HFModel
 from mswift.bridge.legacy import FILE, LegacyLayout, megatron_args, write_legacy
 from mswift.bridge.model_io import HFSource
+from mswift.bridge.torch_file import load_index
+from mswift.bridge.torch_zip import PAGE
 from mswift.models.registry import families
 from mswift.testing.hf_models import save_tiny_hf_model
 
@@ -91,10 +93,18 @@ def test_copied_rank_files_equal_made_ones(hf, tmp_path, family, dtype):
             assert_same_files(copied / rel, made / rel)
 
 
+def safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (parsed: its padding aside) and data bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_copied_hf_files_equal_made_ones(hf, tmp_path, family, monkeypatch):
-    """legacy (TP2 x PP2: column slices merged) -> HF, both paths, byte-identical files; and the
-    copy is the original checkpoint's tensors."""
+    """legacy (TP2 x PP2: column slices merged) -> HF, both paths, the same files (safetensors:
+    the same header, but for its padding, and the same data bytes); and the copy is the
+    original checkpoint's tensors."""
     src = hf[(family, "bfloat16")]
     leg = hf_to_mcore(src, tmp_path / "leg", "legacy", tp=2, pp=2, progress=False)
     copied = mcore_to_hf(leg, tmp_path / "copied", progress=False)
@@ -103,12 +113,72 @@ def test_copied_hf_files_equal_made_ones(hf, tmp_path, family, monkeypatch):
     names = sorted(p.name for p in made.iterdir())
     assert sorted(p.name for p in copied.iterdir()) == names
     for name in names:
-        assert (copied / name).read_bytes() == (made / name).read_bytes(), name
+        if name.endswith(".safetensors"):
+            assert safetensors_parts(copied / name) == safetensors_parts(made / name), name
+        else:
+            assert (copied / name).read_bytes() == (made / name).read_bytes(), name
     original, back = HFCheckpoint(src), HFCheckpoint(copied)
     assert sorted(original.names) == sorted(back.names)
     for name in original.names:
         assert torch.equal(original.read(name).view(torch.uint8),
                            back.read(name).view(torch.uint8)), name
+
+
+def test_copies_line_pages_up(hf, tmp_path):
+    """Each tensor copied into a rank file starts as far into a page as its HF source (so that
+    ``copy_file_range`` moves whole pages); back to HF, each shard's data starts where the
+    most tensor bytes line up with their stored pieces. The HF files here are not on pages
+    (safetensors aligns to 8 bytes), so the offsets differ from tensor to tensor."""
+    src = hf[("llama", "bfloat16")]
+    leg = hf_to_mcore(src, tmp_path / "leg", "legacy", progress=False)
+    ckpt = HFCheckpoint(src)
+    wmap = HFModel.open(src).weight_map(HFModel.open(src).padded_vocab(1))
+    stored = load_index(leg / "iter_0000000" / "mp_rank_00" / FILE)["model"]
+    phases = {}
+    for name, tensor in stored.items():
+        _, hf_names = wmap.lookup(name) if tensor is not None else (None, [])
+        if len(hf_names) == 1:  # one HF tensor: its rows copied as they are
+            phases[hf_names[0]] = tensor.offset % PAGE
+            assert phases[hf_names[0]] == ckpt.location(hf_names[0])[1] % PAGE, name
+    assert len(phases) > 10 and len(set(phases.values())) > 1
+
+    back = mcore_to_hf(leg, tmp_path / "back", progress=False)
+    for shard in sorted(back.glob("*.safetensors")):
+        header, _ = safetensors_parts(shard)
+        start = 8 + int.from_bytes(shard.read_bytes()[:8], "little")
+        lined_up = {}  # data start in a page -> bytes of tensors lined up with their source
+        for name, entry in header.items():
+            if name in phases:
+                begin, end = entry["data_offsets"]
+                key = (phases[name] - begin) % PAGE
+                lined_up[key] = lined_up.get(key, 0) + end - begin
+        assert lined_up and lined_up.get(start % PAGE, 0) == max(lined_up.values()), shard
+
+
+def test_slow_copies_into_several_shards(hf, tmp_path, monkeypatch):
+    """Shards are filled on threads while the next ones are laid out: slow fills into many
+    shards still finish before their source files are closed (no descriptor is opened again
+    after, and left open), and the files are exact."""
+    import time
+
+    src = hf[("qwen3", "bfloat16")]
+    leg = hf_to_mcore(src, tmp_path / "leg", "legacy", progress=False)
+    real = byte_copy.copy_blocks
+
+    def slow(*args):
+        time.sleep(0.02)
+        real(*args)
+
+    monkeypatch.setattr(byte_copy, "copy_blocks", slow)
+    open_fds = set(os.listdir("/proc/self/fd"))
+    back = mcore_to_hf(leg, tmp_path / "back", max_shard_bytes=20000, progress=False)
+    assert set(os.listdir("/proc/self/fd")) == open_fds
+    assert len(list(back.glob("*.safetensors"))) > 3
+    original, copied = HFCheckpoint(src), HFCheckpoint(back)
+    assert sorted(original.names) == sorted(copied.names)
+    for name in original.names:
+        assert torch.equal(original.read(name).view(torch.uint8),
+                           copied.read(name).view(torch.uint8)), name
 
 
 def test_small_bands_and_refused_copy_file_range(hf, tmp_path, monkeypatch):

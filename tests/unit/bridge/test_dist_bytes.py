@@ -102,6 +102,37 @@ def test_copied_torch_dist_equals_megatrons_and_converts_back(hf, tmp_path, case
     assert not torch.distributed.is_initialized()  # nothing here needed a process group
 
 
+def test_copied_chunks_line_up_with_their_hf_source(hf, tmp_path):
+    """Each chunk copied from one HF tensor starts as far into a page of its .distcp file as
+    that tensor does in its safetensors file (``copy_file_range`` then moves whole pages);
+    the tiny model's tensors are at many different offsets in a page."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mswift.bridge.layout import HFModel
+    from mswift.bridge.torch_file import load_index
+    from mswift.bridge.torch_zip import PAGE
+
+    src = hf[("llama", "bfloat16")]
+    ckpt = hf_to_mcore(src, tmp_path / "td", "torch_dist", progress=False) / "iter_0000000"
+    meta = FileSystemReader(str(ckpt)).read_metadata()
+    where = {(index.fqn, tuple(index.offset)): info for index, info in meta.storage_data.items()
+             if index.offset is not None}
+    model, hf_ckpt = HFModel.open(src), HFCheckpoint(src)
+    wmap = model.weight_map(model.padded_vocab(1))
+    phases = []
+    for name in wmap.mcore_names(to_hf_only=True):
+        _, hf_names = wmap.lookup(name)
+        if len(hf_names) != 1:
+            continue
+        hf_phase = hf_ckpt.location(hf_names[0])[1] % PAGE
+        for piece in dist_bytes.stored_pieces(wmap, name):
+            info = where[(piece.key, piece.offset)]
+            stored = load_index(ckpt / info.relative_path, info.offset, info.length)
+            assert stored.offset % PAGE == hf_phase, (name, piece.key)
+            phases.append(hf_phase)
+    assert len(phases) > 10 and len(set(phases)) > 1
+
+
 def test_metadata_read_without_torch(hf, tmp_path):
     """The .metadata pickle read without torch gives what PyTorch's reader gives."""
     from torch.distributed.checkpoint import FileSystemReader

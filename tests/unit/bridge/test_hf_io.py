@@ -1,6 +1,7 @@
 """Safetensors reading without mmap and streamed shard writing, checked against safetensors'
 own reader; corrupt files are refused by name."""
 import json
+import os
 import struct
 
 import pytest
@@ -271,3 +272,51 @@ def test_shards_written_with_their_data_on_a_page(tmp_path):
     assert (8 + length) % 4096 == 0
     with safe_open(str(shard), "pt") as f:
         assert all(torch.equal(f.get_tensor(name), t) for name, t in tensors.items())
+
+
+def test_copied_shards_start_their_data_where_sources_line_up(tmp_path):
+    """Tensors added by copying (``add_copied``) with the page phases of their sources: each
+    shard's data starts where most of its copied bytes line up with their source's pages;
+    shards are filled on threads of their own; safetensors reads the files. A fill that fails
+    on one thread leaves no shard behind."""
+    from mswift.bridge import dtypes
+
+    tensors = {"a": torch.randn(4, 6), "b": torch.arange(5, dtype=torch.int64),
+               "c": torch.randn(1000), "d": torch.randn(3)}
+    plan = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+
+    def fill_with(t, fail=False):
+        def fill(fd, offset):
+            if fail:
+                raise OSError(28, "No space left on device")
+            os.pwrite(fd, t.numpy().tobytes(), offset)
+        return fill
+
+    def write(directory, max_shard_bytes, fail=""):
+        writer = HFShardWriter(directory, plan, max_shard_bytes or 2**30, copy_threads=2)
+        writer.want_phases({"a": 200, "c": 1000, "d": 16})
+        for name, t in tensors.items():
+            writer.add_copied(name, dtypes.of_torch(t.dtype), tuple(t.shape),
+                              fill_with(t, fail=name == fail))
+        writer.close()
+
+    def data_starts(directory):
+        starts = []
+        for shard in sorted(directory.glob("*.safetensors")):
+            with open(shard, "rb") as file:
+                (length,) = struct.unpack("<Q", file.read(8))
+            starts.append((8 + length) % 4096)
+            with safe_open(str(shard), "pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    assert torch.equal(f.get_tensor(name), tensors[name]), name
+        return starts
+
+    # One shard: c (4000 bytes at data offset 136) outweighs a (96 at 0) and d (12 at 4136).
+    write(tmp_path / "one", None)
+    assert data_starts(tmp_path / "one") == [1000 - 136]
+    # Shards [a, b], [c], [d]: each starts where its own copied tensor lines up.
+    write(tmp_path / "three", 200)
+    assert data_starts(tmp_path / "three") == [200, 1000, 16]
+    with pytest.raises(OSError, match="No space"):
+        write(tmp_path / "failed", 200, fail="c")
+    assert list((tmp_path / "failed").iterdir()) == []

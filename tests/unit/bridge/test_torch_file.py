@@ -224,34 +224,41 @@ def test_read_of_a_file_cut_after_indexing(tmp_path):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_write_torch_file_without_torch_objects(tmp_path, threads):
     """TensorRecords (typed and untyped storages, an empty one) filled by callbacks, one at a
-    time or several at once, and a TorchGlobal dtype: torch.load reads what torch.save of the
-    same tensors would give; load_index reads it back."""
+    time or several at once, each at its phase in a page, and a TorchGlobal dtype: torch.load
+    (also mmap) reads what torch.save of the same tensors would give, and onto the meta device
+    it finds each storage where it is; load_index reads it back."""
     from mswift.bridge import dtypes
     from mswift.bridge.torch_file import TensorRecord, write_torch_file
+    from mswift.bridge.torch_zip import PAGE
 
     tensors = {"bf16": torch.randn(7, 5).to(torch.bfloat16), "f32": torch.randn(3),
                "u16": torch.arange(6, dtype=torch.int32).to(torch.uint16).reshape(2, 3),
                "f8": torch.randn(4).to(torch.float8_e4m3fn), "empty": torch.empty(0, 4)}
+    phases = {"bf16": 1688, "f32": 0, "u16": 8, "f8": 4088, "empty": 64}
 
-    def record(t):
+    def record(t, phase):
         data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         return TensorRecord(tuple(t.shape), dtypes.of_torch(t.dtype),
-                            lambda fd, offset: os.pwrite(fd, data, offset))
+                            lambda fd, offset: os.pwrite(fd, data, offset), phase)
 
-    obj = {"model": {k: record(t) for k, t in tensors.items()}, "none": None,
+    obj = {"model": {k: record(t, phases[k]) for k, t in tensors.items()}, "none": None,
            "args": argparse.Namespace(params_dtype=TorchGlobal("torch", "bfloat16"), tp=2)}
     write_torch_file(tmp_path / "x.pt", obj, threads=threads)
-    for weights_only in (True, False):
+    for weights_only, mmap in ((True, False), (False, False), (True, True)):
         with torch.serialization.safe_globals([argparse.Namespace]):
-            got = torch.load(tmp_path / "x.pt", weights_only=weights_only)
+            got = torch.load(tmp_path / "x.pt", weights_only=weights_only, mmap=mmap)
         assert got["args"].params_dtype is torch.bfloat16 and got["none"] is None
         for k, t in tensors.items():
             u = got["model"][k]
             assert u.dtype == t.dtype and u.shape == t.shape, k
             assert torch.equal(u.view(torch.uint8), t.view(torch.uint8)), k
     index = load_index(tmp_path / "x.pt")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        meta = torch.load(tmp_path / "x.pt", weights_only=True, map_location="meta")
     for k, t in tensors.items():
         assert torch.equal(index["model"][k].read().view(torch.uint8), t.view(torch.uint8)), k
+        assert index["model"][k].offset % PAGE == phases[k], k
+        assert meta["model"][k].untyped_storage()._checkpoint_offset == index["model"][k].offset
 
 
 def test_archives_embedded_in_one_file(tmp_path):

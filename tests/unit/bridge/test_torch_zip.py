@@ -226,26 +226,34 @@ def test_module_imports_without_torch():
 
 
 def test_records_reserved_on_a_page(tmp_path):
-    """Storages reserved on a page (what the byte-copy writers do) start at a multiple of
-    4096 and torch.load (also mmap) reads them; an alignment that breaks torch's 64 bytes is
-    refused."""
+    """Storages reserved on a page, or some bytes into one (what the byte-copy writers do, to
+    line up with their source) start there and torch.load (also mmap, also onto the meta
+    device) reads them; an alignment that breaks torch's 64 bytes, or a phase outside the
+    alignment, is refused."""
     from mswift.bridge.torch_zip import PAGE
 
-    obj = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16)}
+    obj = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16),
+           "c": torch.randn(2, 2)}
+    phases = {"data/0": 0, "data/1": 1688, "data/2": 8}
     records = torch_records(obj)
     path = tmp_path / "paged.pt"
     with TorchZipWriter(path, archive="paged") as writer:
         for name, data in records:
             if name.startswith("data/"):
-                offset = writer.reserve(name, len(data), PAGE)
-                assert offset % PAGE == 0
+                offset = writer.reserve(name, len(data), PAGE, phases[name])
+                assert offset % PAGE == phases[name]
                 os.pwrite(writer.fd, data, offset)
-            else:
+            elif name != ".format_version":  # see torch_file._write_archive
                 writer.add_bytes(name, data)
         with pytest.raises(ValueError, match="alignment 100"):
             writer.reserve("data/9", 4, 100)
+        with pytest.raises(ValueError, match="phase 4096"):
+            writer.reserve("data/9", 4, PAGE, PAGE)
     for mmap in (False, True):
         got = torch.load(path, weights_only=True, mmap=mmap)
         assert all(torch.equal(got[k], obj[k]) for k in obj)
-    assert all(offset % PAGE == 0 for name, (offset, _) in read_zip_directory(path).items()
-               if name.startswith("data/"))
+    directory = read_zip_directory(path)
+    assert {name: directory[name][0] % PAGE for name in phases} == phases
+    meta = torch.load(path, weights_only=True, map_location="meta")
+    assert {k: t.untyped_storage()._checkpoint_offset for k, t in meta.items()} == {
+        "a": directory["data/0"][0], "b": directory["data/1"][0], "c": directory["data/2"][0]}
