@@ -255,7 +255,13 @@ def _write_torch_dist_from_hf(hf, ckpt, wmap, padded, tmp, kind: dtypes.Dtype,
 
 
 def _template(root: Path, hf_dir) -> HFModel:
-    template = Path(hf_dir) if hf_dir else root / HF_SUBDIR
+    if hf_dir:
+        template = Path(hf_dir)
+        if not (template / "config.json").is_file():
+            raise BridgeError(f"--hf-dir {template}: no config.json there (expected the HF "
+                              "model's config and tokenizer)")
+        return HFModel.open(template)
+    template = root / HF_SUBDIR
     if not (template / "config.json").is_file():
         raise BridgeError(f"{root}: carries no {HF_SUBDIR}/config.json (not converted by mswift); "
                           "pass --hf-dir with the HF model's config and tokenizer")

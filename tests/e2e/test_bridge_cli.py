@@ -344,3 +344,24 @@ def test_reshard_refuses_a_layout_that_does_not_divide(hf, tmp_path, capsys):
     assert_no_output(out)
     assert mcore_to_hf_main(["--mcore-dir", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_missing_hf_config_is_named(hf, tmp_path, capsys):
+    """A checkpoint that carries no HF config needs --hf-dir; an --hf-dir without config.json
+    is named as such (not blamed on the checkpoint)."""
+    import shutil
+
+    ckpt = hf_to_mcore(hf[("llama", "fp32")], tmp_path / "td", "torch_dist", progress=False)
+    shutil.rmtree(ckpt / "hf")  # as a training run's checkpoint: no HF files inside
+    out = tmp_path / "out"
+    assert mcore_to_hf_main(["--mcore-dir", str(ckpt), "--out", str(out)]) == 2
+    assert f"{ckpt}: carries no hf/config.json" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert mcore_to_hf_main(["--mcore-dir", str(ckpt), "--hf-dir", str(empty), "--out",
+                             str(out)]) == 2
+    assert f"--hf-dir {empty}: no config.json there" in capsys.readouterr().err
+    assert_no_output(out)
+    assert mcore_to_hf_main(["--mcore-dir", str(ckpt), "--hf-dir", str(hf[("llama", "fp32")]),
+                             "--out", str(out)]) == 0
+    assert (out / "config.json").is_file()

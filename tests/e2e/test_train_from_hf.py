@@ -79,6 +79,17 @@ def test_sft_trains_and_exports_a_model_transformers_generates_with(hf_dir, tmp_
     out = model.generate(ids, min_new_tokens=4, max_new_tokens=8, do_sample=False)
     assert ids.shape[1] + 4 <= out.shape[1] <= ids.shape[1] + 8
     assert isinstance(tokenizer.decode(out[0, ids.shape[1]:]), str)
+    # The run's last torch_dist checkpoint (model, optimizer, TP2), converted on the command
+    # line with the starting model's config and tokenizer, is the model the run exported.
+    proc = subprocess.run([sys.executable, "checkpoint_convert/mcore_to_hf.py", "--mcore-dir",
+                           str(tmp_path), "--hf-dir", str(hf_dir / "model"), "--out",
+                           str(tmp_path / "converted")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    converted = tensors(tmp_path / "converted")
+    assert converted.keys() == after.keys()
+    for name, t in after.items():
+        assert converted[name].dtype == t.dtype and torch.equal(converted[name], t), name
 
 
 def test_training_from_a_converted_torch_dist_checkpoint_starts_where_hf_does(hf_dir, tmp_path):
