@@ -1,12 +1,14 @@
 """Conversions that only move bytes: HF safetensors <-> Megatron-LM legacy rank files, and
 legacy rank files at one layout -> another (reshard).
 
-When a conversion keeps every tensor's dtype, each megatron tensor is a rearrangement of HF
-tensors' rows and columns (fused QKV by query group, gate/up, TP slices, vocabulary padding),
-which the weight map's :meth:`~mswift.bridge.rules.Transform.tiles` describe. These conversions
-copy those rectangles file to file: whole-row runs with ``os.copy_file_range`` (the kernel
-copies, nothing passes through this process: what ``cp`` does), column slices (row-parallel
-weights at TP > 1) through a bounded buffer. No tensor is ever built and torch is not imported
+Each megatron tensor is a rearrangement of HF tensors' rows and columns (fused QKV by query
+group, gate/up, TP slices, vocabulary padding), which the weight map's
+:meth:`~mswift.bridge.rules.Transform.tiles` describe. These conversions copy those rectangles
+file to file: whole-row runs with ``os.copy_file_range`` (the kernel copies, nothing passes
+through this process: what ``cp`` does), column slices (row-parallel weights at TP > 1)
+through a bounded buffer, and every band through a buffer and a cast
+(:mod:`mswift.bridge.dtype_cast`) when the dtype changes between float32, bfloat16 and
+float16. No tensor is ever built and torch is not imported
 (its import alone takes longer than such a conversion of a few GB); everything else (the checks,
 the metadata, the files' formats) is what the tensor path does. :mod:`mswift.bridge.convert`
 takes this path when it applies (:func:`hf_copy_applies`, :func:`legacy_to_hf_applies`,
@@ -29,6 +31,9 @@ from mswift.bridge.torch_file import TensorRecord, run_parallel, write_torch_fil
 from mswift.bridge.torch_zip import PAGE
 
 BUFFER_BYTES = 32 * 2**20  # column slices are gathered this many bytes at a time
+# Bands that are cast: smaller, for numpy's temporaries (0.25-32 MB made no clear difference
+# in time here; memory grows with it).
+CAST_BUFFER_BYTES = 4 * 2**20
 # Files written at once, each by one thread. The kernel's copy runs on the calling thread (one
 # copy keeps one core busy), and copies into one file take turns on its lock: here a second
 # thread in one file doubled the kernel time and gained no wall time.
@@ -117,10 +122,22 @@ def _write_zeros(dst_fd: int, offset: int, nbytes: int) -> None:
 
 
 def copy_blocks(files: OpenFiles, dst_fd: int, dst_offset: int, dst_row_bytes: int,
-                blocks: list[Block]) -> None:
+                blocks: list[Block], cast: tuple[dtypes.Dtype, dtypes.Dtype] | None = None
+                ) -> None:
     """Fill a destination matrix (in ``dst_fd`` at ``dst_offset``) from ``blocks``. A block of
     whole rows on both sides is one contiguous range (copied in the kernel); the others are
-    gathered row band by row band in a buffer and written with one ``pwrite`` per band."""
+    gathered row band by row band in a buffer and written with one ``pwrite`` per band.
+    ``cast``: (source dtype, destination dtype) when they differ; then the blocks' columns
+    count source bytes, ``dst_row_bytes`` destination bytes, and every band is gathered and
+    cast (:mod:`mswift.bridge.dtype_cast`) before it is written."""
+    if cast is not None and cast[0] != cast[1]:
+        from mswift.bridge import dtype_cast  # numpy: imported only by conversions that cast
+
+        src, dst = cast
+        _write_bands(files, dst_fd, dst_offset, dst_row_bytes // dst.itemsize * src.itemsize,
+                     blocks, dst_row_bytes, lambda band: dtype_cast.cast(band, src, dst),
+                     CAST_BUFFER_BYTES)
+        return
     gathered = []
     for b in blocks:
         if not _whole_rows(b, dst_row_bytes):
@@ -130,15 +147,24 @@ def copy_blocks(files: OpenFiles, dst_fd: int, dst_offset: int, dst_row_bytes: i
         else:
             copy_range(files.fd(b.src.path), b.src.offset + b.src_row * b.width, dst_fd,
                        dst_offset + b.dst_row * dst_row_bytes, b.rows * b.width)
-    for first, last in _bands(gathered):
-        step = max(1, BUFFER_BYTES // dst_row_bytes)
+    _write_bands(files, dst_fd, dst_offset, dst_row_bytes, gathered, dst_row_bytes)
+
+
+def _write_bands(files: OpenFiles, dst_fd: int, dst_offset: int, row_bytes: int,
+                 blocks: list[Block], out_row_bytes: int, convert=None,
+                 band_bytes: int = BUFFER_BYTES) -> None:
+    """Gather ``blocks`` (rows of ``row_bytes``) band by band (of about ``band_bytes``),
+    ``convert`` each band (rows of ``out_row_bytes`` after), write it."""
+    for first, last in _bands(blocks):
+        step = max(1, band_bytes // row_bytes)
         for r0 in range(first, last, step):
             r1 = min(last, r0 + step)
-            band = memoryview(bytearray((r1 - r0) * dst_row_bytes))
-            covered = sum(_gather(files, b, band, r0, r1, dst_row_bytes) for b in gathered)
+            band = memoryview(bytearray((r1 - r0) * row_bytes))
+            covered = sum(_gather(files, b, band, r0, r1, row_bytes) for b in blocks)
             # Only rows the gathered blocks cover wholly are written (no row is half-written).
             assert covered == band.nbytes, f"blocks cover {covered} of {band.nbytes} bytes"
-            os.pwrite(dst_fd, band, dst_offset + r0 * dst_row_bytes)
+            os.pwrite(dst_fd, band if convert is None else convert(band),
+                      dst_offset + r0 * out_row_bytes)
 
 
 def _whole_rows(b: Block, dst_row_bytes: int) -> bool:
@@ -204,8 +230,9 @@ def _gather(files: OpenFiles, b: Block, band: memoryview, r0: int, r1: int,
 
 
 def hf_copy_applies(ckpt: HFCheckpoint, wmap: WeightMap, kind: dtypes.Dtype) -> bool:
-    """Every HF tensor the weight map reads already has the checkpoint's dtype ``kind``."""
-    return all(ckpt.kind(name) == kind for name in wmap.hf_shapes())
+    """Every HF tensor the weight map reads has the checkpoint's dtype ``kind``, or one the
+    copies cast to it (:func:`~mswift.bridge.dtypes.castable`)."""
+    return all(dtypes.castable(ckpt.kind(name), kind) for name in wmap.hf_shapes())
 
 
 class HFBytes:
@@ -277,11 +304,12 @@ class LegacyBytes:
 def write_legacy_copying(source, wmap: WeightMap, layout: LegacyLayout, root: str | Path,
                          args, iteration: int = 0,
                          ranks: list[tuple[int, int, int]] | None = None,
-                         progress: bool = False) -> None:
+                         progress: bool = False, kind: dtypes.Dtype | None = None) -> None:
     """:func:`mswift.bridge.legacy.write_legacy` by copying bytes from ``source``
-    (:class:`HFBytes` or :class:`LegacyBytes`), each tensor in its source's dtype. Rank files
-    are written COPY_THREADS at once, each by one thread (writes into one file take turns on
-    its lock: a second thread there only doubled the kernel time)."""
+    (:class:`HFBytes` or :class:`LegacyBytes`), each tensor cast to ``kind`` (None: in its
+    source's dtype). Rank files are written COPY_THREADS at once, each by one thread (copies
+    into one file take turns on its lock: a second thread there only doubled the kernel
+    time), or, when casting, with COPY_THREADS tensors at once in each."""
     d = wmap.dims
     iter_dir = Path(root) / f"iter_{iteration:07d}"
     todo = layout.ranks() if ranks is None else ranks
@@ -299,8 +327,8 @@ def write_legacy_copying(source, wmap: WeightMap, layout: LegacyLayout, root: st
                     shapes = rule.hf_shapes(d)
                     shape = rule.transform.local_shape(shapes, layout.tp, d)
                     tiles = rule.transform.tiles(shapes, tp_rank, layout.tp, d)
-                    sd[local] = _record(files, shape, source.kind(name),
-                                        source.blocks(name, tiles))
+                    sd[local] = _record(files, shape, kind or source.kind(name),
+                                        source.blocks(name, tiles), source.kind(name))
                 state["model" if layout.vpp is None else f"model{vp_stage}"] = sd
             path = iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / FILE
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,8 +339,12 @@ def write_legacy_copying(source, wmap: WeightMap, layout: LegacyLayout, root: st
 
             bar = tqdm(total=len(jobs), desc="writing rank files", unit="file")
 
+        casts = kind is not None and any(source.kind(name) != kind
+                                         for name in wmap.mcore_names(to_hf_only=True))
+
         def write(path: Path, state: dict) -> None:
-            write_torch_file(path, state)
+            # Casts do most of their work outside the file: several at once in one file.
+            write_torch_file(path, state, threads=COPY_THREADS if casts else 1)
             if bar is not None:
                 bar.update()
 
@@ -324,54 +356,69 @@ def write_legacy_copying(source, wmap: WeightMap, layout: LegacyLayout, root: st
 
 
 def _record(files: OpenFiles, shape: tuple[int, ...], kind: dtypes.Dtype,
-            blocks: list[Block]) -> TensorRecord:
-    row_bytes = matrix_shape(shape)[1] * kind.itemsize
+            blocks: list[Block], src: dtypes.Dtype) -> TensorRecord:
+    fill, phase = copy_fill(files, blocks, shape, src, kind)
+    return TensorRecord(tuple(shape), kind, fill, phase or 0)
+
+
+def copy_fill(files: OpenFiles, blocks: list[Block], shape: tuple[int, ...], src: dtypes.Dtype,
+              dst: dtypes.Dtype):
+    """``(fill, phase)`` for a destination tensor of ``shape`` in ``dst`` made of ``blocks``
+    (whose columns count ``src`` bytes): ``fill(fd, offset)`` copies them, cast when the
+    dtypes differ, and ``phase`` is where in a page to put the tensor (:func:`page_phase`;
+    None when casting, which copies nothing in the kernel: anywhere)."""
+    row_bytes = matrix_shape(shape)[1] * dst.itemsize
+    cast = None if src == dst else (src, dst)
 
     def fill(fd: int, offset: int) -> None:
-        copy_blocks(files, fd, offset, row_bytes, blocks)
+        copy_blocks(files, fd, offset, row_bytes, blocks, cast)
 
-    return TensorRecord(tuple(shape), kind, fill, page_phase(blocks, row_bytes, kind.itemsize))
+    return fill, None if cast else page_phase(blocks, row_bytes, dst.itemsize)
 
 
 # -- legacy -> HF ---------------------------------------------------------------------------------
 
 
 def legacy_to_hf_applies(source: LegacySource, kinds: dict[str, dtypes.Dtype]) -> bool:
-    """Every stored piece is contiguous and has the dtype its HF tensors are written in."""
+    """Every stored piece is contiguous, in the dtype its HF tensors are written in or one
+    the copies cast to it."""
     wmap = source.wmap
     for (name, _), piece in source.pieces.items():
         if not piece.contiguous:
             return False
         _, hf_names = wmap.lookup(name)
-        if any(kinds.get(h, piece.kind) != piece.kind for h in hf_names):
+        if not all(dtypes.castable(piece.kind, kinds.get(h, piece.kind)) for h in hf_names):
             return False
     return True
 
 
 def _legacy_blocks(source: LegacySource, name: str, part: int) -> list[Block]:
-    """HF tensor ``part`` of megatron tensor ``name`` as blocks of the stored TP pieces."""
+    """HF tensor ``part`` of megatron tensor ``name`` as blocks of the stored TP pieces (a
+    tensor every TP rank holds whole is taken from rank 0's piece only)."""
     rule, _ = source.wmap.lookup(name)
     tp = source.layout.tp
     d = source.wmap.dims
     if rule.transform.pads:  # the rows stored, padded for the checkpoint's TP size
         d = d.with_padded_vocab(source.pieces[(name, 0)].shape[0] * tp)
-    blocks = []
+    blocks, placed = [], set()
     for r in range(tp):
         piece = source.pieces[(name, r)]
         itemsize = piece.kind.itemsize
         src = Matrix(piece.path, piece.offset, matrix_shape(piece.shape)[1] * itemsize)
         for t in rule.transform.tiles(rule.hf_shapes(d), r, tp, d):
-            if t.part == part:
+            if t.part == part and (t.row, t.col, t.rows, t.cols) not in placed:
+                placed.add((t.row, t.col, t.rows, t.cols))
                 blocks.append(Block(src, t.at_row, 0, t.row, t.col * itemsize, t.rows,
                                     t.cols * itemsize))
     return blocks
 
 
 def write_hf_copying(source, writer: HFShardWriter, progress: bool = False) -> None:
-    """The HF tensors ``writer`` expects, copied from the checkpoint's stored pieces:
-    ``source`` gives each HF tensor's blocks (``hf_blocks(name, part)``: :class:`LegacyBytes`,
-    or :class:`~mswift.bridge.dist_bytes.DistBytes` for torch_dist); the caller closes the
-    writer."""
+    """The HF tensors ``writer`` expects, copied from the checkpoint's stored pieces (cast
+    where the writer's dtype differs): ``source`` gives each HF tensor's blocks
+    (``hf_blocks(name, part)``: :class:`LegacyBytes`, or
+    :class:`~mswift.bridge.dist_bytes.DistBytes` for torch_dist) and stored dtype
+    (``kind(name)``); the caller closes the writer."""
     wmap = source.wmap
     wanted = set(writer.names)
     parts = {}
@@ -380,20 +427,21 @@ def write_hf_copying(source, writer: HFShardWriter, progress: bool = False) -> N
         for part, hf_name in enumerate(hf_names):
             if hf_name in wanted:
                 parts[hf_name] = (name, part)
-    entries = [(hf_name, kind, shape, source.hf_blocks(*parts[hf_name]),
-                matrix_shape(shape)[1] * kind.itemsize)
-               for hf_name, kind, shape in writer.plan_entries()]
-    writer.want_phases({hf_name: page_phase(blocks, row_bytes, kind.itemsize)
-                        for hf_name, kind, _, blocks, row_bytes in entries})
-    if progress:
-        from tqdm import tqdm
-
-        entries = tqdm(entries, desc="writing HF tensors", unit="tensor")
     with OpenFiles() as files:
+        entries = []
+        for hf_name, kind, shape in writer.plan_entries():
+            name, part = parts[hf_name]
+            fill, phase = copy_fill(files, source.hf_blocks(name, part), shape,
+                                    source.kind(name), dtypes.as_kind(kind))
+            entries.append((hf_name, kind, shape, fill, phase))
+        writer.want_phases({hf_name: phase for hf_name, _, _, _, phase in entries
+                            if phase is not None})
+        if progress:
+            from tqdm import tqdm
+
+            entries = tqdm(entries, desc="writing HF tensors", unit="tensor")
         try:
-            for hf_name, kind, shape, blocks, row_bytes in entries:
-                writer.add_copied(hf_name, kind, shape,
-                                  lambda fd, offset, b=blocks, rb=row_bytes:
-                                  copy_blocks(files, fd, offset, rb, b))
+            for hf_name, kind, shape, fill, phase in entries:
+                writer.add_copied(hf_name, kind, shape, fill, shared=phase is None)
         finally:
             writer.wait()  # the fills read ``files``: done before they are closed

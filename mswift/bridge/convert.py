@@ -13,13 +13,15 @@ reshardable checkpoint a TP1 run saves; under torchrun the ranks share the files
 a checkpoint saved at any layout. HF output is written in shards, shared out over the ranks
 under torchrun.
 
-Conversions that keep every tensor's dtype copy bytes, file to file, without importing torch:
-legacy ones and reshards with :mod:`mswift.bridge.byte_copy`, torch_dist ones with
-:mod:`mswift.bridge.dist_bytes` (the checkpoint's keys and chunks derived from the weight map);
-same checks, same files. Otherwise (``--dtype`` changes it, or a stored chunk is not plain)
-tensors are made: legacy files with torch, torch_dist with megatron-core's
-``dist_checkpointing`` save of a meta-device model and PyTorch's reader, one tensor at a time
-(:mod:`mswift.bridge.torch_dist`).
+Conversions copy bytes, file to file, without importing torch: legacy ones and reshards with
+:mod:`mswift.bridge.byte_copy`, torch_dist ones with :mod:`mswift.bridge.dist_bytes` (the
+checkpoint's keys and chunks derived from the weight map); same checks, same files. Where
+``--dtype`` (or, on the way back, the original HF dtypes) differ from the stored dtype, the
+bytes are cast between float32, bfloat16 and float16 on the way (:mod:`mswift.bridge.
+dtype_cast`, bit for bit what torch's ``.to`` gives). Otherwise (another dtype, or a stored
+chunk that is not plain) tensors are made: legacy files with torch, torch_dist with
+megatron-core's ``dist_checkpointing`` save of a meta-device model and PyTorch's reader, one
+tensor at a time (:mod:`mswift.bridge.torch_dist`).
 """
 from __future__ import annotations
 
@@ -203,7 +205,7 @@ def _write_legacy_from_hf(hf, ckpt, wmap, layout: Layout, tmp: Path, kind: dtype
     if hf_copy_applies(ckpt, wmap, kind):
         args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, kind, iteration=0)
         write_legacy_copying(HFBytes(ckpt, wmap), wmap, legacy, tmp, args, ranks=mine,
-                             progress=progress)
+                             progress=progress, kind=kind)
     else:
         dtype = dtypes.torch_dtype(kind)
         args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, dtype, iteration=0)
@@ -223,16 +225,17 @@ def _whole_model(hf: HFModel, padded: int) -> HFModel:
 def _write_torch_dist_from_hf(hf, ckpt, wmap, padded, tmp, kind: dtypes.Dtype,
                               progress) -> None:
     """The whole model at TP1 (megatron-core reshards on load); under torchrun each rank
-    writes a share. Byte copies when the dtype is kept (:mod:`mswift.bridge.dist_bytes`),
-    else megatron-core's own save of a meta-device model whose tensors are read from HF
-    when written."""
+    writes a share. Byte copies, cast where the dtype changes (:mod:`mswift.bridge.
+    dist_bytes`), else megatron-core's own save of a meta-device model whose tensors are read
+    from HF when written."""
     from mswift.bridge.byte_copy import HFBytes, hf_copy_applies
 
     if hf_copy_applies(ckpt, wmap, kind):
         from mswift.bridge.dist_bytes import write_torch_dist_copying
 
         write_torch_dist_copying(HFBytes(ckpt, wmap), wmap, tmp, rank=rank(),
-                                 world=world_size(), progress=progress and rank() == 0)
+                                 world=world_size(), progress=progress and rank() == 0,
+                                 kind=kind)
         barrier()
         if rank() == 0:
             write_tracker(tmp, 0)

@@ -44,12 +44,11 @@ from mswift.bridge.byte_copy import (
     HFBytes,
     Matrix,
     OpenFiles,
-    copy_blocks,
-    page_phase,
+    copy_fill,
 )
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.legacy import read_iteration_dir
-from mswift.bridge.rules import FusedGateUp, WeightMap, matrix_shape
+from mswift.bridge.rules import FusedGateUp, WeightMap
 from mswift.bridge.torch_file import (
     DRY_RUN,
     Built,
@@ -210,7 +209,8 @@ def _items(wmap: WeightMap) -> list[_Item]:
 def _item_object(source: HFBytes, wmap: WeightMap, item: _Item, kind: dtypes.Dtype,
                  opened: OpenFiles):
     """What torch.save wrote for the item (DCP saves each chunk and each object that way): for
-    a chunk (rows ``region[0]`` of the TP1 parameter), a record copied from the HF files."""
+    a chunk (rows ``region[0]`` of the TP1 parameter), a record copied from the HF files (cast
+    to ``kind`` if need be)."""
     if item.piece is None:
         return [None]
     rule, _ = wmap.lookup(item.name)
@@ -223,13 +223,9 @@ def _item_object(source: HFBytes, wmap: WeightMap, item: _Item, kind: dtypes.Dty
         if r0 < r1:
             blocks.append(Block(b.src, b.src_row + r0 - b.dst_row, b.src_col, r0 - start,
                                 b.dst_col, r1 - r0, b.width))
-    row_bytes = matrix_shape(param_shape(wmap, item.name))[1] * kind.itemsize
-
-    def fill(fd: int, offset: int) -> None:
-        copy_blocks(opened, fd, offset, row_bytes, blocks)
-
-    return TensorRecord(item.piece.shape, kind, fill,
-                        page_phase(blocks, row_bytes, kind.itemsize))
+    fill, phase = copy_fill(opened, blocks, param_shape(wmap, item.name),
+                            source.kind(item.name), kind)
+    return TensorRecord(item.piece.shape, kind, fill, phase or 0)
 
 
 def _share(lengths: list[int], bins: int) -> list[list[int]]:
@@ -244,12 +240,14 @@ def _share(lengths: list[int], bins: int) -> list[list[int]]:
 
 def write_torch_dist_copying(source: HFBytes, wmap: WeightMap, root: str | Path,
                              iteration: int = 0, rank: int = 0, world: int = 1,
-                             threads: int = COPY_THREADS, progress: bool = False) -> Path:
+                             threads: int = COPY_THREADS, progress: bool = False,
+                             kind: dtypes.Dtype | None = None) -> Path:
     """A model-only torch_dist checkpoint at TP1 (megatron-core reshards it on load) of the
-    HF tensors in ``source``, in their dtype, under ``root/iter_NNNNNNN``. Under several
-    ranks each rank calls this and writes its share of the files; the caller waits for all
-    ranks before using the checkpoint. Returns the iteration dir."""
-    kind = source.kind(wmap.mcore_names(to_hf_only=True)[0])
+    HF tensors in ``source``, cast to ``kind`` (None: the first tensor's dtype, which all
+    share), under ``root/iter_NNNNNNN``. Under several ranks each rank calls this and writes
+    its share of the files; the caller waits for all ranks before using the checkpoint.
+    Returns the iteration dir."""
+    kind = kind or source.kind(wmap.mcore_names(to_hf_only=True)[0])
     ckpt = Path(root) / f"iter_{iteration:07d}"
     ckpt.mkdir(parents=True, exist_ok=True)
     items = _items(wmap)
@@ -474,11 +472,13 @@ class DistBytes:
 
     def applies(self, kinds: dict[str, dtypes.Dtype]) -> bool:
         """Every chunk the HF tensors need is stored plainly, contiguous, in the dtype its HF
-        tensors are written in (else the tensor path converts)."""
+        tensors are written in or one the copies cast to it (else the tensor path
+        converts)."""
         for name, pieces in self.pieces.items():
             kind = self.kind(name)
             _, hf_names = self.wmap.lookup(name)
-            if kind is None or any(kinds.get(h, kind) != kind for h in hf_names):
+            if kind is None or not all(dtypes.castable(kind, kinds.get(h, kind))
+                                       for h in hf_names):
                 return False
             for piece in pieces:
                 for chunk in self.keys[piece.key].chunks:

@@ -60,3 +60,12 @@ def of_torch(dtype) -> Dtype:
 def as_kind(dtype) -> Dtype:
     """A torch dtype or a :class:`Dtype` as the latter (KeyError for one not listed here)."""
     return dtype if isinstance(dtype, Dtype) else of_torch(dtype)
+
+
+CAST_FLOATS = ("float32", "bfloat16", "float16")  # :mod:`mswift.bridge.dtype_cast` casts these
+
+
+def castable(src: Dtype, dst: Dtype) -> bool:
+    """Whether the byte copies can write ``src`` elements as ``dst`` (the same dtype, or two
+    of :data:`CAST_FLOATS`)."""
+    return src == dst or (src.name in CAST_FLOATS and dst.name in CAST_FLOATS)

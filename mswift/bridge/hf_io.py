@@ -24,6 +24,7 @@ from mswift.bridge.safetensors_file import (
     encode_header,
     tensor_bytes,
 )
+from mswift.bridge.torch_file import run_parallel
 from mswift.bridge.torch_zip import PAGE
 from mswift.lazy_import import lazy_module
 
@@ -329,12 +330,14 @@ class HFShardWriter:
         """``(name, dtype, shape)`` of the tensors this writer expects, in :meth:`add` order."""
         return [entry for _, entry in self._queue]
 
-    def add_copied(self, name: str, kind: dtypes.Dtype, shape: tuple[int, ...], fill) -> None:
+    def add_copied(self, name: str, kind: dtypes.Dtype, shape: tuple[int, ...], fill,
+                   shared: bool = False) -> None:
         """Like :meth:`add` for a tensor whose bytes ``fill(fd, offset)`` writes into the shard
         itself (``os.copy_file_range`` / ``os.pwrite`` at that offset), without torch. The
         fills of a shard run, in order, when it is complete: with ``copy_threads`` > 1 on a
         thread of their own while the next shards are laid out (``copy_threads`` shards at
-        once; :meth:`close` waits for them)."""
+        once; :meth:`close` waits for them). ``shared`` fills (those that do most of their
+        work outside the file, such as casts) then run ``copy_threads`` at once."""
         if self._next == len(self._queue):
             raise ValueError(f"{name}: added after every tensor of the plan")
         shard, (want, dtype, want_shape) = self._queue[self._next]
@@ -347,7 +350,7 @@ class HFShardWriter:
         offset = self._file.tell()
         nbytes = tensor_bytes(kind, shape)
         if nbytes:
-            self._fills.append(lambda fd=self._file.fileno(): fill(fd, offset))
+            self._fills.append((lambda fd=self._file.fileno(): fill(fd, offset), shared))
             self._file.seek(offset + nbytes)
         self._next += 1
         if self._next == len(self._queue) or self._queue[self._next][0] != shard:
@@ -382,9 +385,10 @@ class HFShardWriter:
         if self.copy_threads > 1 and fills:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.copy_threads)
-            self._pending.append(self._pool.submit(_fill_and_close, file, fills))
+            self._pending.append(self._pool.submit(_fill_and_close, file, fills,
+                                                   self.copy_threads))
         else:
-            _fill_and_close(file, fills)
+            _fill_and_close(file, fills, self.copy_threads)
 
     def wait(self) -> None:
         """Wait until every complete shard is filled (by :meth:`add_copied`'s fills); raise
@@ -433,11 +437,14 @@ class HFShardWriter:
             self._path(shard).unlink(missing_ok=True)
 
 
-def _fill_and_close(file, fills: list) -> None:
-    """Run a shard's fills in order, then close its file."""
+def _fill_and_close(file, fills: list, threads: int) -> None:
+    """Run a shard's fills (``(fill, shared)``): in order, the shared ones ``threads`` at
+    once; then close its file."""
     try:
         file.flush()
-        for fill in fills:
-            fill()
+        for fill, shared in fills:
+            if not shared:
+                fill()
+        run_parallel([fill for fill, shared in fills if shared], threads)
     finally:
         file.close()

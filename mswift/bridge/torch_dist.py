@@ -5,9 +5,10 @@ latest_checkpointed_iteration.txt``; the model is ``GPTModel.sharded_state_dict(
 ``model`` (``model0``, ``model1``, ... for virtual pipeline chunks), so training starts from it
 with ``load=ROOT no_load_optim=true`` at any layout (megatron-core reshards on load).
 
-Conversions that keep the dtype copy bytes without torch (:mod:`mswift.bridge.dist_bytes`).
-The others (``--dtype`` changes it) stream: :func:`save_torch_dist_streaming` takes the
-checkpoint's structure from a model built on the ``meta`` device (shapes, no memory) at TP1,
+Conversions copy bytes without torch (:mod:`mswift.bridge.dist_bytes`), casting float
+dtypes on the way. The others (a dtype no cast covers, a chunk not stored plainly) stream:
+:func:`save_torch_dist_streaming` takes the checkpoint's structure from a model built on the
+``meta`` device (shapes, no memory) at TP1,
 :class:`TorchDistSource` from the weight map (:func:`~mswift.bridge.dist_bytes.stored_pieces`),
 and they move one tensor at a time between the checkpoint files and the other format, so a
 conversion holds about one tensor in memory, whatever the model size. The files are

@@ -199,23 +199,49 @@ def test_small_bands_and_refused_copy_file_range(hf, tmp_path, monkeypatch):
         assert_same_files(made / rel, expected / rel)
 
 
-def test_a_changed_dtype_makes_tensors(hf, tmp_path):
-    """--dtype bf16 from fp32 weights cannot copy bytes: the tensor path converts."""
-    src = hf[("llama", "float32")]
+@pytest.mark.parametrize("src_dtype,dtype", [("float32", "bf16"), ("bfloat16", "fp32")])
+def test_a_changed_dtype_is_cast_as_the_tensor_path_does(hf, tmp_path, monkeypatch, src_dtype,
+                                                         dtype):
+    """--dtype other than the weights': HF -> legacy (TP2 x PP2: column slices too) casts the
+    bytes; the rank files equal the tensor path's (torch's ``.to``). Back to HF, the tensors
+    are cast to their original dtype; the files equal the tensor path's."""
+    src = hf[("qwen2", src_dtype)]
+    kind = dtypes.BY_NAME[dtypes.ALIASES[dtype]]
     model, ckpt = HFModel.open(src), HFCheckpoint(src)
-    wmap = model.weight_map(model.padded_vocab(1))
-    assert not byte_copy.hf_copy_applies(ckpt, wmap, dtypes.BY_NAME["bfloat16"])
-    leg = hf_to_mcore(src, tmp_path / "leg", "legacy", dtype="bf16", progress=False)
-    state = torch.load(leg / "iter_0000000" / "mp_rank_00" / FILE, weights_only=False)
-    weights = [t for t in state["model"].values() if t is not None]
-    assert weights and all(t.dtype == torch.bfloat16 for t in weights)
-    assert state["args"].params_dtype is torch.bfloat16
+    assert byte_copy.hf_copy_applies(ckpt, model.weight_map(model.padded_vocab(2)), kind)
+    copied = hf_to_mcore(src, tmp_path / "copied", "legacy", tp=2, pp=2, dtype=dtype,
+                         progress=False)
+    back = mcore_to_hf(copied, tmp_path / "back", progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(byte_copy, "hf_copy_applies", lambda *args: False)
+        made = hf_to_mcore(src, tmp_path / "made", "legacy", tp=2, pp=2, dtype=dtype,
+                           progress=False)
+    files = rank_files(made)
+    assert rank_files(copied) == files and len(files) == 4
+    for rel in files:
+        assert_same_files(copied / rel, made / rel)
+    state = torch.load(copied / files[0], weights_only=False)
+    assert all(t.dtype == dtypes.torch_dtype(kind) for t in state["model"].values()
+               if t is not None)
+    monkeypatch.setattr(byte_copy, "legacy_to_hf_applies", lambda source, kinds: False)
+    made_back = mcore_to_hf(copied, tmp_path / "made_back", progress=False)
+    original, a, b = HFCheckpoint(src), HFCheckpoint(back), HFCheckpoint(made_back)
+    assert sorted(a.names) == sorted(b.names) == sorted(original.names)
+    for name in original.names:
+        x, y = a.read(name), b.read(name)
+        assert x.dtype == y.dtype == original.read(name).dtype, name
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), name
+    if src_dtype == "bfloat16":  # bf16 -> fp32 -> bf16 is exact
+        for name in original.names:
+            assert torch.equal(original.read(name).view(torch.uint8),
+                               a.read(name).view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("fmt,flags", [("legacy", ["--tp", "2"]), ("torch_dist", [])])
+@pytest.mark.parametrize("fmt,flags", [("legacy", ["--tp", "2"]), ("torch_dist", []),
+                                       ("torch_dist", ["--dtype", "fp32"])])
 def test_command_lines_do_not_import_torch(hf, tmp_path, fmt, flags):
-    """HF -> legacy / torch_dist -> HF from the command line, dtype kept: torch is never
-    imported."""
+    """HF -> legacy / torch_dist -> HF from the command line, dtype kept or changed (and cast
+    back): torch is never imported."""
     src = hf[("qwen3_moe" if fmt == "torch_dist" else "qwen3", "bfloat16")]
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     to_mcore = ["--hf-dir", str(src), "--out", str(ckpt), "--format", fmt, *flags]

@@ -102,6 +102,40 @@ def test_copied_torch_dist_equals_megatrons_and_converts_back(hf, tmp_path, case
     assert not torch.distributed.is_initialized()  # nothing here needed a process group
 
 
+def cast_tensor_paths(src: str, made: str, dtype: str, back: str) -> None:
+    """The tensor paths with a dtype change: megatron-core's save, PyTorch's reader."""
+    from unittest import mock
+
+    with mock.patch.object(byte_copy, "hf_copy_applies", lambda *args: False), \
+            mock.patch.object(dist_bytes.DistBytes, "applies", lambda self, kinds: False):
+        hf_to_mcore(src, made, "torch_dist", dtype=dtype, progress=False)
+        mcore_to_hf(made, back, progress=False)
+
+
+@pytest.mark.parametrize("case,src_dtype,dtype", [("llama", "float32", "bf16"),
+                                                  ("qwen3_moe", "bfloat16", "fp32")])
+def test_a_changed_dtype_is_cast_as_megatron_saves_it(hf, tmp_path, case, src_dtype, dtype):
+    """--dtype other than the weights': the copied checkpoint's items equal megatron-core's
+    save of the tensors cast by torch; back to HF (cast to the original dtype) both give the
+    same tensors."""
+    src = hf[(case, src_dtype)]
+    copied = hf_to_mcore(src, tmp_path / "copied", "torch_dist", dtype=dtype, progress=False)
+    back = mcore_to_hf(copied, tmp_path / "back", progress=False)
+    run_ranks(1, cast_tensor_paths, str(src), str(tmp_path / "made"), dtype,
+              str(tmp_path / "made_back"), timeout=300)
+    ours, theirs = items(copied), items(tmp_path / "made")
+    assert ours[0] == theirs[0]
+    assert ours[1].keys() == theirs[1].keys()
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    for where, value in theirs[1].items():
+        if isinstance(value, torch.Tensor):
+            got = ours[1][where]
+            assert got.dtype == value.dtype == want and got.shape == value.shape, where
+            assert torch.equal(got.view(torch.uint8), value.view(torch.uint8)), where
+    assert_same_hf(back, tmp_path / "made_back")
+    assert HFCheckpoint(back).read(HFCheckpoint(src).names[0]).dtype == getattr(torch, src_dtype)
+
+
 def test_copied_chunks_line_up_with_their_hf_source(hf, tmp_path):
     """Each chunk copied from one HF tensor starts as far into a page of its .distcp file as
     that tensor does in its safetensors file (``copy_file_range`` then moves whole pages);
