@@ -25,10 +25,14 @@ original. Everything is written under ``--workdir`` and removed at the end (``--
 input read back into it, so that ``cp`` and the conversion start from the same memory state
 (otherwise the page cache is full of the run's other files, and a command's writes first
 reclaim their pages).
+``--cast`` adds four steps that change the dtype (``--dtype`` the other of bf16 / fp32, then
+back to HF, which casts to the original dtype), with the round trips checked too; their ``cp``
+baseline copies the input, so a cast that doubles the bytes written cannot reach 1x.
 
     python benchmarks/bridge_convert.py                       # 1.2 GB and 2.5 GB, bf16
     python benchmarks/bridge_convert.py --sizes 0.1 --dtype fp32
     python benchmarks/bridge_convert.py --sizes 1.2 2.5 5 --repeat 3 --drop-caches
+    python benchmarks/bridge_convert.py --sizes 1.2 2.5 --repeat 3 --cast
 """
 from __future__ import annotations
 
@@ -297,6 +301,20 @@ def run_size(size_gb: float, args, work: Path, env: dict) -> dict:
         "torch_dist -> hf": py + ["checkpoint_convert/mcore_to_hf.py", "--mcore-dir",
                                   str(d / "td"), "--out", str(d / "hf_td")],
     }
+    if args.cast:  # the other dtype (--dtype) and back: every byte cast, bf16 <-> fp32
+        other = "fp32" if args.dtype == "bf16" else "bf16"
+        runs.update({
+            f"hf -> legacy {other}": to_mcore + ["--out", str(d / "legacy_cast"), "--format",
+                                                 "legacy", "--dtype", other],
+            f"hf -> torch_dist {other}": to_mcore + ["--out", str(d / "td_cast"), "--format",
+                                                     "torch_dist", "--dtype", other],
+            f"legacy {other} -> hf": py + ["checkpoint_convert/mcore_to_hf.py", "--mcore-dir",
+                                           str(d / "legacy_cast"), "--out",
+                                           str(d / "hf_legacy_cast")],
+            f"torch_dist {other} -> hf": py + ["checkpoint_convert/mcore_to_hf.py",
+                                               "--mcore-dir", str(d / "td_cast"), "--out",
+                                               str(d / "hf_td_cast")],
+        })
     results, baselines = {}, {}
     for label, cmd in runs.items():
         source = Path(cmd[cmd.index("--hf-dir" if "--hf-dir" in cmd else "--mcore-dir") + 1])
@@ -305,11 +323,15 @@ def run_size(size_gb: float, args, work: Path, env: dict) -> dict:
                                                           args.repeat, args.drop_caches)
         for name, r in ((f"cp -r {source.name}", baselines[label]), (label, results[label])):
             walls = "/".join(f"{w:.1f}" for w in r["walls"])
-            print(f"  {name:<17} {walls} s (+sync {r['synced']:.1f} s)  peak RSS "
+            print(f"  {name:<22} {walls} s (+sync {r['synced']:.1f} s)  peak RSS "
                   f"{r['rss'] / GB:5.2f} GB, process tree {r['tree_rss'] / GB:5.2f} GB "
                   f"(anon {r['anon'] / GB:5.2f} GB)", flush=True)
     exact = {}
-    for label, out in (("legacy", d / "hf_legacy"), ("torch_dist", d / "hf_td")):
+    for label, out in (("legacy", d / "hf_legacy"), ("torch_dist", d / "hf_td"),
+                       ("legacy cast", d / "hf_legacy_cast"),
+                       ("torch_dist cast", d / "hf_td_cast")):
+        if not out.exists():
+            continue
         problems = compare_hf(d / "hf", out)
         exact[label] = not problems
         print(f"  round trip via {label}: " + ("bit-exact" if not problems else
@@ -323,14 +345,14 @@ def print_table(all_results: dict) -> None:
     print("\nwall time vs cp -r of the same input (target <= 2x; lower median of --repeat runs; "
           "+sync: until on disk; x best cp: against cp's fastest run); peak RSS of the largest "
           "process vs largest tensor x 3 + 1 GB (target)")
-    print(f"{'size':>7} {'step':<17} {'cp s':>5} {'wall s':>7} {'x cp':>6} {'cp+sync':>8} "
+    print(f"{'size':>7} {'step':<22} {'cp s':>5} {'wall s':>7} {'x cp':>6} {'cp+sync':>8} "
           f"{'+sync s':>8} {'x cp':>6} {'x best cp':>9} {'RSS GB':>7} {'anon GB':>8} {'tree GB':>8} "
           f"{'target GB':>9} {'RSS/target':>10}")
     for size, res in all_results.items():
         target = 3 * res["facts"]["largest"] + GB
         for label, r in res["results"].items():
             cp = res["baselines"][label]
-            print(f"{res['facts']['bytes'] / GB:6.2f}G {label:<17} {cp['wall']:5.1f} "
+            print(f"{res['facts']['bytes'] / GB:6.2f}G {label:<22} {cp['wall']:5.1f} "
                   f"{r['wall']:7.1f} {r['wall'] / cp['wall']:6.2f} {cp['synced']:8.1f} "
                   f"{r['synced']:8.1f} {r['synced'] / cp['synced']:6.2f} "
                   f"{r['wall'] / cp['fastest']:9.2f} "
@@ -351,6 +373,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where to write (default: a new dir in /tmp)")
     p.add_argument("--repeat", type=int, default=2, help="runs of each step (median time)")
     p.add_argument("--keep", action="store_true", help="keep the files written")
+    p.add_argument("--cast", action="store_true",
+                   help="also convert to the other dtype (--dtype bf16 <-> fp32) and back")
     p.add_argument("--drop-caches", action="store_true",
                    help="before each timed command: drop the page cache (root), then read its "
                         "input into it, so that cp and the conversion start alike")
