@@ -28,7 +28,7 @@ from mswift.bridge.legacy import FILE, LegacyLayout, LegacySource, chunk_entries
 from mswift.bridge.rules import Tile, WeightMap, matrix_shape
 from mswift.bridge.safetensors_file import preadv_all
 from mswift.bridge.torch_file import TensorRecord, run_parallel, write_torch_file
-from mswift.bridge.torch_zip import PAGE
+from mswift.bridge.torch_zip import PAGE, best_phase
 
 BUFFER_BYTES = 32 * 2**20  # column slices are gathered this many bytes at a time
 # Bands that are cast: smaller, for numpy's temporaries (0.25-32 MB made no clear difference
@@ -183,8 +183,7 @@ def page_phase(blocks: list[Block], dst_row_bytes: int, itemsize: int) -> int:
         if b.src is not None and _whole_rows(b, dst_row_bytes):
             phase = (b.src.offset + b.src_row * b.width - b.dst_row * dst_row_bytes) % PAGE
             weight[phase] = weight.get(phase, 0) + b.rows * b.width
-    best = max(weight, key=weight.__getitem__, default=0)  # ties: the first block's
-    return best if best % itemsize == 0 else 0
+    return best_phase(weight, itemsize)
 
 
 def _bands(blocks: list[Block]) -> list[tuple[int, int]]:

@@ -251,26 +251,27 @@ def write_torch_dist_copying(source: HFBytes, wmap: WeightMap, root: str | Path,
     ckpt = Path(root) / f"iter_{iteration:07d}"
     ckpt.mkdir(parents=True, exist_ok=True)
     items = _items(wmap)
-    opened = OpenFiles()
-    objects = [_item_object(source, wmap, item, kind, opened) for item in items]
-    lengths = [write_torch_file("item", obj, fd=DRY_RUN) for obj in objects]
-    per_file = _share(lengths, world * threads)
-    # File f belongs to rank f // threads (DCP's names: __<rank>_<file of that rank>.distcp).
-    files = [(f // threads, f"__{f // threads}_{f % threads}.distcp", members)
-             for f, members in enumerate(per_file) if members]
-    where = {}
-    for _, file, members in files:
-        offset = 0
-        for i in members:
-            where[i] = (file, offset, lengths[i])
-            offset += lengths[i] + (-lengths[i] % ITEM_ALIGNMENT)
-    mine = [(file, members) for owner, file, members in files if owner == rank]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    with OpenFiles() as opened:
+        objects = [_item_object(source, wmap, item, kind, opened) for item in items]
+        lengths = [write_torch_file("item", obj, fd=DRY_RUN) for obj in objects]
+        per_file = _share(lengths, world * threads)
+        # File f belongs to rank f // threads (DCP: __<rank>_<file of that rank>.distcp).
+        files = [(f // threads, f"__{f // threads}_{f % threads}.distcp", members)
+                 for f, members in enumerate(per_file) if members]
+        where = {}
+        for _, file, members in files:
+            offset = 0
+            for i in members:
+                where[i] = (file, offset, lengths[i])
+                offset += lengths[i] + (-lengths[i] % ITEM_ALIGNMENT)
+        mine = [(file, members) for owner, file, members in files if owner == rank]
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(m) for _, m in mine), desc="writing torch_dist", unit="item")
-    with opened:
+            bar = tqdm(total=sum(len(m) for _, m in mine), desc="writing torch_dist",
+                       unit="item")
+
         def write_file(file: str, members: list[int]) -> None:
             fd = os.open(ckpt / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:

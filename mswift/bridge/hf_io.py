@@ -25,7 +25,7 @@ from mswift.bridge.safetensors_file import (
     tensor_bytes,
 )
 from mswift.bridge.torch_file import run_parallel
-from mswift.bridge.torch_zip import PAGE
+from mswift.bridge.torch_zip import PAGE, best_phase
 from mswift.lazy_import import lazy_module
 
 torch = lazy_module("torch")  # opening and checking a checkpoint does not need it
@@ -374,8 +374,7 @@ class HFShardWriter:
                 phase = (self._phases[name] - offset) % PAGE
                 weight[phase] = weight.get(phase, 0) + nbytes
             offset += nbytes
-        best = max(weight, key=weight.__getitem__, default=0)
-        return best if best % 8 == 0 else 0  # safetensors aligns the data to 8 bytes
+        return best_phase(weight, 8)  # safetensors aligns the data to 8 bytes
 
     def _end_shard(self) -> None:
         if self._file is None:

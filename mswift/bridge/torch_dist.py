@@ -8,13 +8,13 @@ with ``load=ROOT no_load_optim=true`` at any layout (megatron-core reshards on l
 Conversions copy bytes without torch (:mod:`mswift.bridge.dist_bytes`), casting float
 dtypes on the way. The others (a dtype no cast covers, a chunk not stored plainly) stream:
 :func:`save_torch_dist_streaming` takes the checkpoint's structure from a model built on the
-``meta`` device (shapes, no memory) at TP1,
-:class:`TorchDistSource` from the weight map (:func:`~mswift.bridge.dist_bytes.stored_pieces`),
-and they move one tensor at a time between the checkpoint files and the other format, so a
-conversion holds about one tensor in memory, whatever the model size. The files are
-megatron-core's own: its ``dist_checkpointing.save`` writes them, with the tensors' bytes
-produced on demand while PyTorch's distributed-checkpoint writer streams them out; reading
-goes through the same PyTorch reader, one stored chunk at a time.
+``meta`` device (shapes, no memory) at TP1, :class:`TorchDistSource` from the weight map
+(:func:`~mswift.bridge.dist_bytes.stored_pieces`), and they move one tensor at a time
+between the checkpoint files and the other format, so a conversion holds about one tensor in
+memory, whatever the model size. The files are megatron-core's own: its
+``dist_checkpointing.save`` writes them, with the tensors' bytes produced on demand while
+PyTorch's distributed-checkpoint writer streams them out; reading goes through the same
+PyTorch reader, one stored chunk at a time.
 """
 from __future__ import annotations
 

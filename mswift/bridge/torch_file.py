@@ -198,8 +198,8 @@ def _write_archive(path: str | os.PathLike, data_pkl: bytes,
                    threads: int = 1, fd: int | None = None, base: int = 0) -> int:
     """The records torch.save writes, in its order; each storage record ``(key, nbytes,
     fill, phase)`` starts ``phase`` bytes into a page (of the archive) and is filled by
-    ``fill(fd, offset)``, one after the other, or with ``threads`` > 1
-    all records laid out first and then filled by that many threads at once. A failure
+    ``fill(fd, offset)``, one after the other, or with ``threads`` > 1 all records laid out
+    first and then filled by that many threads at once. A failure
     removes the file (a partial file must not pass for a checkpoint). ``fd``/``base``: write
     the archive into that open file at that offset instead (see
     :class:`~mswift.bridge.torch_zip.TorchZipWriter`; ``fd=DRY_RUN`` writes and fills

@@ -3,7 +3,8 @@
 A torch.save file is a zip archive whose records are all STORED (not compressed), named
 ``<archive>/<record>`` under one top-level folder (torch uses the file's stem; torch.load takes
 any single folder), in the order ``data.pkl``, ``.format_version``, ``.storage_alignment``,
-``byteorder``, ``data/0``, ``data/1``, ..., ``version``, ``.data/serialization_id``. Each
+``byteorder``, ``data/0``, ``data/1``, ..., ``version``, ``.data/serialization_id`` (mswift's
+writers leave ``.format_version`` out: see :func:`mswift.bridge.torch_file._write_archive`). Each
 record's bytes start at a file offset that is a multiple of :data:`ALIGNMENT`, or wherever
 :meth:`TorchZipWriter.reserve` is asked to put them: like torch (miniz), the local header ends
 with an extra field of id ``b"FB"`` whose payload is that many ``b"Z"`` bytes of padding.
@@ -307,3 +308,10 @@ def read_record(path: str | os.PathLike, name: str,
     if len(data) != size:
         raise ValueError(f"{os.fspath(path)}: truncated record {name!r}")
     return data
+
+
+def best_phase(weights: dict[int, int], multiple: int) -> int:
+    """The offset in a page (key of ``weights``) with the most bytes (value), the first one
+    on a tie; 0 when there is none, or when it is not a multiple of ``multiple``."""
+    best = max(weights, key=weights.__getitem__, default=0)
+    return best if best % multiple == 0 else 0
