@@ -12,6 +12,13 @@ if sys.version_info >= (3, 12):
 else:  # 0.16.1 is the newest megatron-core release that supports Python 3.11
     MEGATRON = "megatron-core>=0.15,<0.17"
 
+# The top-level ``kernels/`` folder holds the Triton kernels, one subpackage per kernel family,
+# installed as ``mswift.kernels.<family>``; ``mswift/kernels/__init__.py`` is their package.
+# ``kernels/`` itself has no ``__init__.py`` on purpose: from the repository root (the first
+# entry of ``sys.path`` for ``python -m`` / ``-c`` and pytest) it would be importable as
+# ``kernels`` and shadow Hugging Face's ``kernels`` package, which transformers imports.
+KERNEL_PACKAGES = ["mswift.kernels." + p for p in find_packages("kernels")]
+
 setup(
     name="mswift",
     version="0.1.0",
@@ -19,9 +26,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mswift", "mswift.*"]) + ["mswift.kernels"]
-    + ["mswift.kernels." + p for p in find_packages("kernels")],
-    package_dir={"mswift.kernels": "kernels"},
+    packages=find_packages(include=["mswift", "mswift.*"]) + KERNEL_PACKAGES,
+    package_dir={p: "kernels/" + p[len("mswift.kernels."):].replace(".", "/")
+                 for p in KERNEL_PACKAGES},
     install_requires=[
         "torch>=2.6",
         MEGATRON,
