@@ -3,14 +3,22 @@
 Install torch first (``pip install torch==2.13.0`` on a CPU machine picks the CPU build);
 a bare ``torch`` requirement on a machine without torch pulls a multi-GB CUDA build.
 """
-import sys
+import shutil
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
-if sys.version_info >= (3, 12):
-    MEGATRON = "megatron-core>=0.15,<0.18"
-else:  # 0.16.1 is the newest megatron-core release that supports Python 3.11
-    MEGATRON = "megatron-core>=0.15,<0.17"
+
+class BuildWithConstraints(build_py):
+    """Ship the tested set (constraints.txt) inside the package, for ``mswift env``."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "mswift" / "constraints.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(__file__).parent / "constraints.txt", target)
+
 
 # The top-level ``kernels/`` folder holds the Triton kernels, one subpackage per kernel family,
 # installed as ``mswift.kernels.<family>``; ``mswift/kernels/__init__.py`` is their package.
@@ -25,17 +33,23 @@ setup(
     description="Megatron-style training for large language models on megatron-core",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # 3.10 lacks typing.Self (used by the bridge's file readers); 3.11 is what the suite runs.
+    python_requires=">=3.11",
     packages=find_packages(include=["mswift", "mswift.*"]) + KERNEL_PACKAGES,
     package_dir={p: "kernels/" + p[len("mswift.kernels."):].replace(".", "/")
                  for p in KERNEL_PACKAGES},
+    cmdclass={"build_py": BuildWithConstraints},
+    # Upper caps stop below the next untested minor release: mswift writes torch.save / DCP
+    # formats itself, uses megatron-core internals and transformers' model classes, and its
+    # kernels use Triton's language, all of which change between minor releases. The exact
+    # tested versions are in constraints.txt. megatron-core 0.16.1 is the newest for Python 3.11.
     install_requires=[
-        "torch>=2.6",
-        MEGATRON,
-        "transformers>=4.51",
+        "torch>=2.6,<2.14",
+        "megatron-core>=0.15,<0.17",
+        "transformers>=4.51,<5.26",
         "safetensors>=0.4",
         "datasets>=3.0",
-        "triton>=3.2",
+        "triton>=3.2,<3.10",
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "psutil>=5.9",
