@@ -39,6 +39,13 @@ def positive(default, doc=""):
     return field(default=default, metadata={"positive": True, "doc": doc})
 
 
+def setting(default, doc, factory=None):
+    """A field with its one-line description (``--list-settings`` prints it)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
 class _Section:
     def __post_init__(self):
         problems = _check_section(self) + self.extra_problems()
@@ -56,56 +63,68 @@ class ModelConfig(_Section):
     # HF model directory (config.json + safetensors) to start from: its config.json fills the
     # fields below (mswift.models.registry.apply_hf_model) and its weights are loaded into the
     # sharded model (mswift.bridge.load_hf_into_model).
-    hf_model: Optional[str] = None
+    hf_model: Optional[str] = setting(None, "HF model folder to start from (config + weights)")
     num_layers: int = positive(2, "transformer layers")
     hidden_size: int = positive(64, "model width H")
-    ffn_hidden_size: Optional[int] = None  # dense MLP width; default 4*H (or 8/3*H rounded for swiglu)
+    ffn_hidden_size: Optional[int] = setting(
+        None, "dense MLP width; default 4*H (or 8/3*H rounded for swiglu)")
     num_attention_heads: int = positive(4, "query heads")
-    num_query_groups: Optional[int] = None  # key/value heads (GQA); None = one per query head
-    kv_channels: Optional[int] = None  # head dim; None = hidden_size / num_attention_heads
+    num_query_groups: Optional[int] = setting(
+        None, "key/value heads (GQA); None = one per query head")
+    kv_channels: Optional[int] = setting(
+        None, "head dim; None = hidden_size / num_attention_heads")
     vocab_size: int = positive(256, "tokenizer vocabulary (padded for TP by the model builder)")
-    make_vocab_size_divisible_by: int = positive(128, "pad the vocabulary to a multiple of this x TP")
+    make_vocab_size_divisible_by: int = positive(
+        128, "pad the vocabulary to a multiple of this x TP")
     max_position_embeddings: int = positive(4096, "longest sequence the position encoding covers")
-    normalization: str = choice("RMSNorm", ("RMSNorm", "LayerNorm"))
-    norm_epsilon: float = positive(1e-5)
-    swiglu: bool = True  # gated SiLU MLP (Llama/Qwen); False = GELU MLP
-    position_embedding_type: str = choice("rope", ("rope", "learned_absolute", "none"))
+    normalization: str = choice("RMSNorm", ("RMSNorm", "LayerNorm"), "normalization layer")
+    norm_epsilon: float = positive(1e-5, "epsilon of the normalization layers")
+    swiglu: bool = setting(True, "gated SiLU MLP (Llama/Qwen); False = GELU MLP")
+    position_embedding_type: str = choice("rope", ("rope", "learned_absolute", "none"),
+                                         "how positions are encoded")
     rotary_base: float = positive(10000.0, "RoPE theta")
     # RoPE frequency scaling; None = plain RoPE. "llama3" = Llama-3.1's smooth low/high-frequency
     # interpolation, with the four rope_* numbers below (HF rope_parameters of the same names).
-    rope_scaling_type: Optional[str] = choice(None, (None, "llama3"))
+    rope_scaling_type: Optional[str] = choice(None, (None, "llama3"),
+                                           "RoPE frequency scaling; None = plain RoPE")
     rope_scaling_factor: float = positive(8.0, "llama3: factor")
     rope_low_freq_factor: float = positive(1.0, "llama3: low_freq_factor")
     rope_high_freq_factor: float = positive(4.0, "llama3: high_freq_factor")
     rope_original_max_position_embeddings: int = positive(
         8192, "llama3: original_max_position_embeddings (context length before scaling)")
-    untie_embeddings_and_output_weights: bool = True
-    add_bias_linear: bool = False  # biases in every linear layer
-    add_qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
-    qk_layernorm: bool = False  # RMSNorm on q and k heads (Qwen3)
+    untie_embeddings_and_output_weights: bool = setting(
+        True, "separate output layer; false = tied to the input embedding")
+    add_bias_linear: bool = setting(False, "biases in every linear layer")
+    add_qkv_bias: bool = setting(False, "biases on q/k/v only (Qwen2)")
+    qk_layernorm: bool = setting(False, "RMSNorm on q and k heads (Qwen3)")
     # Core attention: local = megatron-core's DotProductAttention (no packed sequences);
     # torch / triton = mswift's varlen attention on its torch reference / Triton kernels;
     # auto = triton with CUDA, else torch.
-    attention_backend: str = choice("auto", ("auto", "local", "torch", "triton"))
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    init_method_std: float = positive(0.02)
+    attention_backend: str = choice("auto", ("auto", "local", "torch", "triton"),
+                                     "core attention implementation (see above)")
+    attention_dropout: float = setting(0.0, "dropout on attention probabilities")
+    hidden_dropout: float = setting(0.0, "dropout after attention and MLP")
+    init_method_std: float = positive(0.02, "std of the random initial weights")
     # Mixture of experts (num_experts=None means a dense model).
-    num_experts: Optional[int] = None
-    moe_router_topk: int = positive(2)
-    moe_ffn_hidden_size: Optional[int] = None  # expert MLP width; default ffn_hidden_size
-    moe_token_dispatcher_type: str = choice("alltoall", ("alltoall", "allgather"))
-    moe_aux_loss_coeff: float = 0.0
-    moe_router_load_balancing_type: str = choice("aux_loss", ("aux_loss", "seq_aux_loss", "none"))
+    num_experts: Optional[int] = setting(None, "experts per MoE layer; None = dense model")
+    moe_router_topk: int = positive(2, "experts each token is routed to")
+    moe_ffn_hidden_size: Optional[int] = setting(None, "expert MLP width; default ffn_hidden_size")
+    moe_token_dispatcher_type: str = choice(
+        "alltoall", ("alltoall", "allgather"), "how tokens reach their experts' ranks")
+    moe_aux_loss_coeff: float = setting(0.0, "weight of the load-balancing loss")
+    moe_router_load_balancing_type: str = choice(
+        "aux_loss", ("aux_loss", "seq_aux_loss", "none"), "load-balancing loss kind")
     # How router logits become expert weights. softmax + pre_softmax=false: top-k of the logits,
     # softmax over the k chosen (= softmax over all, renormalised over the top k; Qwen3-MoE with
     # norm_topk_prob). pre_softmax=true: softmax over all experts, then top-k, not renormalised.
-    moe_router_score_function: str = choice("softmax", ("softmax", "sigmoid"))
-    moe_router_pre_softmax: bool = False
-    moe_router_topk_scaling_factor: Optional[float] = None  # multiply the top-k weights (None = 1)
+    moe_router_score_function: str = choice("softmax", ("softmax", "sigmoid"),
+                                            "router logits -> scores")
+    moe_router_pre_softmax: bool = setting(False, "softmax over all experts before top-k")
+    moe_router_topk_scaling_factor: Optional[float] = setting(
+        None, "multiply the top-k weights (None = 1)")
     # Which layers are MoE: one 1 (MoE) or 0 (dense MLP of ffn_hidden_size) per layer;
     # None = every layer is MoE when num_experts is set.
-    moe_layer_freq: Optional[list[int]] = None
+    moe_layer_freq: Optional[list[int]] = setting(None, "0/1 per layer: which are MoE")
 
     def extra_problems(self):
         problems = []
@@ -148,12 +167,16 @@ class ParallelConfig(_Section):
     tensor_model_parallel_size: int = positive(1, "TP: split each layer's matrices")
     pipeline_model_parallel_size: int = positive(1, "PP: split the layers into stages")
     # Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B.
-    virtual_pipeline_model_parallel_size: Optional[int] = None
+    virtual_pipeline_model_parallel_size: Optional[int] = setting(
+        None, "virtual pipeline stages per rank (interleaved 1F1B)")
     expert_model_parallel_size: int = positive(1, "EP: split the experts")
-    expert_tensor_parallel_size: Optional[int] = None  # TP inside experts; None = same as TP
+    expert_tensor_parallel_size: Optional[int] = setting(
+        None, "TP inside experts; None = same as TP")
     context_parallel_size: int = positive(1, "CP: split the sequence for attention")
-    sequence_parallel: bool = False  # split activations outside attention/MLP over TP ranks
-    use_distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+    sequence_parallel: bool = setting(
+        False, "split activations outside attention/MLP over TP ranks")
+    use_distributed_optimizer: bool = setting(
+        True, "shard optimizer state over data-parallel ranks")
 
     def extra_problems(self):
         problems = []
@@ -177,28 +200,34 @@ class DataConfig(_Section):
 
     # Local files or folders: .jsonl / .json / .parquet / .csv (chat or text rows), or, with
     # tokenizer=byte, plain text files read as bytes. Several are mixed (dataset_ratios).
-    dataset: list[str] = field(default_factory=list)
+    dataset: list[str] = setting(None, "training files or folders", factory=list)
     # Passes over each dataset per epoch (0.5 = every other row); None = 1.0 each.
-    dataset_ratios: Optional[list[float]] = None
+    dataset_ratios: Optional[list[float]] = setting(
+        None, "passes over each dataset per epoch; None = 1.0 each")
     # Held-out data evaluated every eval_interval steps (same formats as dataset).
-    eval_dataset: list[str] = field(default_factory=list)
+    eval_dataset: list[str] = setting(None, "held-out files or folders", factory=list)
     # A Hugging Face tokenizer folder, or "byte" (UTF-8 bytes as ids, vocab 256, plain text
     # files). None = the tokenizer in hf_model's folder, or "byte" when hf_model is not set.
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[str] = setting(None, "HF tokenizer folder or 'byte'; None = hf_model's")
     seq_length: int = positive(128, "tokens per packed sequence (or padded row)")
-    row_format: str = choice("auto", ("auto", "messages", "sharegpt", "alpaca", "text"))
-    text_key: str = "text"  # the field of a text row that holds the document
+    row_format: str = choice("auto", ("auto", "messages", "sharegpt", "alpaca", "text"),
+                             "row layout of the data files; auto = detected")
+    text_key: str = setting("text", "the field of a text row that holds the document")
     # Chat template: auto = the tokenizer's own chat_template, else mswift's matching one.
     template: str = choice("auto", ("auto", "tokenizer", "llama3", "llama4", "deepseek_v3",
-                                    "qwen2_5", "qwen3"))
+                                    "qwen2_5", "qwen3"), "chat template (sft)")
     # sft: which tokens carry loss (pt mode always trains on every token).
-    loss_on: str = choice("assistant", ("assistant", "last_assistant", "all"))
-    append_eod: bool = True  # end every text row with the tokenizer's end-of-sequence token
-    packing: bool = True  # several samples per sequence (cu_seqlens), else one padded per row
+    loss_on: str = choice("assistant", ("assistant", "last_assistant", "all"),
+                          "sft: which tokens carry loss")
+    append_eod: bool = setting(
+        True, "end every text row with the tokenizer's end-of-sequence token")
+    packing: bool = setting(
+        True, "several samples per sequence (cu_seqlens), else one padded per row")
     packing_window: int = positive(1000, "samples sorted together by first-fit-decreasing")
-    overlong: str = choice("truncate", ("truncate", "drop"))  # samples over seq_length
-    on_bad_row: str = choice("error", ("error", "skip"))  # stop at a bad row, or skip + count
-    shuffle_buffer: int = 10000  # samples in the seeded shuffle buffer; 0 keeps file order
+    overlong: str = choice("truncate", ("truncate", "drop"), "samples over seq_length")
+    on_bad_row: str = choice("error", ("error", "skip"), "stop at a bad row, or skip + count")
+    shuffle_buffer: int = setting(
+        10000, "samples in the seeded shuffle buffer; 0 keeps file order")
 
     def extra_problems(self):
         ratios = self.dataset_ratios
@@ -211,37 +240,43 @@ class DataConfig(_Section):
 class TrainingConfig(_Section):
     """The optimisation loop."""
 
-    train_iters: int = positive(10)
+    train_iters: int = positive(10, "optimizer steps to train for")
     micro_batch_size: int = positive(1, "samples per rank per forward pass")
-    global_batch_size: Optional[int] = None  # samples per step; None = micro x data-parallel
-    lr: float = 3e-4  # peak learning rate (0 = no update: e.g. a load/export dry run)
-    min_lr: float = 0.0
-    lr_warmup_iters: int = 0
-    lr_decay_style: str = choice("cosine", ("constant", "linear", "cosine"))
-    lr_decay_iters: Optional[int] = None  # None = train_iters
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = positive(1e-8)
-    clip_grad: float = 1.0  # global grad-norm clip; 0 = off
-    bf16: bool = False
-    fp16: bool = False
-    seed: int = 1234
-    log_interval: int = positive(1)
+    global_batch_size: Optional[int] = setting(
+        None, "samples per step; None = micro x data-parallel")
+    lr: float = setting(3e-4, "peak learning rate (0 = no update: e.g. a load/export dry run)")
+    min_lr: float = setting(0.0, "learning rate at the end of the decay")
+    lr_warmup_iters: int = setting(0, "steps of linear warmup to lr")
+    lr_decay_style: str = choice("cosine", ("constant", "linear", "cosine"),
+                                 "learning-rate decay after warmup")
+    lr_decay_iters: Optional[int] = setting(None, "steps over which lr decays; None = train_iters")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    adam_beta1: float = setting(0.9, "Adam beta1")
+    adam_beta2: float = setting(0.95, "Adam beta2")
+    adam_eps: float = positive(1e-8, "Adam epsilon")
+    clip_grad: float = setting(1.0, "global grad-norm clip; 0 = off")
+    bf16: bool = setting(False, "train in bfloat16 (fp32 master weights)")
+    fp16: bool = setting(False, "train in float16 with loss scaling")
+    seed: int = setting(1234, "random seed (model init, data order)")
+    log_interval: int = positive(1, "print a progress line every N steps")
     # pt: loss on every token; sft: loss on the tokens data.loss_on selects (chat templates).
-    mode: str = choice("pt", ("pt", "sft"))
+    mode: str = choice("pt", ("pt", "sft"), "pt = loss on every token; sft = chat loss mask")
     # Parameters whose names match one of these regular expressions are not trained
     # (e.g. "embedding", "decoder.layers.[0-3]\\."); none = train everything.
-    freeze_parameters: list[str] = field(default_factory=list)
-    exit_interval: Optional[int] = None  # save and exit when the step is a multiple of this
-    exit_duration_in_mins: Optional[float] = None  # save and exit after this much wall time
+    freeze_parameters: list[str] = setting(
+        None, "regexes of parameter names not to train", factory=list)
+    exit_interval: Optional[int] = setting(
+        None, "save and exit when the step is a multiple of this")
+    exit_duration_in_mins: Optional[float] = setting(
+        None, "save and exit after this much wall time")
     # SIGTERM / SIGUSR1 (SLURM preemption): every rank saves at the next step and exits 0.
-    exit_signal_handler: bool = True
+    exit_signal_handler: bool = setting(True, "save and exit 0 on SIGTERM / SIGUSR1")
     # A step whose loss or gradients are not finite on any rank never updates parameters;
     # skip it (up to max_skipped_steps in a row) or stop the run.
-    nonfinite_policy: str = choice("skip", ("skip", "stop"))
-    max_skipped_steps: int = positive(5)
-    eval_interval: Optional[int] = None  # evaluate eval_dataset every N steps (and at the end)
+    nonfinite_policy: str = choice("skip", ("skip", "stop"), "on a non-finite step")
+    max_skipped_steps: int = positive(5, "non-finite steps in a row before stopping")
+    eval_interval: Optional[int] = setting(
+        None, "evaluate eval_dataset every N steps (and at the end)")
     eval_iters: int = positive(1, "global batches per evaluation")
 
     def extra_problems(self):
@@ -261,18 +296,19 @@ class TrainingConfig(_Section):
 class CheckpointConfig(_Section):
     """Saving and resuming (megatron-core's reshardable torch_dist format)."""
 
-    save: Optional[str] = None  # directory for checkpoints; None = do not save
-    load: Optional[str] = None  # checkpoint directory to start from
-    save_interval: Optional[int] = None  # save every N steps (and at the end when save is set)
-    ckpt_format: str = choice("torch_dist", ("torch_dist",))
-    no_load_optim: bool = False  # load weights only: fresh optimizer (fine-tuning)
-    no_load_rng: bool = False
+    save: Optional[str] = setting(None, "directory for checkpoints; None = do not save")
+    load: Optional[str] = setting(None, "checkpoint directory to start from")
+    save_interval: Optional[int] = setting(
+        None, "save every N steps (and at the end when save is set)")
+    ckpt_format: str = choice("torch_dist", ("torch_dist",), "checkpoint format")
+    no_load_optim: bool = setting(False, "load weights only: fresh optimizer (fine-tuning)")
+    no_load_rng: bool = setting(False, "do not restore the random state from load")
     # Keep the newest N checkpoints under save (older ones are deleted after a newer one is
     # complete); None keeps all.
-    save_total_limit: Optional[int] = None
+    save_total_limit: Optional[int] = setting(None, "keep the newest N checkpoints; None = all")
     # At the end of training also write the model as HF safetensors to SAVE/hf (needs hf_model:
     # its config and tokenizer files are copied along).
-    save_hf: bool = False
+    save_hf: bool = setting(False, "also write SAVE/hf as HF safetensors at the end")
 
     def extra_problems(self):
         problems = []
