@@ -116,12 +116,15 @@ def _fill_row(samples: list[EncodedSample], max_length: int, pad_id: int):
     return input_ids, labels, position_ids, segments
 
 
-def collate_rows(rows: list[list[EncodedSample]], max_length: int, pad_id: int) -> dict:
+def collate_rows(rows: list[list[EncodedSample]], max_length: int, pad_id: int,
+                 packed: bool = True) -> dict:
     """A micro-batch from rows of samples (a packed group, or one sample per row).
 
     Returns input_ids / labels / position_ids [rows, max_length] int64, loss_mask
-    [rows, max_length] float32, attention_mask [rows, max_length] bool (False on padding),
-    cu_seqlens [segments + 1] int32 over the flattened batch and max_seqlen (0-d int32).
+    [rows, max_length] float32, attention_mask [rows, max_length] bool (False on padding, which
+    is always at the end of a row). With ``packed`` also cu_seqlens [segments + 1] int32 over the
+    flattened batch and max_seqlen (0-d int32); without it the batch is plain padded rows for a
+    causal mask (every attention backend, megatron-core's own included).
     """
     columns = [_fill_row(samples, max_length, pad_id) for samples in rows]
     input_ids = torch.from_numpy(np.stack([c[0] for c in columns]))
@@ -132,15 +135,17 @@ def collate_rows(rows: list[list[EncodedSample]], max_length: int, pad_id: int) 
     cu_seqlens[1:] = torch.cumsum(torch.tensor(segment_lengths, dtype=torch.int32), 0)
     real_tokens = [sum(len(s) for s in samples) for samples in rows]
     attention_mask = torch.arange(max_length)[None, :] < torch.tensor(real_tokens)[:, None]
-    return {
+    batch = {
         "input_ids": input_ids,
         "labels": labels,
         "loss_mask": (labels != IGNORE_INDEX).to(torch.float32),
         "position_ids": position_ids,
         "attention_mask": attention_mask,
-        "cu_seqlens": cu_seqlens,
-        "max_seqlen": torch.tensor(max(segment_lengths), dtype=torch.int32),
     }
+    if packed:
+        batch["cu_seqlens"] = cu_seqlens
+        batch["max_seqlen"] = torch.tensor(max(segment_lengths), dtype=torch.int32)
+    return batch
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total_length: int) -> torch.Tensor:

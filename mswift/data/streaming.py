@@ -92,7 +92,8 @@ class DataPipeline:
             raise StopIteration
         self.stats["batches"] += 1
         self.stats["sequences"] += len(rows)
-        return collate_rows(rows, self.config.max_length, self.pad_id)
+        return collate_rows(rows, self.config.max_length, self.pad_id,
+                            packed=self.config.packing)
 
     # -- stages, last to first ------------------------------------------------------------
 

@@ -21,6 +21,33 @@ def tokenizer_path(cfg: MswiftConfig) -> str:
     return cfg.model.hf_model or "byte"
 
 
+def check_attention_backend(cfg: MswiftConfig) -> None:
+    """Refuse a packed dataset with an attention backend that cannot keep samples apart.
+
+    Packed batches (the tokenized data pipeline with ``packing=true``; ``data_path`` with
+    ``reset_attention_mask=true``) carry ``cu_seqlens`` and need a varlen backend;
+    megatron-core's DotProductAttention (``local``) takes only rows with a causal mask, so
+    those pairs are stopped before anything starts.
+    """
+    if cfg.model.attention_backend != "local":
+        return
+    d = cfg.data
+    if getattr(d, "data_path", None):
+        if getattr(d, "reset_attention_mask", False):
+            raise ConfigError([
+                "attention_backend=local with reset_attention_mask=true: megatron-core's "
+                "DotProductAttention cannot keep attention inside each document (cu_seqlens); "
+                "use attention_backend=auto, torch or triton (mswift's varlen attention), or "
+                "reset_attention_mask=false"])
+        return
+    if d.packing and tokenizer_path(cfg) != "byte":  # the byte corpus has no samples to pack
+        raise ConfigError([
+            "attention_backend=local with packing=true: megatron-core's DotProductAttention "
+            "cannot keep attention inside packed samples (cu_seqlens); use "
+            "attention_backend=auto, torch or triton (mswift's varlen attention), or "
+            "packing=false (one padded sample per row)"])
+
+
 def num_micro_batches(cfg: MswiftConfig) -> int:
     dp = parallel_state.get_data_parallel_world_size()
     mbs = cfg.training.micro_batch_size

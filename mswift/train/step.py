@@ -33,13 +33,19 @@ def model_inputs(batch: dict) -> dict:
     ``position_ids``, all ``[rows, seq]``. A packed one also has ``cu_seqlens`` (int32 sample
     boundaries over the flattened rows) and ``max_seqlen``: it is then passed to megatron-core
     as one THD sequence ``[1, rows * seq]`` with ``PackedSeqParams``, so attention stays
-    inside each sample. Labels of tokens without loss (-100 in the data pipeline) become 0:
+    inside each sample (a varlen attention backend only). An unpacked one is fed as it is,
+    ``[rows, seq]`` with a causal mask on every backend: its padding is at the end of each row
+    (``attention_mask`` False there), so no real token sees a padded one, and padded positions
+    have no loss. Labels of tokens without loss (-100 in the data pipeline) become 0:
     the loss mask removes them, and the vocab-parallel cross entropy needs valid ids.
     """
     tokens = batch["tokens"] if "tokens" in batch else batch["input_ids"]
     labels = batch["labels"].clamp(min=0)
     position_ids = batch["position_ids"]
     packed = None
+    if "attention_mask" in batch and "cu_seqlens" not in batch:
+        real = batch["attention_mask"]
+        assert not (real[:, 1:] & ~real[:, :-1]).any(), "padding must end each row"
     if "cu_seqlens" in batch:
         tokens, labels, position_ids = (t.reshape(1, -1) for t in (tokens, labels, position_ids))
         cu = batch["cu_seqlens"].to(torch.int32)
