@@ -17,7 +17,7 @@ from mswift.runtime import init_distributed
 from mswift.train.builder import TrainState, build_training
 from mswift.train.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from mswift.train.control import StopControl
-from mswift.train.data import TrainData, batch_stats
+from mswift.train.data import TrainData, batch_stats, check_attention_backend
 from mswift.train.metrics import MetricsLog
 from mswift.train.step import eval_step, train_step
 
@@ -45,6 +45,7 @@ def setup(cfg: MswiftConfig) -> TrainState:
         raise ConfigError(["dataset: expected at least one file or folder to train on"])
     if cfg.checkpoint.save_hf and cfg.model.hf_model is None:
         raise ConfigError(["save_hf=true: needs hf_model (its config and tokenizer files)"])
+    check_attention_backend(cfg)
     cfg = apply_hf_model(cfg)
     init_distributed(cfg)
     seed_everything(cfg.training.seed)
