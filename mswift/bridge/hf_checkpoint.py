@@ -9,7 +9,8 @@ The training driver's two calls, for a run whose ``model.hf_model`` names an HF 
     save_hf_checkpoint(chunks, cfg, "out/hf")  # gathered to rank 0, streamed to disk
 
 The saved directory has the original's config, generation config and tokenizer files, and each
-tensor in the original's dtype.
+tensor in the original's dtype; attention padded for tensor parallelism
+(:mod:`mswift.bridge.head_padding`) is given back with its original head counts.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from mswift.bridge.errors import BridgeError
+from mswift.bridge.head_padding import unpad_hf_dir_on_rank0
 from mswift.bridge.hf_io import HFCheckpoint, copy_aux_files, read_hf_config
 from mswift.bridge.model_io import load_hf_into_model, save_model_to_hf
 from mswift.bridge.rules import WeightMap
@@ -62,6 +64,8 @@ def save_hf_checkpoint(chunks, cfg: MswiftConfig, out_dir: str | Path,
     save_model_to_hf(chunks, wmap, tmp, dtypes, max_shard_bytes)
     if rank == 0:
         copy_aux_files(source.dir, tmp)
+    unpad_hf_dir_on_rank0(tmp)  # hf_model's attention padded for TP: back to its head counts
+    if rank == 0:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     if dist.is_initialized():
