@@ -229,11 +229,47 @@ class DataConfig(_Section):
     shuffle_buffer: int = setting(
         10000, "samples in the seeded shuffle buffer; 0 keeps file order")
 
+    # Pre-training on megatron-core indexed files (PREFIX.bin / PREFIX.idx, written by
+    # `mswift preprocess`), instead of dataset; mode=pt only. Megatron-LM's --data-path: one
+    # PREFIX, [weight, PREFIX, weight, PREFIX, ...] (weights normalized), or [PREFIX, PREFIX, ...]
+    # (each weighted by its size). On the command line also one string: "0.7 a 0.3 b".
+    data_path: list[str] = field(default_factory=list)
+    # data_path: train,valid,test weights over each file's documents (Megatron-LM's --split);
+    # the valid part is evaluated every eval_interval steps.
+    split: str = "969,30,1"
+    # data_path: folder for megatron-core's index caches (shuffle / sample indices). None =
+    # Megatron-LM's default, PREFIX/cache/ next to the data; where that folder is not writable,
+    # SAVE/data_cache (save must then be set).
+    data_cache_path: Optional[str] = None
+    # data_path: Megatron-LM's document boundary settings. Documents are packed end to end into
+    # sequences of seq_length tokens, each ended by its end-of-document (EOD) token.
+    # reset_position_ids: position ids restart at 0 after every EOD (else 0..seq_length-1).
+    reset_position_ids: bool = False
+    # reset_attention_mask: attention stays inside each document (cu_seqlens at every EOD:
+    # needs a varlen attention_backend); false = one causal sequence per row, across documents.
+    reset_attention_mask: bool = False
+    # eod_mask_loss: no loss on the prediction made at an EOD token (the next document's first
+    # token).
+    eod_mask_loss: bool = False
+
     def extra_problems(self):
+        from mswift.config.data_path import parse_data_path, parse_split
+
+        problems = []
         ratios = self.dataset_ratios
         if ratios is not None and len(ratios) != len(self.dataset):
-            return [f"dataset_ratios: {len(ratios)} values for {len(self.dataset)} datasets"]
-        return []
+            problems.append(f"dataset_ratios: {len(ratios)} values for {len(self.dataset)} "
+                            "datasets")
+        for check, value in ((parse_data_path, self.data_path), (parse_split, self.split)):
+            if value or check is parse_split:
+                try:
+                    check(value)
+                except ValueError as err:
+                    problems.append(str(err))
+        if self.data_path and (self.dataset or self.eval_dataset):
+            problems.append("data_path and dataset/eval_dataset: expected one of them "
+                            "(data_path's valid split is its evaluation data)")
+        return problems
 
 
 @dataclass(kw_only=True)

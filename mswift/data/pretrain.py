@@ -37,8 +37,51 @@ def tokenizer_facts(tokenizer) -> _TokenizerFacts:
         raise ValueError("the tokenizer has no eos token: megatron-core needs an "
                          "end-of-document id")
     pad = tokenizer.pad_token_id
-    return _TokenizerFacts(vocab_size=len(tokenizer), eod=eod, pad=eod if pad is None else pad,
+    if pad is None or pad == eod:
+        # megatron-core masks the loss of labels equal to pad and maps pad tokens to id 0: an
+        # id that never occurs (-1, megatron-core's own fallback) keeps EOD tokens intact
+        pad = -1
+    return _TokenizerFacts(vocab_size=len(tokenizer), eod=eod, pad=pad,
                            name=str(getattr(tokenizer, "name_or_path", "")))
+
+
+def ensure_dataset_helpers() -> None:
+    """Make megatron-core's C++ index builder (``megatron.core.datasets.helpers_cpp``) importable.
+
+    Wheels ship it compiled; a source checkout of megatron-core builds it with its Makefile
+    (g++ and pybind11), as Megatron-LM does: global rank 0 compiles, the others wait for it.
+    """
+    import torch.distributed as dist
+
+    def importable() -> bool:
+        try:
+            import megatron.core.datasets.helpers_cpp  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    if importable():
+        return
+    multi = dist.is_available() and dist.is_initialized()
+    if not multi or dist.get_rank() == 0:
+        import importlib.util
+        import os
+        import subprocess
+
+        folder = os.path.dirname(importlib.util.find_spec("megatron.core.datasets").origin)
+        done = None
+        if os.path.isfile(os.path.join(folder, "Makefile")):
+            done = subprocess.run(["make", "-C", folder], capture_output=True, text=True)
+        if done is None or done.returncode != 0:
+            why = "no Makefile there" if done is None else done.stderr.strip()[-500:]
+            raise RuntimeError(f"megatron.core.datasets.helpers_cpp: not importable and not "
+                               f"compiled in {folder} ({why}); install a megatron-core wheel "
+                               "or g++ and pybind11")
+    if multi:
+        dist.barrier()
+    if not importable():
+        raise RuntimeError("megatron.core.datasets.helpers_cpp: still not importable after "
+                           "compiling it on rank 0 (is the package folder shared by all nodes?)")
 
 
 def build_pretrain_datasets(
@@ -56,7 +99,7 @@ def build_pretrain_datasets(
     cache_dir: Optional[str] = None,
 ):
     """[train, valid, test] datasets (None where a split is empty) over the indexed files
-    `prefixes`, mixed by `weights` (None: by size). `num_samples` is the number of sequences
+    `prefixes`, mixed by `weights` (None: by each file's number of tokens). `num_samples` is the number of sequences
     each split must yield; megatron-core repeats epochs to reach it. Each item is a dict of
     tokens / labels / loss_mask / position_ids tensors of `seq_length`. Call it on every rank
     (megatron-core builds the index caches on rank 0 and shares them through `cache_dir`)."""
@@ -73,6 +116,11 @@ def build_pretrain_datasets(
     for prefix in prefixes:
         if not IndexedDataset.exists(prefix):
             raise ValueError(f"{prefix}.bin / {prefix}.idx not found: run mswift preprocess")
+    if weights is None and len(prefixes) > 1:
+        # Megatron-LM's meaning of prefixes without weights: each weighted by its size (tokens);
+        # given as weights, so megatron-core repeats epochs to reach num_samples
+        weights = [float(IndexedDataset(prefix).sequence_lengths.sum()) for prefix in prefixes]
+    ensure_dataset_helpers()
     import torch.distributed
 
     if len(prefixes) > 1 and not torch.distributed.is_initialized():

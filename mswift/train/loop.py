@@ -41,8 +41,11 @@ def setup(cfg: MswiftConfig) -> TrainState:
     """Process groups, seeds, model, optimizer, then weights: the checkpoint in ``load`` if
     there is one, else ``hf_model``'s weights, else a random start. ``state.cfg`` is ``cfg``
     with the model section filled from ``hf_model``'s config.json."""
-    if not cfg.data.dataset:
-        raise ConfigError(["dataset: expected at least one file or folder to train on"])
+    if not cfg.data.dataset and not cfg.data.data_path:
+        raise ConfigError(["dataset: expected at least one file or folder to train on (or "
+                           "data_path: indexed PREFIX.bin/.idx files)"])
+    if cfg.data.data_path:
+        check_indexed_data(cfg)
     if cfg.checkpoint.save_hf and cfg.model.hf_model is None:
         raise ConfigError(["save_hf=true: needs hf_model (its config and tokenizer files)"])
     check_attention_backend(cfg)
@@ -67,9 +70,11 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
     """Train until ``train_iters`` (or a stop condition); returns this run's step metrics."""
     state = state or setup(cfg)
     cfg = state.cfg
-    data = TrainData(cfg, cfg.data.dataset)
+    data = IndexedTrainData(cfg) if cfg.data.data_path else TrainData(cfg, cfg.data.dataset)
     _restore_data(data, getattr(state, "extra", {}))
-    evaluator = Evaluator(cfg) if cfg.data.eval_dataset and cfg.training.eval_interval else None
+    evaluator = None
+    if cfg.training.eval_interval and (cfg.data.eval_dataset or cfg.data.data_path):
+        evaluator = Evaluator(cfg, data)
     control = StopControl(cfg.training)
     metrics = MetricsLog(cfg.checkpoint.save, state.iteration, cfg.training.train_iters,
                          cfg.training.log_interval)
@@ -164,6 +169,9 @@ def _restore_data(data: TrainData, extra: dict) -> None:
     states = (extra or {}).get("data_states")
     if states is None:
         return
+    if getattr(data, "position_is_global", False):  # consumed samples: any data-parallel size
+        data.load_state_dict(states[0])
+        return
     if len(states) != data.dp_size:
         raise ConfigError([f"load: the checkpoint's data position was saved by {len(states)} "
                            f"data-parallel ranks; this run has {data.dp_size}. Keep the "
@@ -172,9 +180,13 @@ def _restore_data(data: TrainData, extra: dict) -> None:
 
 
 class Evaluator:
-    """The loss of the first ``eval_iters`` global batches of ``eval_dataset`` (fixed set)."""
+    """The loss of the first ``eval_iters`` global batches of ``eval_dataset``, or of
+    data_path's valid split (a fixed set, so evaluations compare)."""
 
-    def __init__(self, cfg: MswiftConfig):
+    def __init__(self, cfg: MswiftConfig, train_data=None):
+        if isinstance(train_data, IndexedTrainData):
+            self.steps = train_data.eval_steps()
+            return
         data = TrainData(cfg, cfg.data.eval_dataset, stream_seed_offset=1)
         self.steps = [data.next_step(i) for i in range(cfg.training.eval_iters)]
 
