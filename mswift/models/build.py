@@ -16,6 +16,7 @@ from mswift.config.schema import MswiftConfig
 from mswift.models.rope import apply_rope_scaling
 from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size  # noqa: F401
 from mswift.models.spec import gpt_block_spec
+from mswift.models.vocab_padding import mask_padded_vocabulary
 
 
 def params_dtype(cfg: MswiftConfig) -> torch.dtype:
@@ -116,5 +117,9 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
         )
         if m.rope_scaling_type is not None:
             apply_rope_scaling(chunk.rotary_pos_emb, m)
+        # Padded vocabulary rows: zero, and never in a softmax (loss, eval, sampling).
+        mask_padded_vocabulary(chunk, m.vocab_size, vocab,
+                               parallel_state.get_tensor_model_parallel_rank(),
+                               cfg.parallel.tensor_model_parallel_size)
         chunks.append(chunk)
     return chunks

@@ -100,11 +100,33 @@ def optimizer_config(cfg: MswiftConfig) -> OptimizerConfig:
     )
 
 
+class WarmupFromFirstStep(OptimizerParamScheduler):
+    """megatron-core's schedule, with a warmup whose first update is not at ``init_lr``.
+
+    megatron-core's warmup gives ``init_lr + (lr - init_lr) * num_steps / warmup`` and
+    ``num_steps`` counts the updates already made, so the first update of a warmup from 0 runs
+    at lr 0 and changes nothing (Megatron-LM logs the rate after its scheduler step, ``k /
+    warmup * lr`` at iteration k, not the rate the update used). Here update k of the warmup
+    (k = 1 .. ``lr_warmup_iters``) runs at ``init_lr + (lr - init_lr) * k / warmup`` -- the rate
+    Megatron-LM logs for it -- reaching ``lr`` on the last warmup step; from then on the rates
+    are megatron-core's (the first decay step also at ``lr``). ``num_steps`` and the
+    checkpointed state keep megatron-core's meaning (updates made).
+    """
+
+    def get_lr(self, param_group: dict) -> float:
+        if 0 < self.lr_warmup_steps and self.num_steps < self.lr_warmup_steps:
+            max_lr = param_group.get("max_lr", self.max_lr)
+            fraction = (self.num_steps + 1) / self.lr_warmup_steps
+            return self.init_lr + (max_lr - self.init_lr) * fraction
+        return super().get_lr(param_group)
+
+
 def lr_scheduler(cfg: MswiftConfig, optimizer) -> OptimizerParamScheduler:
-    """Warmup from 0 to ``lr`` over ``lr_warmup_iters``, then decay to ``min_lr`` (per step)."""
+    """Warmup to ``lr`` over ``lr_warmup_iters`` (step k at ``lr * k / lr_warmup_iters``), then
+    megatron-core's decay to ``min_lr`` over ``lr_decay_iters`` (default ``train_iters``)."""
     t = cfg.training
     decay_iters = t.lr_decay_iters or t.train_iters
-    return OptimizerParamScheduler(
+    return WarmupFromFirstStep(
         optimizer,
         init_lr=0.0 if t.lr_warmup_iters else t.lr,
         max_lr=t.lr,
