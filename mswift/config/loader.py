@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import typing
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import yaml
@@ -22,6 +22,7 @@ from mswift.config.schema import (
     MswiftConfig,
     ParallelConfig,
     TrainingConfig,
+    field_doc,
 )
 
 SECTIONS = {
@@ -40,6 +41,29 @@ ALIASES = {"exit_duration_minutes": "exit_duration_in_mins", "max_length": "seq_
 
 def all_keys() -> list[str]:
     return sorted(KEY_SECTION)
+
+
+def _default_text(f) -> str:
+    value = f.default_factory() if f.default is MISSING else f.default
+    return "None" if value is None else str(value)
+
+
+def describe_settings() -> str:
+    """Every setting by section: name, default, one-line description (``--list-settings``)."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        rows = []
+        for f in fields(cls):
+            doc = field_doc(f)
+            if f.metadata.get("choices"):
+                doc += f" [{' | '.join(map(str, f.metadata['choices']))}]"
+            rows.append((f.name, _default_text(f), doc))
+        name_width = max(len(name) for name, _, _ in rows)
+        default_width = max(len(default) for _, default, _ in rows)
+        lines += [f"  {name:<{name_width}}  {default:<{default_width}}  {doc}"
+                  for name, default, doc in rows]
+    return "\n".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> MswiftConfig:

@@ -39,6 +39,11 @@ def positive(default, doc=""):
     return field(default=default, metadata={"positive": True, "doc": doc})
 
 
+def field_doc(f) -> str:
+    """The one-line description of a settings field (every field has one)."""
+    return f.metadata.get("doc", "")
+
+
 def setting(default, doc, factory=None):
     """A field with its one-line description (``--list-settings`` prints it)."""
     if factory is not None:
@@ -101,7 +106,7 @@ class ModelConfig(_Section):
     # torch / triton = mswift's varlen attention on its torch reference / Triton kernels;
     # auto = triton with CUDA, else torch.
     attention_backend: str = choice("auto", ("auto", "local", "torch", "triton"),
-                                     "core attention implementation (see above)")
+                                     "core attention; auto = triton with CUDA, else torch")
     attention_dropout: float = setting(0.0, "dropout on attention probabilities")
     hidden_dropout: float = setting(0.0, "dropout after attention and MLP")
     init_method_std: float = positive(0.02, "std of the random initial weights")
@@ -233,24 +238,26 @@ class DataConfig(_Section):
     # `mswift preprocess`), instead of dataset; mode=pt only. Megatron-LM's --data-path: one
     # PREFIX, [weight, PREFIX, weight, PREFIX, ...] (weights normalized), or [PREFIX, PREFIX, ...]
     # (each weighted by its size). On the command line also one string: "0.7 a 0.3 b".
-    data_path: list[str] = field(default_factory=list)
+    data_path: list[str] = setting(None, "indexed PREFIX.bin/.idx files (Megatron-LM --data-path)",
+                                   factory=list)
     # data_path: train,valid,test weights over each file's documents (Megatron-LM's --split);
     # the valid part is evaluated every eval_interval steps.
-    split: str = "969,30,1"
+    split: str = setting("969,30,1", "data_path: train,valid,test weights (Megatron-LM --split)")
     # data_path: folder for megatron-core's index caches (shuffle / sample indices). None =
     # Megatron-LM's default, PREFIX/cache/ next to the data; where that folder is not writable,
     # SAVE/data_cache (save must then be set).
-    data_cache_path: Optional[str] = None
+    data_cache_path: Optional[str] = setting(None, "data_path: folder for the index caches")
     # data_path: Megatron-LM's document boundary settings. Documents are packed end to end into
     # sequences of seq_length tokens, each ended by its end-of-document (EOD) token.
     # reset_position_ids: position ids restart at 0 after every EOD (else 0..seq_length-1).
-    reset_position_ids: bool = False
+    reset_position_ids: bool = setting(False, "data_path: position ids restart after each EOD")
     # reset_attention_mask: attention stays inside each document (cu_seqlens at every EOD:
     # needs a varlen attention_backend); false = one causal sequence per row, across documents.
-    reset_attention_mask: bool = False
+    reset_attention_mask: bool = setting(
+        False, "data_path: attention stays inside each document")
     # eod_mask_loss: no loss on the prediction made at an EOD token (the next document's first
     # token).
-    eod_mask_loss: bool = False
+    eod_mask_loss: bool = setting(False, "data_path: no loss on predictions made at an EOD")
 
     def extra_problems(self):
         from mswift.config.data_path import parse_data_path, parse_split
