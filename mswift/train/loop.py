@@ -18,7 +18,9 @@ from mswift.train.builder import TrainState, build_training
 from mswift.train.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from mswift.train.control import StopControl
 from mswift.train.data import TrainData, batch_stats, check_attention_backend
+from mswift.train.indexed_data import IndexedTrainData, check_indexed_data
 from mswift.train.metrics import MetricsLog
+from mswift.train.phases import folder_size, human_bytes, phase
 from mswift.train.step import eval_step, train_step
 
 
@@ -50,19 +52,24 @@ def setup(cfg: MswiftConfig) -> TrainState:
         raise ConfigError(["save_hf=true: needs hf_model (its config and tokenizer files)"])
     check_attention_backend(cfg)
     cfg = apply_hf_model(cfg)
-    init_distributed(cfg)
+    with phase("starting the process groups", "process groups started"):
+        init_distributed(cfg)
     seed_everything(cfg.training.seed)
-    state = build_training(cfg)
+    with phase("building the model and optimizer", "built the model and optimizer"):
+        state = build_training(cfg)
     load = cfg.checkpoint.load
     if load and checkpoint_exists(load):
-        state.extra = load_checkpoint(state, load, load_optim=not cfg.checkpoint.no_load_optim,
-                                      load_rng=not cfg.checkpoint.no_load_rng)
+        with phase(f"loading the checkpoint in {load}", "loaded the checkpoint"):
+            state.extra = load_checkpoint(state, load,
+                                          load_optim=not cfg.checkpoint.no_load_optim,
+                                          load_rng=not cfg.checkpoint.no_load_rng)
         return state
     if load and dist.get_rank() == 0:
         print(f"load={load}: no checkpoint there yet; starting from "
               f"{'hf_model' if cfg.model.hf_model else 'scratch'}", flush=True)
     if cfg.model.hf_model:
-        load_hf_checkpoint([ddp.module for ddp in state.model], cfg)
+        with phase(f"loading the HF weights of {cfg.model.hf_model}", "loaded the HF weights"):
+            load_hf_checkpoint([ddp.module for ddp in state.model], cfg)
     return state
 
 
@@ -99,10 +106,11 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
         if cfg.checkpoint.save and not _due(cfg, state.iteration) and history:
             _save(cfg, state, data)
         if cfg.checkpoint.save and cfg.checkpoint.save_hf:
-            out = save_hf_checkpoint([ddp.module for ddp in state.model], cfg,
-                                     Path(cfg.checkpoint.save) / "hf")
-            if dist.get_rank() == 0:
-                print(f"saved the model as HF safetensors in {out}", flush=True)
+            out = Path(cfg.checkpoint.save) / "hf"
+            with phase(f"exporting the model as HF safetensors to {out}",
+                       "exported the HF model") as info:
+                save_hf_checkpoint([ddp.module for ddp in state.model], cfg, out)
+                info.result = f"{human_bytes(folder_size(out))} in {out}"
         return history
     finally:
         control.close()
@@ -121,7 +129,7 @@ def _one_step(cfg: MswiftConfig, state: TrainState, data: TrainData) -> dict:
         "loss": out["loss"],
         "lr": out["lr"],
         "grad_norm": out["grad_norm"],
-        "tokens": int(stats[0]),
+        "loss_tokens": int(stats[0]),
         "tokens_per_s": stats[1].item() / seconds,
         "step_time_s": seconds,
         "padding_efficiency": (stats[1] / stats[2]).item(),
@@ -150,8 +158,11 @@ def _save(cfg: MswiftConfig, state: TrainState, data: TrainData) -> None:
     if not cfg.checkpoint.save:
         return
     extra = {"data_states": _gather_data_states(data)}
-    save_checkpoint(state, cfg.checkpoint.save, extra=extra,
-                    keep_last=cfg.checkpoint.save_total_limit)
+    with phase(f"saving the checkpoint of step {state.iteration} under {cfg.checkpoint.save}",
+               "saved the checkpoint") as info:
+        final = save_checkpoint(state, cfg.checkpoint.save, extra=extra,
+                                keep_last=cfg.checkpoint.save_total_limit)
+        info.result = f"{human_bytes(folder_size(final))} in {final}"
 
 
 def _gather_data_states(data: TrainData) -> list | None:

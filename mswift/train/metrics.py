@@ -7,6 +7,16 @@ from pathlib import Path
 import torch.distributed as dist
 
 METRICS_FILE = "metrics.jsonl"
+# Field names of older metrics.jsonl files -> today's ("tokens" counted the loss tokens).
+RENAMED_FIELDS = {"tokens": "loss_tokens"}
+
+
+def with_current_names(row: dict) -> dict:
+    """A metrics row with fields of older files under today's names."""
+    for old, new in RENAMED_FIELDS.items():
+        if old in row and new not in row:
+            row[new] = row.pop(old)
+    return row
 
 
 class MetricsLog:
@@ -27,7 +37,7 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if dist.get_rank() != 0:
             return
-        if row["step"] % self.interval == 0 or "eval_loss" in row:
+        if row["step"] % self.interval == 0 or row["step"] == self.total or "eval_loss" in row:
             print(progress_line(row, self.total), flush=True)
         if self.path is not None:
             with self.path.open("a") as f:

@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from mswift.train.metrics import METRICS_FILE
+from mswift.train.metrics import METRICS_FILE, with_current_names
 
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s", "tokens/s"))
 
@@ -21,7 +21,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(with_current_names(json.loads(line)))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not a JSON object ({err.msg})") from None
     if not rows:

@@ -38,7 +38,7 @@ def train_each(runs):
     from mswift.config import load_config
     from mswift.train.loop import run_training
 
-    return [[(r["loss"], r["tokens"], r["padding_efficiency"])
+    return [[(r["loss"], r["loss_tokens"], r["padding_efficiency"])
              for r in run_training(load_config(None, MODEL + overrides))] for overrides in runs]
 
 

@@ -30,7 +30,7 @@ def train(overrides):
     from mswift.train.loop import run_training
 
     history = run_training(load_config(None, MODEL + overrides))
-    return [(r["step"], r["loss"], r["grad_norm"], r["tokens"], r["padding_efficiency"])
+    return [(r["step"], r["loss"], r["grad_norm"], r["loss_tokens"], r["padding_efficiency"])
             for r in history]
 
 

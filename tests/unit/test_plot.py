@@ -21,3 +21,13 @@ def test_plot_errors_name_the_file(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "metrics.jsonl:2: not a JSON object" in capsys.readouterr().err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_metrics_of_older_runs_read_under_todays_names(tmp_path):
+    from mswift.train.plot import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "tokens": 42}\n'
+                                            '{"step": 2, "loss": 1.9, "loss_tokens": 40}\n')
+    rows = read_metrics(tmp_path)
+    assert [r["loss_tokens"] for r in rows] == [42, 40]
+    assert all("tokens" not in r for r in rows)
