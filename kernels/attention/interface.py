@@ -1,4 +1,5 @@
-"""Public varlen attention: FlashAttention's varlen API over mswift's Triton kernels.
+"""Public varlen attention: a drop-in for FlashAttention-2's ``flash_attn_varlen_func`` (same
+parameters, order and defaults) over mswift's Triton kernels.
 
 ``varlen_attention`` picks a backend: the Triton kernels when q is on a GPU or Triton's CPU
 interpreter is on (``TRITON_INTERPRET=1``), else the torch reference. Triton is imported
@@ -9,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from .env import interpreter_enabled
-from .reference import _reference_forward
-from .validation import AttentionOptions, check_varlen_inputs
+from .reference import _reference_forward, flash_attn_outputs
+from .validation import AttentionOptions, check_flash_attn_extras, check_varlen_inputs
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -65,10 +66,16 @@ def _use_triton(q: torch.Tensor, backend: str) -> bool:
 
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    softmax_scale=None, causal=True, window_size=(-1, -1), chunk_size=None, return_lse=False,
-    *, backend: str = "auto",
+    dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+    alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None,
+    *, chunk_size=None, return_lse=False, backend: str = "auto",
 ):
     """Attention over a packed batch: each token attends only within its own sample.
+
+    A drop-in for FlashAttention-2's ``flash_attn_varlen_func``: the same parameters in the same
+    order with the same defaults (``causal=False``), positional calls included. What mswift does
+    not implement is refused by name (``dropout_p > 0``, ``softcap > 0``, ``alibi_slopes``,
+    ``block_table``). mswift's own options are keyword-only, after FlashAttention's.
 
     Args:
         q: ``[total_q, heads, dq]``; k: ``[total_k, kv_heads, dq]``; v: ``[total_k, kv_heads, dv]``
@@ -78,22 +85,43 @@ def varlen_attention(
             Tokens after the last offset are padding (zero output and gradients).
         max_seqlen_q, max_seqlen_k: the longest sample (sizes the kernel grid; must not be
             smaller than the real maximum).
+        dropout_p: must be 0.0 (no attention dropout).
         softmax_scale: defaults to ``1 / sqrt(dq)``.
-        causal: causal mask; when ``len_q != len_k`` queries align to the end of the keys.
-        window_size: ``(left, right)`` sliding window as in FlashAttention; -1 = unbounded.
-        chunk_size: Llama-4 chunked attention: a token only sees keys of its own
+        causal: causal mask; when ``len_q != len_k`` queries align to the end of the keys
+            (FlashAttention's bottom-right alignment).
+        window_size: ``(left, right)`` sliding window as in FlashAttention (tuple, list or
+            2-element tensor): query ``i`` sees keys ``[pos - left, pos + right]`` with
+            ``pos = i + len_k - len_q``; -1 = unbounded; causal sets ``right`` to 0.
+        softcap: must be <= 0 (off, as in FlashAttention).
+        alibi_slopes, block_table: must be None.
+        deterministic: accepted; the backward pass is always deterministic (no atomics).
+        return_attn_probs: return ``(out, softmax_lse, S_dmask)`` as FlashAttention does at
+            ``dropout_p == 0``: ``S_dmask`` is an empty ``(0,)`` tensor.
+        chunk_size: (mswift) Llama-4 chunked attention: a token only sees keys of its own
             ``chunk_size``-aligned chunk of its sample.
-        return_lse: also return the fp32 log-sum-exp ``[heads, total_q]`` (not differentiable
-            on the Triton backend; ``-inf`` for queries that see no key).
-        backend: ``"auto"`` (Triton on CUDA or under the interpreter, else torch),
+        return_lse: (mswift) return ``(out, lse)``.
+        backend: (mswift) ``"auto"`` (Triton on CUDA or under the interpreter, else torch),
             ``"triton"`` or ``"torch"``.
     Returns:
-        ``[total_q, heads, dv]`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
+        ``[total_q, heads, dv]`` in q's dtype; with ``return_lse`` also the fp32 log-sum-exp
+        ``[heads, total_q]`` (not differentiable on the Triton backend).
+
+    Two differences from FlashAttention remain:
+    - A query that sees no key (causal with ``len_q > len_k``, windows, padding) gets a zero
+      output in both, but a log-sum-exp of ``-inf`` here and ``+inf`` in FlashAttention.
+    - FlashAttention's CUDA front end rewrites windows before its kernel runs: a side
+      ``>= max_seqlen_k`` becomes -1, and a one-sided window's other side becomes
+      ``max_seqlen_k``. mswift applies the rule above as written. The two can differ only for
+      a query more than ``max_seqlen_k`` positions before its sample's last query, so only
+      where a sample has more than ``max_seqlen_k + 1`` queries.
     """
+    check_flash_attn_extras(dropout_p, softcap, alibi_slopes, block_table, return_attn_probs,
+                            return_lse)
     opts = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale, causal, window_size, chunk_size)
     if not _use_triton(q, backend):
-        return _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, opts, return_lse)
-    out, lse = VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                             max_seqlen_q, max_seqlen_k, opts)
-    return (out, lse) if return_lse else out
+        out, lse = _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, opts, True)
+    else:
+        out, lse = VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                 max_seqlen_q, max_seqlen_k, opts)
+    return flash_attn_outputs(q, out, lse, return_attn_probs, return_lse)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import AttentionOptions, check_varlen_inputs
+from .validation import AttentionOptions, check_flash_attn_extras, check_varlen_inputs
 
 
 def sample_attention_mask(
@@ -57,20 +57,38 @@ def _attend_sample(q, k, v, mask, scale):
     return out, lse.squeeze(-1)
 
 
+def flash_attn_outputs(q, out, lse, return_attn_probs: bool, return_lse: bool):
+    """What ``flash_attn_varlen_func`` returns: ``out``, or ``(out, softmax_lse, S_dmask)``.
+
+    FlashAttention fills ``S_dmask`` only when ``dropout_p > 0``; at ``dropout_p == 0`` (the only
+    value mswift takes) it returns an empty ``(0,)`` tensor of q's dtype, and so does mswift.
+    """
+    if return_attn_probs:
+        return out, lse, torch.empty((0,), dtype=q.dtype, device=q.device)
+    return (out, lse) if return_lse else out
+
+
 def varlen_attention_reference(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    softmax_scale=None, causal=True, window_size=(-1, -1), chunk_size=None, return_lse=False,
+    dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+    alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None,
+    *, chunk_size=None, return_lse=False,
 ):
-    """Torch version of :func:`mswift.kernels.varlen_attention` (same arguments, same results).
+    """Torch version of :func:`mswift.kernels.varlen_attention` (same arguments but ``backend``,
+    same results).
 
     q ``[total_q, heads, dq]``, k ``[total_k, kv_heads, dq]``, v ``[total_k, kv_heads, dv]``;
     returns ``[total_q, heads, dv]`` in q's dtype, and with ``return_lse`` also the fp32
     (float64 for float64 inputs) log-sum-exp ``[heads, total_q]``. Tokens after
-    ``cu_seqlens_q[-1]`` are padding: zero output, ``-inf`` log-sum-exp.
+    ``cu_seqlens_q[-1]`` are padding: zero output, ``-inf`` log-sum-exp. ``deterministic`` is
+    accepted and has no effect.
     """
+    check_flash_attn_extras(dropout_p, softcap, alibi_slopes, block_table, return_attn_probs,
+                            return_lse)
     opts = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale, causal, window_size, chunk_size)
-    return _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, opts, return_lse)
+    out, lse = _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, opts, True)
+    return flash_attn_outputs(q, out, lse, return_attn_probs, return_lse)
 
 
 def _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, opts, return_lse):

@@ -69,13 +69,52 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+def _is_int(value) -> bool:
+    try:
+        return not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError):
+        return False
+
+
 def _check_window(window_size) -> tuple[int, int]:
+    """A ``(left, right)`` pair from a tuple, list or 2-element tensor, as FlashAttention takes."""
+    if isinstance(window_size, torch.Tensor):
+        if window_size.numel() != 2 or window_size.is_floating_point():
+            raise ValueError(f"window_size must be a (left, right) pair of ints, got a tensor "
+                             f"of shape {tuple(window_size.shape)} and dtype {window_size.dtype}")
+        window_size = window_size.flatten().tolist()
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a (left, right) pair, got {window_size!r}")
+    if not all(_is_int(w) for w in window_size):
+        raise ValueError(f"window_size entries must be ints, got {window_size!r}")
     left, right = (int(w) for w in window_size)
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
     return left, right
+
+
+def check_flash_attn_extras(dropout_p, softcap, alibi_slopes, block_table,
+                            return_attn_probs, return_lse) -> None:
+    """Refuse, by name, the arguments of ``flash_attn_varlen_func`` that mswift does not implement.
+
+    Values that FlashAttention itself treats as "off" pass: ``dropout_p == 0``, ``softcap <= 0``
+    (its rule: anything > 0 activates softcapping), ``alibi_slopes`` and ``block_table`` None.
+    """
+    if float(dropout_p) != 0.0:
+        raise ValueError(f"dropout_p must be 0.0: mswift's varlen attention has no attention "
+                         f"dropout, got dropout_p={dropout_p!r}")
+    if float(softcap) > 0.0:
+        raise ValueError(f"softcap must be 0.0: mswift's varlen attention does not implement "
+                         f"logit softcapping, got softcap={softcap!r}")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes must be None: mswift's varlen attention does not "
+                         "implement ALiBi")
+    if block_table is not None:
+        raise ValueError("block_table must be None: mswift's varlen attention has no paged "
+                         "KV cache")
+    if return_attn_probs and return_lse:
+        raise ValueError("return_attn_probs and return_lse: pass one of them, not both "
+                         "(return_attn_probs gives (out, lse, S_dmask), return_lse (out, lse))")
 
 
 def check_varlen_inputs(

@@ -159,7 +159,7 @@ def test_square_tiles_and_strided_inputs():
 def test_auto_backend_uses_triton_under_interpreter():
     q, k, v, _ = _inputs([5], [5], 4, 4, 64, 64)
     q.requires_grad_()
-    out = varlen_attention(q, k, v, _cu([5]), _cu([5]), 5, 5)
+    out = varlen_attention(q, k, v, _cu([5]), _cu([5]), 5, 5, causal=True)
     assert "VarlenAttentionFunction" in type(out.grad_fn).__name__
-    out = varlen_attention(q, k, v, _cu([5]), _cu([5]), 5, 5, backend="torch")
+    out = varlen_attention(q, k, v, _cu([5]), _cu([5]), 5, 5, causal=True, backend="torch")
     assert "VarlenAttentionFunction" not in type(out.grad_fn).__name__
