@@ -22,6 +22,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from mswift.bridge.errors import BridgeError
 from mswift.config.schema import ConfigError
+from mswift.runtime.launch_env import LaunchEnvError
 
 
 def positive_int(text: str) -> int:
@@ -94,7 +95,7 @@ def reshard_parser(prog: str) -> argparse.ArgumentParser:
 def _run(prog: str, work) -> int:
     try:
         work()
-    except (BridgeError, ConfigError) as err:
+    except (BridgeError, ConfigError, LaunchEnvError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     finally:

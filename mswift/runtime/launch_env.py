@@ -4,11 +4,18 @@ Read from the launcher's environment, in this order: torchrun (``RANK``/``WORLD_
 SLURM (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``/``SLURM_JOB_NODELIST``), MPI
 (Open MPI's ``OMPI_COMM_WORLD_*``, MPICH / Intel MPI's ``PMI_*``), else a single process.
 torchrun comes first because an sbatch script usually runs torchrun, which sets its own.
+
+MPI launchers name no rendezvous address. A job on one host meets on 127.0.0.1; a job on several
+hosts needs rank 0's host name, which mpi4py (the ``mpi`` extra) shares, or ``MASTER_ADDR``.
+Without ``MASTER_PORT``, rank 0 picks a free port and mpi4py shares it too (else 29500).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import socket
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -25,12 +32,16 @@ class LaunchEnv:
     launcher: str  # "torchrun" | "slurm" | "mpi" | "single"
 
 
+class LaunchEnvError(ValueError):
+    """The launcher's environment cannot start the job (a bad value, no way to find rank 0)."""
+
+
 def _int(env: Mapping[str, str], name: str) -> int:
     raw = env[name]
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r}: expected an integer") from None
+        raise LaunchEnvError(f"environment variable {name}={raw!r}: expected an integer") from None
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -55,6 +66,12 @@ def _port(env: Mapping[str, str], job_id: str | None = None) -> int:
 
 
 def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """This process's place in the job, from ``env`` (default: its own environment).
+
+    Under MPI, mpi4py is asked for rank 0's host and port only when ``env`` is this process's
+    own environment: a mapping passed in describes some other process and is only read.
+    """
+    ask_mpi = env is None or env is os.environ
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(
@@ -77,29 +94,84 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
             master_port=_port(env, env.get("SLURM_JOB_ID")),
             launcher="slurm",
         )
-    for rank_key, size_key, local_keys in (
-        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",)),
-        ("PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")),
-    ):
-        if rank_key in env and size_key in env:
-            local = next((_int(env, k) for k in local_keys if k in env), 0)
-            return LaunchEnv(
-                rank=_int(env, rank_key),
-                world_size=_int(env, size_key),
-                local_rank=local,
-                master_addr=env.get("MASTER_ADDR") or _mpi_master_addr(),
-                master_port=_port(env),
-                launcher="mpi",
-            )
+    mpi = _mpi_launch_env(env, ask_mpi=ask_mpi)
+    if mpi is not None:
+        return mpi
     return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), _port(env), "single")
 
 
-def _mpi_master_addr() -> str:
-    """Rank 0's host name, shared through MPI when mpi4py is installed (the ``mpi`` extra)."""
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return "127.0.0.1"  # single node; multi-node MPI jobs set MASTER_ADDR or install mpi4py
-    import socket
+# (rank, world size, local rank names, local size names) of each MPI family's launcher.
+_MPI_VARIABLES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",),
+     ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
+    ("PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+     ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")),
+)
 
-    return MPI.COMM_WORLD.bcast(socket.gethostname(), root=0)
+
+def _mpi_launch_env(env: Mapping[str, str], ask_mpi: bool) -> LaunchEnv | None:
+    """The MPI launcher's view, or None when no MPI launcher started this process."""
+    for rank_key, size_key, local_rank_keys, local_size_keys in _MPI_VARIABLES:
+        if rank_key in env and size_key in env:
+            break
+    else:
+        return None
+    world_size = _int(env, size_key)
+    local_rank = next((_int(env, k) for k in local_rank_keys if k in env), 0)
+    local_size_key = next((k for k in local_size_keys if k in env), None)
+    one_host = world_size == 1 or (
+        local_size_key is not None and _int(env, local_size_key) == world_size)
+    addr = env.get("MASTER_ADDR") or ("127.0.0.1" if one_host else None)
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None
+    shared: tuple[str, int] | str = "not asked: the environment given is not this process's"
+    if ask_mpi and world_size > 1 and (addr is None or port is None):
+        shared = _rank0_host_and_port()
+        if isinstance(shared, tuple):
+            addr = addr or shared[0]
+            port = port or shared[1]
+    if addr is None:
+        where = (f"{local_size_key}={env[local_size_key]} of {size_key}={world_size} ranks on "
+                 "this host" if local_size_key else
+                 f"{' / '.join(local_size_keys)} unset, so the ranks may be on several hosts")
+        raise LaunchEnvError(
+            f"MPI job without MASTER_ADDR ({where}): rank 0's host is unknown because mpi4py "
+            f"cannot tell it ({shared}). Install mpi4py (pip install 'mswift[mpi]') or pass "
+            "rank 0's host name, e.g. mpirun -x MASTER_ADDR=HOST ...")
+    return LaunchEnv(rank=_int(env, rank_key), world_size=world_size, local_rank=local_rank,
+                     master_addr=addr, master_port=port or DEFAULT_PORT, launcher="mpi")
+
+
+@functools.cache
+def _rank0_host_and_port() -> tuple[str, int] | str:
+    """Rank 0's host name and a free port on it, through MPI; else why mpi4py cannot tell.
+
+    Collective: every rank calls it once (then the answer is cached). MPI is started for this
+    one broadcast and finalized again, unless someone else had started it.
+    """
+    try:
+        import mpi4py
+
+        if "mpi4py.MPI" not in sys.modules:
+            mpi4py.rc.initialize = mpi4py.rc.finalize = False  # we start and stop MPI below
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as err:  # not installed, or no MPI library found
+        return f"{type(err).__name__}: {err}"
+    if MPI.Is_finalized():
+        return "MPI was already finalized in this process"
+    started_here = not MPI.Is_initialized()
+    if started_here:
+        MPI.Init()
+    try:
+        comm = MPI.COMM_WORLD
+        mine = (socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None
+        host, port = comm.bcast(mine, root=0)
+    finally:
+        if started_here:
+            MPI.Finalize()
+    return host, port
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]

@@ -1,6 +1,15 @@
+import os
+import sys
+
 import pytest
 
-from mswift.runtime.launch_env import DEFAULT_PORT, detect_launch_env, first_slurm_host
+from mswift.runtime.launch_env import (
+    DEFAULT_PORT,
+    LaunchEnv,
+    LaunchEnvError,
+    detect_launch_env,
+    first_slurm_host,
+)
 
 
 def test_torchrun_env():
@@ -47,3 +56,68 @@ def test_single_process_and_bad_values():
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
     with pytest.raises(ValueError, match="RANK='x'"):
         detect_launch_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+# ---- MPI: the environment as mpirun / mpiexec set it, in this process ----------------------------
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                      "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.fixture
+def mpi_env(monkeypatch):
+    """Set variables as an MPI launcher would; mpi4py not importable, as if not installed."""
+    from mswift.runtime import launch_env
+
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    launch_env._rank0_host_and_port.cache_clear()  # the answer is kept per process
+    yield lambda **values: [monkeypatch.setenv(k, str(v)) for k, v in values.items()]
+    launch_env._rank0_host_and_port.cache_clear()
+
+
+def test_open_mpi_on_several_hosts_without_mpi4py_or_master_addr_is_refused(mpi_env):
+    mpi_env(OMPI_COMM_WORLD_RANK=9, OMPI_COMM_WORLD_SIZE=16, OMPI_COMM_WORLD_LOCAL_RANK=1,
+            OMPI_COMM_WORLD_LOCAL_SIZE=8)
+    with pytest.raises(LaunchEnvError) as err:
+        detect_launch_env()
+    message = str(err.value)
+    assert message.startswith("MPI job without MASTER_ADDR (OMPI_COMM_WORLD_LOCAL_SIZE=8 of "
+                              "OMPI_COMM_WORLD_SIZE=16 ranks on this host)"), message
+    assert "mpi4py cannot tell it (ModuleNotFoundError" in message
+    assert "pip install 'mswift[mpi]'" in message and "mpirun -x MASTER_ADDR=HOST" in message
+
+
+def test_mpich_on_several_hosts_or_unknown_hosts_is_refused(mpi_env):
+    mpi_env(PMI_RANK=0, PMI_SIZE=4, MPI_LOCALRANKID=0, MPI_LOCALNRANKS=2)
+    with pytest.raises(LaunchEnvError, match=r"MPI_LOCALNRANKS=2 of PMI_SIZE=4 ranks"):
+        detect_launch_env()
+    os.environ.pop("MPI_LOCALNRANKS")  # a PMI that does not say how many ranks share a host
+    with pytest.raises(LaunchEnvError, match="MPI_LOCALNRANKS / PMI_LOCAL_SIZE unset, so the "
+                                             "ranks may be on several hosts"):
+        detect_launch_env()
+
+
+def test_mpi_on_several_hosts_with_master_addr_needs_no_mpi4py(mpi_env):
+    mpi_env(OMPI_COMM_WORLD_RANK=9, OMPI_COMM_WORLD_SIZE=16, OMPI_COMM_WORLD_LOCAL_RANK=1,
+            OMPI_COMM_WORLD_LOCAL_SIZE=8, MASTER_ADDR="head-node")
+    assert detect_launch_env() == LaunchEnv(9, 16, 1, "head-node", DEFAULT_PORT, "mpi")
+
+
+def test_mpi_on_one_host_without_mpi4py_meets_on_localhost(mpi_env):
+    mpi_env(OMPI_COMM_WORLD_RANK=1, OMPI_COMM_WORLD_SIZE=2, OMPI_COMM_WORLD_LOCAL_RANK=1,
+            OMPI_COMM_WORLD_LOCAL_SIZE=2, MASTER_PORT=31000)
+    assert detect_launch_env() == LaunchEnv(1, 2, 1, "127.0.0.1", 31000, "mpi")
+    mpi_env(OMPI_COMM_WORLD_RANK=0, OMPI_COMM_WORLD_SIZE=1, OMPI_COMM_WORLD_LOCAL_RANK=0,
+            OMPI_COMM_WORLD_LOCAL_SIZE=1)
+    os.environ.pop("MASTER_PORT")
+    assert detect_launch_env() == LaunchEnv(0, 1, 0, "127.0.0.1", DEFAULT_PORT, "mpi")
+
+
+def test_mapping_of_another_process_is_only_read():
+    """A mapping passed in is not this process's job: mpi4py is not asked, MPI not started."""
+    with pytest.raises(LaunchEnvError, match=r"mpi4py cannot tell it \(not asked"):
+        detect_launch_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4",
+                           "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    assert "mpi4py.MPI" not in sys.modules
