@@ -25,13 +25,14 @@ def main(argv: list[str] | None = None, prog: str = "mswift train") -> int:
         print("\n".join(all_keys()))
         return 0
     from mswift.bridge.errors import BridgeError
+    from mswift.runtime.launch_env import LaunchEnvError
     from mswift.train.checkpoint import CheckpointError  # imports megatron-core: after --help
     from mswift.train.loop import TrainingStopped, run_training
 
     try:
         cfg = load_config(args.config, overrides)
         run_training(cfg)
-    except (ConfigError, BridgeError) as err:
+    except (ConfigError, BridgeError, LaunchEnvError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     except CheckpointError as err:
