@@ -87,6 +87,8 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
                          cfg.training.log_interval)
     history, skipped_in_a_row = [], 0
     try:
+        if evaluator is not None and state.iteration == 0:  # the baseline later evals fall from
+            metrics.log({"step": 0, "eval_loss": evaluator.loss(state)})
         while state.iteration < cfg.training.train_iters:
             row = _one_step(cfg, state, data)
             skipped_in_a_row = 0 if row["updated"] else skipped_in_a_row + 1
