@@ -23,6 +23,12 @@ def test_tiny_llama_tp2_trains_and_checkpoints(tmp_path):
                 "--config", str(EXAMPLE), "train_iters=6", "log_interval=1", "save_interval=3",
                 f"save={save}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # nothing but torchrun's own banner on stderr: no warnings that do not apply on a CPU
+    assert "Warning" not in proc.stderr, proc.stderr
+    # slow phases are announced, once (rank 0), the save with its size and path
+    assert proc.stdout.count("building the model and optimizer ...") == 1
+    assert re.search(r"saved the checkpoint in [0-9.]+ s \([0-9.]+ [KM]B in .*iter_0000006\)",
+                     proc.stdout), proc.stdout
     losses = [float(x) for x in re.findall(r"^step +\d+/6 \| loss ([0-9.]+)", proc.stdout, re.M)]
     assert len(losses) == 6, proc.stdout
     assert losses[-1] < losses[0] - 0.5, f"loss did not fall: {losses}"

@@ -1,0 +1,149 @@
+"""Every check of a training run that needs no process group, run before one exists.
+
+``mswift train`` and ``launch/pretrain_sft.py`` call :func:`check_before_start` right after
+reading the settings, so a wrong path, tokenizer or layout is reported in a second, once, instead
+of after the ranks have imported megatron-core and started their process groups. Plain config
+and file logic: importing this module imports neither torch nor megatron-core.
+
+To add a check, write ``def my_problems(cfg: MswiftConfig) -> list[str]`` (``cfg`` has its model
+section filled from ``hf_model``; one message per mistake, naming the setting and what was
+expected) and append it to :data:`CHECKS`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from mswift.bridge.errors import BridgeError
+from mswift.config.schema import ConfigError, MswiftConfig
+from mswift.runtime.layout_checks import layout_problems
+
+BYTE_VOCAB_SIZE = 256  # mswift.data.byte_corpus's vocabulary (a byte is a token)
+# Files one of which a Hugging Face tokenizer folder has (AutoTokenizer reads them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_path(cfg: MswiftConfig) -> str:
+    """The tokenizer setting resolved: a folder, or "byte"."""
+    if cfg.data.tokenizer is not None:
+        return cfg.data.tokenizer
+    return cfg.model.hf_model or "byte"
+
+
+def dataset_problems(cfg: MswiftConfig) -> list[str]:
+    problems = []
+    if not cfg.data.dataset and not cfg.data.data_path:  # data_path: indexed_data_problems
+        problems.append("dataset: expected at least one file or folder to train on (or "
+                        "data_path: indexed PREFIX.bin/.idx files)")
+    for name in ("dataset", "eval_dataset"):
+        for path in getattr(cfg.data, name):
+            if not Path(path).exists():
+                problems.append(f"{name}: {path} not found")
+    return problems
+
+
+def tokenizer_problems(cfg: MswiftConfig) -> list[str]:
+    tok = tokenizer_path(cfg)
+    if tok == "byte":
+        if cfg.model.vocab_size < BYTE_VOCAB_SIZE:
+            return [f"vocab_size={cfg.model.vocab_size}: tokenizer=byte needs at least "
+                    f"{BYTE_VOCAB_SIZE}"]
+        return []
+    where = "tokenizer" if cfg.data.tokenizer is not None else "tokenizer (from hf_model)"
+    folder = Path(tok)
+    if not folder.is_dir():
+        return [f"{where}={tok}: not found (expected a Hugging Face tokenizer folder or 'byte')"]
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return [f"{where}={tok}: no tokenizer files in this folder (expected one of "
+                f"{', '.join(TOKENIZER_FILES)}); set tokenizer=FOLDER or tokenizer=byte"]
+    return []
+
+
+def attention_backend_problems(cfg: MswiftConfig) -> list[str]:
+    """Packed batches (the tokenized data pipeline with ``packing=true``) carry ``cu_seqlens``
+    and need a varlen backend; megatron-core's DotProductAttention (``local``) takes only padded
+    rows with a causal mask. The byte corpus has no samples to pack."""
+    if cfg.model.attention_backend != "local":
+        return []
+    if cfg.data.data_path:  # documents packed into rows: cu_seqlens only with reset_attention_mask
+        return (["attention_backend=local with reset_attention_mask=true: megatron-core's "
+                 "DotProductAttention cannot keep attention inside each document (cu_seqlens); "
+                 "use attention_backend=auto, torch or triton, or reset_attention_mask=false"]
+                if cfg.data.reset_attention_mask else [])
+    if not cfg.data.packing or tokenizer_path(cfg) == "byte":
+        return []
+    return ["attention_backend=local with packing=true: megatron-core's DotProductAttention "
+            "cannot keep attention inside packed samples (cu_seqlens); use attention_backend="
+            "auto, torch or triton (mswift's varlen attention), or packing=false (one padded "
+            "sample per row)"]
+
+
+def indexed_data_problems(cfg: MswiftConfig) -> list[str]:
+    """data_path's files, mode, tokenizer and split (mswift.train.indexed_data's check)."""
+    if not cfg.data.data_path:
+        return []
+    # That module imports torch; its check is plain file logic and could live here, so that
+    # data_path runs fail as fast as the others.
+    from mswift.train.indexed_data import check_indexed_data
+
+    try:
+        check_indexed_data(cfg)
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def checkpoint_problems(cfg: MswiftConfig) -> list[str]:
+    ckpt, problems = cfg.checkpoint, []
+    if ckpt.save_hf and cfg.model.hf_model is None:
+        problems.append("save_hf=true: needs hf_model (its config and tokenizer files)")
+    # load = save is the resume-if-there-is-one pattern (a first run finds nothing there yet);
+    # any other missing load folder is a typo that would silently start from scratch.
+    if ckpt.load and ckpt.load != ckpt.save and not Path(ckpt.load).exists():
+        problems.append(f"load={ckpt.load}: not found (expected a checkpoint folder)")
+    return problems
+
+
+# Checks of a config whose model section is filled from hf_model; add yours here.
+CHECKS: list[Callable[[MswiftConfig], list[str]]] = [
+    dataset_problems,
+    tokenizer_problems,
+    attention_backend_problems,
+    indexed_data_problems,
+    checkpoint_problems,
+]
+
+
+def filled_from_hf_model(cfg: MswiftConfig) -> tuple[MswiftConfig | None, list[str]]:
+    """``cfg`` with the model section read from ``hf_model``'s config.json, or the problems."""
+    from mswift.models.registry import apply_hf_model  # reads JSON only; no torch
+
+    hf_model = cfg.model.hf_model
+    if hf_model is not None and not (Path(hf_model) / "config.json").is_file():
+        what = "not found" if not Path(hf_model).exists() else "no config.json in this folder"
+        return None, [f"hf_model={hf_model}: {what} (expected a Hugging Face model folder)"]
+    try:
+        return apply_hf_model(cfg), []
+    except BridgeError as err:
+        return None, [f"hf_model={hf_model}: {problem}" for problem in err.problems]
+    except ConfigError as err:
+        return None, err.problems
+
+
+def run_problems(cfg: MswiftConfig, world_size: int) -> tuple[MswiftConfig, list[str]]:
+    """Every problem of the run: settings x files x layout; ``cfg`` filled from hf_model."""
+    filled, problems = filled_from_hf_model(cfg)
+    checked = filled or cfg
+    for check in CHECKS:
+        problems += check(checked)
+    if filled is not None:  # the layout needs the model's real shape
+        problems += layout_problems(filled, world_size)
+    return checked, problems
+
+
+def check_before_start(cfg: MswiftConfig, world_size: int) -> MswiftConfig:
+    """``cfg`` filled from hf_model; ConfigError listing every problem of the run."""
+    checked, problems = run_problems(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+    return checked

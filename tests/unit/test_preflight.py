@@ -1,0 +1,61 @@
+"""The up-front checks of a run: files, tokenizer, load, layout; no torch imported for them."""
+import json
+import subprocess
+import sys
+
+from mswift.config import load_config
+from mswift.train.preflight import run_problems
+
+EXAMPLE = "examples/tiny_llama_tp2.yaml"
+
+
+def problems(*overrides, world_size=2):
+    return run_problems(load_config(EXAMPLE, list(overrides)), world_size)[1]
+
+
+def test_the_example_passes_and_each_mistake_is_named(tmp_path):
+    assert problems() == []
+    (tmp_path / "model").mkdir()
+    (tmp_path / "tok").mkdir()
+    assert problems(f"hf_model={tmp_path / 'model'}") == [
+        f"hf_model={tmp_path / 'model'}: no config.json in this folder (expected a Hugging Face "
+        "model folder)"]
+    assert problems(f"tokenizer={tmp_path / 'tok'}", "dataset=[examples/data/tiny_corpus.txt]",
+                    "mode=sft") == [
+        f"tokenizer={tmp_path / 'tok'}: no tokenizer files in this folder (expected one of "
+        "tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json); set "
+        "tokenizer=FOLDER or tokenizer=byte"]
+    assert problems("vocab_size=200") == ["vocab_size=200: tokenizer=byte needs at least 256"]
+    assert problems("dataset=[]") == [
+        "dataset: expected at least one file or folder to train on (or data_path: indexed "
+        "PREFIX.bin/.idx files)"]
+
+
+def test_load_may_be_missing_only_when_it_is_save(tmp_path):
+    run = tmp_path / "run"
+    assert problems(f"save={run}", f"load={run}") == []
+    assert problems(f"save={run}", f"load={tmp_path / 'other'}") == [
+        f"load={tmp_path / 'other'}: not found (expected a checkpoint folder)"]
+
+
+def test_hf_model_config_fills_the_model_before_the_layout_is_judged(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 6,
+        "num_key_value_heads": 3, "vocab_size": 300, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
+    # the YAML's own model (4 heads, 2 groups) fits TP=2; the HF model's 3 groups do not
+    assert problems(f"hf_model={model}", world_size=2) == [
+        "tensor_model_parallel_size=2: must divide num_query_groups=3"]
+
+
+def test_the_command_line_checks_without_importing_torch():
+    code = ("import sys; import mswift.train.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'megatron', 'transformers', 'numpy'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
