@@ -77,11 +77,8 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
     """Train until ``train_iters`` (or a stop condition); returns this run's step metrics."""
     state = state or setup(cfg)
     cfg = state.cfg
-    data = IndexedTrainData(cfg) if cfg.data.data_path else TrainData(cfg, cfg.data.dataset)
-    _restore_data(data, getattr(state, "extra", {}))
-    evaluator = None
-    if cfg.training.eval_interval and (cfg.data.eval_dataset or cfg.data.data_path):
-        evaluator = Evaluator(cfg, data)
+    with phase("preparing the data", "data ready"):
+        data, evaluator = _prepare_data(cfg, state)
     control = StopControl(cfg.training)
     metrics = MetricsLog(cfg.checkpoint.save, state.iteration, cfg.training.train_iters,
                          cfg.training.log_interval)
@@ -117,6 +114,16 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
     finally:
         control.close()
         metrics.close()
+
+
+def _prepare_data(cfg: MswiftConfig, state: TrainState):
+    """The training data, positioned where ``state`` resumes, and the evaluator (or None)."""
+    data = IndexedTrainData(cfg) if cfg.data.data_path else TrainData(cfg, cfg.data.dataset)
+    _restore_data(data, getattr(state, "extra", {}))
+    evaluator = None
+    if cfg.training.eval_interval and (cfg.data.eval_dataset or cfg.data.data_path):
+        evaluator = Evaluator(cfg, data)
+    return data, evaluator
 
 
 def _one_step(cfg: MswiftConfig, state: TrainState, data: TrainData) -> dict:
