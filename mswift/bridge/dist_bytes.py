@@ -49,6 +49,7 @@ from mswift.bridge.byte_copy import (
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.legacy import read_iteration_dir
 from mswift.bridge.rules import FusedGateUp, WeightMap
+from mswift.bridge.safe_pickle import UnsafeCheckpointError, check_metadata_global
 from mswift.bridge.torch_file import (
     DRY_RUN,
     Built,
@@ -391,7 +392,7 @@ def read_metadata(ckpt: Path) -> dict[str, KeyInfo]:
     path = ckpt / METADATA
     try:
         data = path.read_bytes()
-        metadata = _state(unpickle_inert(data, str(path)), "Metadata")
+        metadata = _state(unpickle_inert(data, str(path), check_metadata_global), "Metadata")
         places = {}
         for index, info in (metadata.get("storage_data") or {}).items():
             index, info = _state(index, "MetadataIndex"), _state(info, "_StorageInfo")
@@ -421,6 +422,8 @@ def read_metadata(ckpt: Path) -> dict[str, KeyInfo]:
         return keys
     except OSError as err:
         raise BridgeError(f"{path}: cannot be read ({err.strerror})") from None
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable metadata gets the same message
         raise BridgeError(f"{path}: cannot be read as a torch_dist checkpoint "
                           f"({type(err).__name__}: {err})") from None

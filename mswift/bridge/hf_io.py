@@ -88,6 +88,11 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise BridgeError(f"{index}: not a safetensors index ({err!r})") from None
+            outside = sorted({repr(f) for f in weight_map.values() if not _inside_folder(f)})
+            if outside:
+                raise BridgeError([f"{index}: lists the file {f}, outside {self.dir} (expected "
+                                   "the name of a file in the model folder)" for f in outside],
+                                  headline="refused")
             missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
             if missing:
                 raise BridgeError([f"{self.dir / f}: listed in {INDEX} but not found"
@@ -198,13 +203,37 @@ class HFCheckpoint:
         return [[name, kind.name, list(shape)] for name, (shape, kind) in self._meta.items()]
 
 
-def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy every top-level non-weight file (config, tokenizer, ...) of ``src`` into ``dst``."""
-    copied = []
+def _inside_folder(name) -> bool:
+    """Whether an index's file name stays in the model folder (no absolute path, no ``..``)."""
+    return (isinstance(name, str) and name != "" and not os.path.isabs(name)
+            and ".." not in Path(name).parts and not Path(name).drive)
+
+
+def aux_files(src: str | Path) -> list[Path]:
+    """The top-level non-weight files of ``src`` (config, tokenizer, ...) that are copied along
+    with a model. A symbolic link among them is refused: copying it would put the file it points
+    to (anywhere on this machine) into a checkpoint or export that may be shared."""
+    files, links = [], []
     for path in sorted(Path(src).iterdir()):
-        if not path.is_file() or path.name in WEIGHT_INDEXES or path.suffix in WEIGHT_SUFFIXES:
+        if path.name in WEIGHT_INDEXES or path.suffix in WEIGHT_SUFFIXES:
             continue
-        shutil.copy2(path, Path(dst) / path.name)
+        if path.is_symlink() and not path.is_dir():
+            links.append(f"{path}: a symbolic link (to {os.readlink(path)}); the config and "
+                         "tokenizer files copied along with a model must be regular files in "
+                         "its folder (copy the file itself there, e.g. cp -L)")
+        elif path.is_file():
+            files.append(path)
+    if links:
+        raise BridgeError(links, headline="refused")
+    return files
+
+
+def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy every top-level non-weight file (config, tokenizer, ...) of ``src`` into ``dst``
+    (:func:`aux_files`: symbolic links are refused, never followed)."""
+    copied = []
+    for path in aux_files(src):
+        shutil.copy2(path, Path(dst) / path.name, follow_symlinks=False)
         copied.append(path.name)
     return copied
 

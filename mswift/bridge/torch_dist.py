@@ -81,10 +81,12 @@ def _finish(root: str | Path, iteration: int) -> None:
 
 
 def _read_dcp_metadata(ckpt: Path):
-    from torch.distributed.checkpoint import FileSystemReader
+    from mswift.bridge.safe_load import read_dcp_metadata
 
     try:
-        return FileSystemReader(str(ckpt)).read_metadata()
+        return read_dcp_metadata(ckpt)  # no pickle.load of an untrusted file
+    except BridgeError:
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable metadata gets the same message
         raise BridgeError(f"{ckpt}/.metadata: cannot be read as a torch_dist checkpoint "
                           f"({type(err).__name__}: {err})") from None
@@ -92,11 +94,11 @@ def _read_dcp_metadata(ckpt: Path):
 
 def load_torch_dist(chunks, root: str | Path) -> None:
     """Load the weights of a torch_dist checkpoint into this rank's chunks (any layout)."""
-    from megatron.core import dist_checkpointing
+    from mswift.bridge.safe_load import load_sharded
 
     ckpt = torch_dist_dir(root)
     state = _model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(state, str(ckpt))
+    loaded = load_sharded(state, ckpt)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks):
         chunk.load_state_dict(loaded[key], strict=True)
@@ -279,13 +281,13 @@ class TorchDistSource:
     hold every tensor (for conversions that change dtypes, where bytes cannot be copied)."""
 
     def __init__(self, checked):
-        from torch.distributed.checkpoint import FileSystemReader
+        from mswift.bridge.safe_load import SafeFileSystemReader
 
         self.wmap = checked.wmap
         self.ckpt = checked.ckpt
         self.pieces = checked.pieces
         self.metadata = _read_dcp_metadata(self.ckpt)
-        self.reader = FileSystemReader(str(self.ckpt))
+        self.reader = SafeFileSystemReader(self.ckpt)
         self.reader.set_up_storage_reader(self.metadata, True)
 
     def dtype(self, name: str) -> torch.dtype:

@@ -491,13 +491,17 @@ class _IndexUnpickler(pickle.Unpickler):
     _CLASSES: ClassVar[dict] = {("collections", "OrderedDict"): collections.OrderedDict,
                                 ("argparse", "Namespace"): argparse.Namespace}
 
-    def __init__(self, data: bytes, path: str, records: dict[str, tuple[int, int]]):
+    def __init__(self, data: bytes, path: str, records: dict[str, tuple[int, int]],
+                 check_global: Callable[[str, str, str], None] | None = None):
         super().__init__(io.BytesIO(data))
         self.path, self.zip_records = path, records
+        self.check_global = check_global
         self._records: dict[str, _Record] = {}
         self._opaque: dict[tuple[str, str], type] = {}
 
     def find_class(self, module, name):
+        if self.check_global is not None:
+            self.check_global(self.path, module, name)
         if (module, name) in self._CLASSES:
             return self._CLASSES[(module, name)]
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3"):
@@ -557,11 +561,13 @@ def _parameter_data(data, requires_grad, backward_hooks):
     return data
 
 
-def unpickle_inert(data: bytes, path: str) -> Any:
+def unpickle_inert(data: bytes, path: str,
+                   check_global: Callable[[str, str, str], None] | None = None) -> Any:
     """Unpickle ``data`` (read from ``path``, for messages) as :func:`load_index` does
     ``data.pkl``, for a pickle without tensors (PyTorch's checkpoint ``.metadata``): torch
-    dtypes become :class:`TorchGlobal`, objects of other classes inert :class:`Opaque`."""
-    return _IndexUnpickler(data, path, {}).load()
+    dtypes become :class:`TorchGlobal`, objects of other classes inert :class:`Opaque`.
+    ``check_global(path, module, name)`` may refuse a name (it raises) before it is used."""
+    return _IndexUnpickler(data, path, {}, check_global).load()
 
 
 def load_index(path: str | os.PathLike, start: int = 0, length: int | None = None) -> Any:

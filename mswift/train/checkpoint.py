@@ -19,6 +19,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from mswift.bridge.safe_load import load_common, load_sharded
 from mswift.runtime.mcore_fixes import init_empty_optimizer_state
 from mswift.train.builder import TrainState
 
@@ -173,7 +174,7 @@ def load_checkpoint(state: TrainState, root: str | Path, load_optim: bool = True
     RNG states are per rank: they are restored only when the world size is the one saved.
     """
     ckpt = read_tracker(root)
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    common = load_common(ckpt)  # torch.load(weights_only=True)
     extra = common.get("extra", {}) if isinstance(common, dict) else {}
     has_optim = isinstance(common, dict) and "opt_param_scheduler" in common
     if load_optim and not has_optim:
@@ -185,7 +186,7 @@ def load_checkpoint(state: TrainState, root: str | Path, load_optim: bool = True
     same_world = extra.get("world_size") == dist.get_world_size()
     if not (load_optim and load_rng and same_world):
         sd.pop("rng_state", None)
-    loaded = dist_checkpointing.load(sd, str(ckpt), strict=StrictHandling.RAISE_UNEXPECTED)
+    loaded = load_sharded(sd, ckpt, strict=StrictHandling.RAISE_UNEXPECTED)
     chunks = [ddp.module for ddp in state.model]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks):
