@@ -51,16 +51,18 @@ def _train(cfg, prog: str) -> int:
     from mswift.train.checkpoint import CheckpointError  # imports megatron-core
     from mswift.train.loop import TrainingStopped, run_training
 
+    # Every rank meets these problems alike (a checkpoint that does not fit, a non-finite
+    # step): rank 0 reports them, as the up-front checks do.
     try:
         run_training(cfg)
     except (ConfigError, BridgeError, LaunchEnvError) as err:
-        print(f"{prog}: {err}", file=sys.stderr)
+        report_once(f"{prog}: {err}")
         return 2
     except CheckpointError as err:
-        print(f"{prog}: cannot load the checkpoint: {err}", file=sys.stderr)
+        report_once(f"{prog}: cannot load the checkpoint: {err}")
         return 2
     except TrainingStopped as err:
-        print(f"{prog}: {err}", file=sys.stderr)
+        report_once(f"{prog}: {err}")
         return 1
     finally:
         from mswift.runtime import destroy_distributed
@@ -70,10 +72,10 @@ def _train(cfg, prog: str) -> int:
 
 
 def report_once(message: str, wait_s: float = 10.0) -> None:
-    """Print a problem every rank found before any process group exists, once per job.
+    """Print a problem every rank found, once per job.
 
-    There is no process group to agree on who speaks, so the launcher's rank decides: rank 0
-    prints at once. Other ranks wait ``wait_s`` first: when rank 0 found the same problem, its
+    Before any process group exists there is nothing to agree on who speaks with, so the
+    launcher's rank decides: rank 0 prints at once. Other ranks wait ``wait_s`` first: when rank 0 found the same problem, its
     exit makes the launcher (torchrun) stop them before they print; when only they found it
     (a file on a node-local disk), they print it after the wait, naming their rank.
     """
