@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None, prog: str = "mswift train") -> int:
         return 0
     # Settings, files, tokenizer and layout are checked before torch or megatron-core is
     # imported and before any process group exists: a mistake is reported in about a second.
+    # Warning filters that need no torch first (data_path's check imports megatron-core); the
+    # CPU-only ones in _train, where torch is imported anyway.
+    quiet_known_warnings(cuda=True)
     try:
         cfg = load_config(args.config, overrides)
         check_before_start(cfg, detect_launch_env().world_size)
