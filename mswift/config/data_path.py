@@ -72,3 +72,30 @@ def parse_split(text: str) -> list[float]:
                          "sum, train,valid,test (e.g. 969,30,1)")
     values += [0.0] * (3 - len(values))
     return [v / sum(values) for v in values]
+
+
+def indexed_data_problems(cfg) -> list[str]:
+    """Everything about ``data_path`` that can be wrong before anything starts (plain file and
+    config logic, no torch): missing PREFIX.bin / PREFIX.idx, mode, tokenizer, an empty valid
+    split to evaluate. ``cfg`` is an MswiftConfig whose data section has parsed."""
+    import os
+
+    d, problems = cfg.data, []
+    if not d.data_path:
+        return []
+    prefixes, _ = parse_data_path(d.data_path)
+    for prefix in prefixes:
+        missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            problems.append(f"data_path: {' and '.join(missing)} not found (expected the "
+                            "PREFIX that mswift preprocess --output-prefix wrote)")
+    if cfg.training.mode != "pt":
+        problems.append(f"data_path with mode={cfg.training.mode}: indexed files are "
+                        "pre-training data; use mode=pt (or dataset=... for sft)")
+    if (d.tokenizer or cfg.model.hf_model or "byte") == "byte":
+        problems.append("data_path: needs the Hugging Face tokenizer the files were written "
+                        "with (tokenizer=DIR, or hf_model)")
+    if cfg.training.eval_interval and parse_split(d.split)[1] == 0:
+        problems.append(f"eval_interval={cfg.training.eval_interval} with split={d.split!r}: "
+                        "the valid part is empty; give it a weight (e.g. 969,30,1)")
+    return problems

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from mswift.config.data_path import parse_data_path, parse_split
+from mswift.config.data_path import indexed_data_problems, parse_data_path
 from mswift.config.schema import ConfigError, MswiftConfig
 from mswift.train.data import num_micro_batches, tokenizer_path
 
@@ -29,24 +29,8 @@ DEFAULT_CACHE = ("cache", "GPTDataset_indices")
 
 
 def check_indexed_data(cfg: MswiftConfig) -> None:
-    """Everything about ``data_path`` that can be wrong, reported at once before anything
-    starts: missing PREFIX.bin / PREFIX.idx, mode, tokenizer, an empty valid split to evaluate."""
-    d, problems = cfg.data, []
-    prefixes, _ = parse_data_path(d.data_path)  # the schema has checked that it parses
-    for prefix in prefixes:
-        missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-        if missing:
-            problems.append(f"data_path: {' and '.join(missing)} not found (expected the "
-                            "PREFIX that mswift preprocess --output-prefix wrote)")
-    if cfg.training.mode != "pt":
-        problems.append(f"data_path with mode={cfg.training.mode}: indexed files are "
-                        "pre-training data; use mode=pt (or dataset=... for sft)")
-    if tokenizer_path(cfg) == "byte":
-        problems.append("data_path: needs the Hugging Face tokenizer the files were written "
-                        "with (tokenizer=DIR, or hf_model)")
-    if cfg.training.eval_interval and parse_split(d.split)[1] == 0:
-        problems.append(f"eval_interval={cfg.training.eval_interval} with split={d.split!r}: "
-                        "the valid part is empty; give it a weight (e.g. 969,30,1)")
+    """ConfigError with every data_path problem (mswift.config.data_path.indexed_data_problems)."""
+    problems = indexed_data_problems(cfg)
     if problems:
         raise ConfigError(problems)
 

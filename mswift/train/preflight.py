@@ -80,17 +80,9 @@ def attention_backend_problems(cfg: MswiftConfig) -> list[str]:
 
 def indexed_data_problems(cfg: MswiftConfig) -> list[str]:
     """data_path's files, mode, tokenizer and split (mswift.train.indexed_data's check)."""
-    if not cfg.data.data_path:
-        return []
-    # That module imports torch; its check is plain file logic and could live here, so that
-    # data_path runs fail as fast as the others.
-    from mswift.train.indexed_data import check_indexed_data
+    from mswift.config.data_path import indexed_data_problems as problems  # no torch
 
-    try:
-        check_indexed_data(cfg)
-    except ConfigError as err:
-        return err.problems
-    return []
+    return problems(cfg)
 
 
 def checkpoint_problems(cfg: MswiftConfig) -> list[str]:
