@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None, prog: str = "mswift train") -> int:
         return 0
     # Settings, files, tokenizer and layout are checked before torch or megatron-core is
     # imported and before any process group exists: a mistake is reported in about a second.
-    # Warning filters that need no torch first (data_path's check imports megatron-core); the
+    # Warning filters that need no torch first (in case a check imports megatron-core); the
     # CPU-only ones in _train, where torch is imported anyway.
     quiet_known_warnings(cuda=True)
     try:
