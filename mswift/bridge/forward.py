@@ -1,29 +1,22 @@
-"""Logits of a sharded megatron-core model for a batch of tokens, through megatron-core's own
-pipeline schedules (no pipelining, 1F1B or interleaved), as training runs it."""
+"""Logits and loss of a sharded megatron-core model for a batch of tokens, through megatron-core's
+own pipeline schedules (no pipelining, 1F1B or interleaved), as training runs it."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
 
-def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-    """fp32 logits ``[batch, seq, vocab_size]`` (padding rows cut) on last-stage ranks, else None.
-
-    Each sequence is one micro-batch; logits are gathered over tensor parallelism.
-    """
+def _forward_only(chunks, micro_batches: list, seq: int, call) -> list | None:
+    """``call(model, micro_batch)`` on every micro-batch through megatron-core's forward-only
+    schedule; its outputs on last-stage ranks, else None."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    batch, seq = tokens.shape
-    micro_batches = [tokens[i: i + 1] for i in range(batch)]
-    positions = torch.arange(seq).unsqueeze(0)
-
-    def keep_logits(output, non_loss_data=False):
+    def keep_output(output, non_loss_data=False):
         return output
 
     def forward_step(data_iterator, model):
-        output = model(next(data_iterator), positions, None, runtime_gather_output=True)
-        return output, keep_logits
+        return call(model, next(data_iterator)), keep_output
 
     iterators = [iter(micro_batches) for _ in chunks]
     for chunk in chunks:
@@ -33,15 +26,41 @@ def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> torch.Tens
             forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=chunks,
-            num_microbatches=batch,
+            num_microbatches=len(micro_batches),
             seq_length=seq,
             micro_batch_size=1,
             forward_only=True,
             collect_non_loss_data=True,
         )
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    return outputs if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+
+
+def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """fp32 logits ``[batch, seq, vocab_size]`` (padding rows cut) on last-stage ranks, else None.
+
+    Each sequence is one micro-batch; logits are gathered over tensor parallelism.
+    """
+    batch, seq = tokens.shape
+    positions = torch.arange(seq).unsqueeze(0)
+    outputs = _forward_only(chunks, [tokens[i: i + 1] for i in range(batch)], seq,
+                            lambda model, t: model(t, positions, None, runtime_gather_output=True))
+    if outputs is None:
         return None
     return torch.cat(outputs)[..., :vocab_size].float()  # [batch, seq, vocab]
+
+
+def megatron_loss(chunks, tokens: torch.Tensor) -> float | None:
+    """The model's own next-token loss of ``tokens`` (megatron-core's vocab-parallel cross
+    entropy, as training computes it), mean per token, on last-stage ranks, else None."""
+    batch, seq = tokens.shape
+    positions = torch.arange(seq).unsqueeze(0)
+    labels = torch.roll(tokens, -1, dims=1)  # the last position's label is not counted
+    micro_batches = [(tokens[i: i + 1], labels[i: i + 1]) for i in range(batch)]
+    outputs = _forward_only(chunks, micro_batches, seq,
+                            lambda model, b: model(b[0], positions, None, labels=b[1]))
+    if outputs is None:
+        return None
+    return torch.cat(outputs)[:, :-1].double().mean().item()  # [batch, seq] per-token losses
 
 
 def gather_to_rank0(tensor: torch.Tensor | None) -> torch.Tensor | None:

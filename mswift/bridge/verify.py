@@ -72,16 +72,22 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(flat, tokens[:, 1:].reshape(-1)).item()
 
 
-def compare(logits: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor) -> dict:
+def compare(logits: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor,
+            model_loss: float) -> dict:
+    """Logit and loss differences; ``model_loss`` is the megatron model's own loss (its
+    vocab-parallel cross entropy over the padded vocabulary), the others come from logits cut
+    to the real vocabulary."""
     diff = (logits - reference).abs()
     loss, ref_loss = next_token_loss(logits, tokens), next_token_loss(reference, tokens)
+    loss_diff = max(abs(loss - ref_loss), abs(model_loss - ref_loss))
     return {
         "max_abs_diff": diff.max().item(),
         "mean_abs_diff": diff.mean().item(),
         "argmax_agreement": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
         "loss": loss,
+        "model_loss": model_loss,
         "reference_loss": ref_loss,
-        "loss_diff": abs(loss - ref_loss),
+        "loss_diff": loss_diff,
     }
 
 
@@ -126,9 +132,9 @@ def _load_weights(chunks, hf, mcore_dir, wmap) -> None:
         raise BridgeError(f"--mcore-dir {mcore_dir}: neither a torch_dist nor a legacy checkpoint")
 
 
-def megatron_side(args, hf, layout, tokens) -> torch.Tensor | None:
-    """The megatron logits, on rank 0 (None elsewhere)."""
-    from mswift.bridge.forward import gather_to_rank0, megatron_logits
+def megatron_side(args, hf, layout, tokens) -> tuple[torch.Tensor, float] | None:
+    """The megatron logits and the model's own loss, on rank 0 (None elsewhere)."""
+    from mswift.bridge.forward import gather_to_rank0, megatron_logits, megatron_loss
     from mswift.bridge.layout import build_chunks, launch_world_size
 
     seq = tokens.shape[1]
@@ -138,7 +144,10 @@ def megatron_side(args, hf, layout, tokens) -> torch.Tensor | None:
     run_hf = dataclasses.replace(hf, model=model)
     chunks = build_chunks(run_hf.run_config(layout, seq_length=seq))
     _load_weights(chunks, hf, args.mcore_dir, run_hf.weight_map(padded))
-    return gather_to_rank0(megatron_logits(chunks, tokens, hf.model.vocab_size))
+    logits = gather_to_rank0(megatron_logits(chunks, tokens, hf.model.vocab_size))
+    loss = megatron_loss(chunks, tokens)
+    loss = gather_to_rank0(None if loss is None else torch.tensor([loss], dtype=torch.float32))
+    return None if logits is None else (logits, loss.item())
 
 
 def report(stats: dict, layout, tol: float) -> str:
@@ -148,7 +157,7 @@ def report(stats: dict, layout, tol: float) -> str:
             f"  mean abs logit diff  {stats['mean_abs_diff']:.3e}\n"
             f"  argmax agreement     {stats['argmax_agreement'] * 100:.2f}%\n"
             f"  loss megatron / HF   {stats['loss']:.6f} / {stats['reference_loss']:.6f} "
-            f"(diff {stats['loss_diff']:.3e})")
+            f"(model's own loss {stats['model_loss']:.6f}; max diff {stats['loss_diff']:.3e})")
 
 
 def run_verify(args) -> int:
@@ -160,10 +169,11 @@ def run_verify(args) -> int:
     if args.sequence_parallel and args.tp > 1:
         layout = dataclasses.replace(layout, sequence_parallel=True)
     tokens = read_tokens(args.tokens_file, hf.model.vocab_size, args.batch, args.seq_len)
-    logits = megatron_side(args, hf, layout, tokens)
+    megatron = megatron_side(args, hf, layout, tokens)
     code = torch.zeros(1, dtype=torch.long)
-    if logits is not None:  # rank 0
-        stats = compare(logits, hf_reference_logits(args.hf_dir, tokens), tokens)
+    if megatron is not None:  # rank 0
+        logits, model_loss = megatron
+        stats = compare(logits, hf_reference_logits(args.hf_dir, tokens), tokens, model_loss)
         print(report(stats, layout, args.tol), flush=True)
         if args.dump_logits:
             torch.save(logits, args.dump_logits)

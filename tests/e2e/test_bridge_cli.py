@@ -8,6 +8,7 @@ also run once as a subprocess, exactly as documented.
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,12 @@ def test_verify_passes_under_torchrun_and_dumps_logits(hf, tmp_path):
     logits = torch.load(dump)
     reference = hf_logits(src, torch.tensor(tokens))
     assert logits.shape == (2, 12, 250) and (logits - reference).abs().max() <= 1e-4
+    # The model's own loss (vocab-parallel cross entropy over 256 rows at TP2) is transformers'
+    # loss over the 250 real ids: the 6 padded rows stay out of the softmax.
+    own = float(re.search(r"model's own loss ([0-9.]+)", proc.stdout).group(1))
+    want = torch.nn.functional.cross_entropy(reference[:, :-1].reshape(-1, 250),
+                                             torch.tensor(tokens)[:, 1:].reshape(-1)).item()
+    assert abs(own - want) <= 1e-5 * want, (own, want)
 
 
 def test_verify_fails_a_corrupted_checkpoint(hf, tmp_path):
