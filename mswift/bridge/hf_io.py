@@ -209,18 +209,30 @@ def _inside_folder(name) -> bool:
             and ".." not in Path(name).parts and not Path(name).drive)
 
 
+def _safe_link(link: Path, folder: Path) -> bool:
+    """Whether a symbolic link among a model's files points where a model's own files live: into
+    its folder, or (the Hugging Face hub cache, ``models--org--name/snapshots/<rev>/file ->
+    ../../blobs/<hash>``) into the ``blobs`` folder of the same cached repository."""
+    target, folder = link.resolve(), folder.resolve()
+    if target.is_relative_to(folder):
+        return True
+    return folder.parent.name == "snapshots" and target.parent == folder.parent.parent / "blobs"
+
+
 def aux_files(src: str | Path) -> list[Path]:
     """The top-level non-weight files of ``src`` (config, tokenizer, ...) that are copied along
-    with a model. A symbolic link among them is refused: copying it would put the file it points
-    to (anywhere on this machine) into a checkpoint or export that may be shared."""
+    with a model. A symbolic link among them is refused unless it points into the model folder
+    or, for a Hugging Face hub cache snapshot, into the cached repository's ``blobs``: copying
+    another link would put the file it points to (anywhere on this machine) into a checkpoint
+    or export that may be shared."""
     files, links = [], []
     for path in sorted(Path(src).iterdir()):
         if path.name in WEIGHT_INDEXES or path.suffix in WEIGHT_SUFFIXES:
             continue
-        if path.is_symlink() and not path.is_dir():
-            links.append(f"{path}: a symbolic link (to {os.readlink(path)}); the config and "
-                         "tokenizer files copied along with a model must be regular files in "
-                         "its folder (copy the file itself there, e.g. cp -L)")
+        if path.is_symlink() and not path.is_dir() and not _safe_link(path, Path(src)):
+            links.append(f"{path}: a symbolic link to {os.readlink(path)}, outside the model "
+                         "folder; the config and tokenizer files copied along with a model must "
+                         "be its own files (copy the file itself there, e.g. cp -L)")
         elif path.is_file():
             files.append(path)
     if links:
@@ -230,10 +242,10 @@ def aux_files(src: str | Path) -> list[Path]:
 
 def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy every top-level non-weight file (config, tokenizer, ...) of ``src`` into ``dst``
-    (:func:`aux_files`: symbolic links are refused, never followed)."""
+    (:func:`aux_files`: links out of the model's own files are refused)."""
     copied = []
     for path in aux_files(src):
-        shutil.copy2(path, Path(dst) / path.name, follow_symlinks=False)
+        shutil.copy2(path, Path(dst) / path.name)  # a link's content, never the link
         copied.append(path.name)
     return copied
 

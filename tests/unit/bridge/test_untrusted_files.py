@@ -116,3 +116,22 @@ def test_a_symlinked_tokenizer_file_is_refused(converted, tmp_path):
     with pytest.raises(BridgeError, match=rf"{hf / 'tokenizer.json'}: a symbolic link"):
         hf_to_mcore(hf, tmp_path / "mcore", "torch_dist", progress=False)
     assert not (tmp_path / "mcore").exists() and not (tmp_path / "mcore.tmp").exists()
+
+
+def test_a_hugging_face_cache_snapshot_converts(converted, tmp_path):
+    # The hub cache keeps each file once in blobs/ and links it from snapshots/<rev>/: those
+    # links are the model's own files, so a snapshot folder converts (copies of the content).
+    repo = tmp_path / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, path in enumerate(sorted(converted[0].iterdir())):
+        shutil.copy(path, blobs / f"blob{i}")
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    out = hf_to_mcore(snapshot, tmp_path / "mcore", "torch_dist", progress=False)
+    back = mcore_to_hf(out, tmp_path / "back", progress=False)
+    assert not (Path(back) / "config.json").is_symlink()
+    assert (Path(back) / "config.json").read_bytes() == (converted[0] / "config.json").read_bytes()
+    original, returned = all_tensors(converted[0]), all_tensors(Path(back))
+    assert original.keys() == returned.keys()
+    assert all(torch.equal(original[k], returned[k]) for k in original)
