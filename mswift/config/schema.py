@@ -289,7 +289,8 @@ class TrainingConfig(_Section):
         None, "samples per step; None = micro x data-parallel")
     lr: float = setting(3e-4, "peak learning rate (0 = no update: e.g. a load/export dry run)")
     min_lr: float = setting(0.0, "learning rate at the end of the decay")
-    lr_warmup_iters: int = setting(0, "steps of linear warmup to lr")
+    lr_warmup_iters: int = setting(
+        0, "steps of linear warmup to lr: step k at lr * k / lr_warmup_iters (step 1 above 0)")
     lr_decay_style: str = choice("cosine", ("constant", "linear", "cosine"),
                                  "learning-rate decay after warmup")
     lr_decay_iters: Optional[int] = setting(None, "steps over which lr decays; None = train_iters")
@@ -319,7 +320,8 @@ class TrainingConfig(_Section):
     nonfinite_policy: str = choice("skip", ("skip", "stop"), "on a non-finite step")
     max_skipped_steps: int = positive(5, "non-finite steps in a row before stopping")
     eval_interval: Optional[int] = setting(
-        None, "evaluate eval_dataset every N steps (and at the end)")
+        None, "evaluate eval_dataset at step 0 (before training; not on resume) and every N "
+        "steps")
     eval_iters: int = positive(1, "global batches per evaluation")
 
     def extra_problems(self):
