@@ -7,8 +7,8 @@ the padded rows must stay out of the softmax for the losses to agree. The data i
 (chat rows of different lengths, several per THD sequence, loss on the assistant tokens), read
 through mswift's own data pipeline. Layouts sharing a world size run one after another in one
 group of ranks. The data stream depends on the data-parallel size, so each layout is compared
-with a reference of the same data-parallel size: TP=1 on one rank for the dense layouts
-(all DP=1), TP=1/EP=1 on two ranks (DP=2) for the MoE layouts (EP is carved out of DP).
+with a TP=1 reference of the same data-parallel size (EP is carved out of DP: EP=2 on two ranks
+is DP=2), and each reference's step 1 with transformers on every data-parallel rank's samples.
 """
 import json
 from pathlib import Path
@@ -35,11 +35,19 @@ SFT = ["mode=sft", "seq_length=128", "micro_batch_size=1", "global_batch_size=4"
 REL_TOL = 1e-5
 
 TP2 = ["tensor_model_parallel_size=2"]
-DENSE_WORLD2 = {"tp2": TP2, "tp2-sp": TP2 + ["sequence_parallel=true"],
-                "pp2": ["pipeline_model_parallel_size=2"]}  # 1F1B, 4 micro-batches
-DENSE_WORLD4 = {"tp2-pp2": TP2 + ["pipeline_model_parallel_size=2"]}
-MOE_WORLD2 = {"ep2": ["expert_model_parallel_size=2"]}
-MOE_WORLD4 = {"tp2-ep2": TP2 + ["sequence_parallel=true", "expert_model_parallel_size=2"]}
+SP = ["sequence_parallel=true"]
+# References: TP=1 runs, one per (model, data-parallel size); world size -> runs.
+REFERENCES = {"dense-dp1": ("dense", 1), "moe-dp1": ("moe", 1), "moe-dp2": ("moe", 2)}
+# name: (model, world size, reference, layout overrides)
+LAYOUTS = {
+    "tp2": ("dense", 2, "dense-dp1", TP2),
+    "tp2-sp": ("dense", 2, "dense-dp1", TP2 + SP),
+    "pp2": ("dense", 2, "dense-dp1", ["pipeline_model_parallel_size=2"]),  # 1F1B, 4 micro-b.
+    "tp2-pp2": ("dense", 4, "dense-dp1", TP2 + ["pipeline_model_parallel_size=2"]),
+    "moe-ep2": ("moe", 2, "moe-dp2", ["expert_model_parallel_size=2"]),
+    "moe-tp2-ep2": ("moe", 4, "moe-dp2", TP2 + SP + ["expert_model_parallel_size=2"]),
+    "moe-tp2-sp-pp2": ("moe", 4, "moe-dp1", TP2 + SP + ["pipeline_model_parallel_size=2"]),
+}
 
 
 def write_short_chats(path: Path) -> Path:
@@ -123,22 +131,20 @@ def train_layouts(models: dict, data: str, runs: list) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(hf_dirs):
-    """Every layout's results by name (a list: one entry per rank)."""
+    """Every run's results by name (a list: one entry per rank); one group of ranks per world
+    size runs its layouts one after another."""
     models, data = hf_dirs
-    groups = {  # world size -> (model, name, layout overrides, capture step-1 batches)
-        1: [("dense", "dense-tp1", [], True)],
-        2: [("moe", "moe-tp1", [], True)]
-        + [("dense", k, v, False) for k, v in DENSE_WORLD2.items()]
-        + [("moe", k, v, False) for k, v in MOE_WORLD2.items()],
-        4: [("dense", k, v, False) for k, v in DENSE_WORLD4.items()]
-        + [("moe", k, v, False) for k, v in MOE_WORLD4.items()],
-    }
+    groups = {}  # world size -> [(name, model, layout overrides, capture step-1 batches)]
+    for name, (model, world) in REFERENCES.items():
+        groups.setdefault(world, []).append((name, model, [], True))
+    for name, (model, world, _, layout) in LAYOUTS.items():
+        groups.setdefault(world, []).append((name, model, layout, False))
     out = {}
-    for world, group in groups.items():
+    for world, group in sorted(groups.items()):
         per_rank = run_ranks(world, train_layouts, models, data,
-                             [(model, layout, capture) for model, _, layout, capture in group],
+                             [(model, layout, capture) for _, model, layout, capture in group],
                              timeout=600)
-        for i, (_, name, _, _) in enumerate(group):
+        for i, (name, _, _, _) in enumerate(group):
             out[name] = [rank_results[i] for rank_results in per_rank]
     return out
 
@@ -175,26 +181,24 @@ def assert_same_losses(got, want, what):
         assert abs(g - w) <= REL_TOL * abs(w), f"{what}, step {step}: loss {g!r} vs {w!r}"
 
 
-@pytest.mark.parametrize("model", ["dense", "moe"])
-def test_step1_loss_is_transformers_loss(hf_dirs, runs, model):
-    reference = runs[f"{model}-tp1"]
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_step1_loss_is_transformers_loss(hf_dirs, runs, name):
+    reference = runs[name]
     batches = [b for rank in reference for b in rank["batches"]]  # every data-parallel rank
-    want = transformers_loss(hf_dirs[0][model], batches)
+    want = transformers_loss(hf_dirs[0][REFERENCES[name][0]], batches)
     got = reference[0]["losses"][0]
     assert abs(got - want) <= REL_TOL * want, f"mswift {got!r} vs transformers {want!r}"
     assert reference[0]["losses"][-1] < got, "the loss did not fall"
 
 
-@pytest.mark.parametrize("model,name", [("dense", n) for n in (*DENSE_WORLD2, *DENSE_WORLD4)]
-                         + [("moe", n) for n in (*MOE_WORLD2, *MOE_WORLD4)])
-def test_layout_matches_tp1(runs, model, name):
-    want = runs[f"{model}-tp1"][0]["losses"]
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_tp1(runs, name):
+    want = runs[LAYOUTS[name][2]][0]["losses"]
     for rank, result in enumerate(runs[name]):  # every rank reports the same global loss
         assert_same_losses(result["losses"], want, f"{name} rank {rank}")
 
 
-@pytest.mark.parametrize("name", ["dense-tp1", "moe-tp1", *DENSE_WORLD2, *DENSE_WORLD4,
-                                  *MOE_WORLD2, *MOE_WORLD4])
+@pytest.mark.parametrize("name", [*REFERENCES, *LAYOUTS])
 def test_padded_vocabulary_rows_stay_zero(runs, name):
     """Padded embedding / output rows: zero after 5 steps of Adam with weight decay, and their
     last gradients exactly zero (on the ranks that hold them)."""
