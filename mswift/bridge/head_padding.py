@@ -116,22 +116,24 @@ def unpad_hf_dir(hf_dir: str | Path) -> dict | None:
     if record is None:
         return None
     shards = sorted(hf_dir.glob("*.safetensors"))
-    sizes, problems = {}, []
+    problems = []  # every shard is checked before any is rewritten
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                _split_padding(name, f.get_tensor(name), record, shard, problems)
+    if problems:
+        raise BridgeError(problems, headline=UNPAD_HEADLINE)
+    total_size = 0
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
             metadata = f.metadata()
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        for name, tensor in tensors.items():
-            tensors[name] = _drop_padding(name, tensor, record, shard, problems)
-            sizes[name] = tensors[name].numel() * tensors[name].element_size()
-        if problems:
-            continue
+            tensors = {name: _split_padding(name, f.get_tensor(name), record, shard, problems)
+                       for name in f.keys()}
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
         tmp = shard.with_name(shard.name + ".partial")
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, shard)
-    if problems:
-        raise BridgeError(problems, headline=UNPAD_HEADLINE)
-    _rewrite_config_and_index(hf_dir, record, sum(sizes.values()))
+    _rewrite_config_and_index(hf_dir, record, total_size)
     (hf_dir / PADDING_FILE).unlink()
     return record
 
@@ -157,22 +159,23 @@ def unpad_hf_dir_on_rank0(hf_dir: str | Path) -> dict | None:
     return outcome[0]
 
 
-def _drop_padding(name: str, tensor, record: dict, shard: Path, problems: list):
+def _split_padding(name: str, tensor, record: dict, shard: Path, problems: list):
+    """``tensor`` without its padded heads (as it is if it has none); what is wrong with the
+    padding is added to ``problems``."""
     rule = _head_rule(name)
     if rule is None:
         return tensor
     axis, count = rule
-    keep = record["original"][count] * record["head_dim"]
-    want = record["padded"][count] * record["head_dim"]
+    original, padded = record["original"][count], record["padded"][count]
+    keep, want = original * record["head_dim"], padded * record["head_dim"]
     if tensor.shape[axis] != want:
         problems.append(f"{shard.name}: {name} has {tensor.shape[axis]} rows/columns on axis "
-                        f"{axis}, expected {want} ({record['padded'][count]} padded heads)")
+                        f"{axis}, expected {want} ({padded} heads of {record['head_dim']})")
         return tensor
     real, padding = tensor.split([keep, want - keep], dim=axis)
     if padding.any():
         problems.append(f"{shard.name}: {name}: {int((padding != 0).sum())} non-zero values in "
-                        f"the padded heads ({count} {record['original'][count]}..."
-                        f"{record['padded'][count] - 1})")
+                        f"the padded heads {original}..{padded - 1} ({count})")
     return real.contiguous()
 
 
