@@ -7,7 +7,8 @@
     mswift convert hf-to-mcore|mcore-to-hf|reshard ...   (the same options)
 
 Each runs as one process or under torchrun. A mistake in the input ends the run with exit code
-2 and one message listing every problem; nothing is left at ``--out``.
+2 and one message listing every problem; nothing is left at ``--out``. An ``--out`` that exists
+(even an empty folder), or a stale ``OUT.tmp``, is refused the same way and left as it is.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def hf_to_mcore_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="HF model directory -> megatron "
                                      "checkpoint (torch_dist, reshardable; or legacy per-rank).")
     parser.add_argument("--hf-dir", required=True, help="HF model dir: config.json + safetensors")
-    parser.add_argument("--out", required=True, help="new checkpoint directory")
+    parser.add_argument("--out", required=True, help="new checkpoint directory (must not exist)")
     parser.add_argument("--format", default="torch_dist", choices=("torch_dist", "legacy"))
     _layout_options(parser)
     parser.add_argument("--etp", type=positive_int, default=None,
@@ -72,7 +73,7 @@ def mcore_to_hf_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="megatron checkpoint (torch_dist or "
                                      "legacy) -> HF model directory.")
     parser.add_argument("--mcore-dir", required=True, help="checkpoint root (with the tracker)")
-    parser.add_argument("--out", required=True, help="new HF model directory")
+    parser.add_argument("--out", required=True, help="new HF model directory (must not exist)")
     parser.add_argument("--hf-dir", default=None, help="HF dir giving config.json + tokenizer "
                         "(default: the copy a converted checkpoint carries in hf/)")
     parser.add_argument("--max-shard-size", type=_size, default=None,
@@ -84,7 +85,7 @@ def reshard_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="legacy checkpoint at one TP/PP/EP "
                                      "layout -> the same weights at another.")
     parser.add_argument("--mcore-dir", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="new checkpoint directory (must not exist)")
     _layout_options(parser, required=True)
     parser.add_argument("--vpp", type=positive_int, default=None,
                         help="virtual pipeline stages per rank in the output")

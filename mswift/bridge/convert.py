@@ -2,9 +2,11 @@
 
 Every tool checks all of its input first (config.json, tensor names and shapes, the layout) and
 then writes into ``OUT.tmp``, renamed to ``OUT`` only when complete; on any error the partial
-folder is removed. A megatron output carries what the way back needs: ``OUT/hf/`` (config.json,
-generation_config.json, tokenizer files, ...) and ``OUT/mswift_bridge.json`` (format, layout,
-padded vocabulary, and every HF tensor's name, dtype and shape in the original order).
+folder is removed. An existing ``OUT`` (even an empty folder) or ``OUT.tmp`` is refused, never
+deleted or written over. A megatron output carries what the way back needs: ``OUT/hf/``
+(config.json, generation_config.json, tokenizer files, ...) and ``OUT/mswift_bridge.json``
+(format, layout, padded vocabulary, and every HF tensor's name, dtype and shape in the
+original order).
 
 Every conversion streams: it holds about one tensor at a time, whatever the model size. Legacy
 conversions need no process group: one process writes or reads every rank file (under torchrun
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -83,23 +86,38 @@ def barrier() -> None:
         dist.barrier()
 
 
+def staging_dir(out: Path) -> Path:
+    """Where a conversion writes before its output is complete: ``OUT.tmp``."""
+    return out.with_name(out.name + ".tmp")
+
+
 def check_new_output(out: Path, sources: list[Path]) -> None:
+    """Refuse an ``--out`` that exists (even empty) or whose ``OUT.tmp`` does: a conversion
+    never deletes or writes over what it did not make in this run."""
     problems = []
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        problems.append(f"--out {out}: already exists; remove it or choose another path")
     for src in sources:
         if out.resolve() == src.resolve():
             problems.append(f"--out {out}: is the input directory")
+    if not problems and os.path.lexists(out):
+        problems.append(f"--out {out}: already exists and is not written over; remove it or "
+                        "choose another path")
+    tmp = staging_dir(out)
+    if os.path.lexists(tmp):
+        problems.append(f"--out {out}: {tmp} exists (left by a conversion that stopped, or "
+                        "not ours) and is not deleted; remove it or choose another path")
     if problems:
         raise BridgeError(problems)
 
 
 @contextlib.contextmanager
 def staged_output(out: Path):
-    """Yield ``OUT.tmp`` to write into; rename it to ``OUT`` on success, remove it on error."""
-    tmp = out.with_name(out.name + ".tmp")
+    """Yield ``OUT.tmp`` to write into; rename it to ``OUT`` on success, remove it on error.
+
+    :func:`check_new_output` has refused an existing ``OUT`` or ``OUT.tmp``, so the folder
+    removed on error is the one this run made."""
+    tmp = staging_dir(out)
+    barrier()  # every rank has checked --out before rank 0 makes OUT.tmp
     if rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that crashed
         tmp.mkdir(parents=True)
     barrier()
     try:
@@ -110,8 +128,9 @@ def staged_output(out: Path):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rank() == 0:
-        if out.exists():
-            out.rmdir()  # empty (checked before)
+        if os.path.lexists(out):
+            raise BridgeError(f"--out {out}: appeared while converting and is not written "
+                              f"over; the finished conversion is in {tmp}")
         tmp.rename(out)
 
 

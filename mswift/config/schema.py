@@ -341,16 +341,21 @@ class TrainingConfig(_Section):
 class CheckpointConfig(_Section):
     """Saving and resuming (megatron-core's reshardable torch_dist format)."""
 
+    # A save folder that holds another run's checkpoints or metrics.jsonl is refused before
+    # start unless load names the same folder (mswift.train.save_dir).
     save: Optional[str] = setting(None, "directory for checkpoints; None = do not save")
-    load: Optional[str] = setting(None, "checkpoint directory to start from")
+    load: Optional[str] = setting(
+        None, "checkpoint directory to start from; load = save resumes that run")
     save_interval: Optional[int] = setting(
         None, "save every N steps (and at the end when save is set)")
     ckpt_format: str = choice("torch_dist", ("torch_dist",), "checkpoint format")
     no_load_optim: bool = setting(False, "load weights only: fresh optimizer (fine-tuning)")
     no_load_rng: bool = setting(False, "do not restore the random state from load")
-    # Keep the newest N checkpoints under save (older ones are deleted after a newer one is
-    # complete); None keeps all.
-    save_total_limit: Optional[int] = setting(None, "keep the newest N checkpoints; None = all")
+    # Keep the newest N of the checkpoints this run saved under save (older ones are deleted
+    # after a newer one is complete; a checkpoint it did not save is never deleted); None keeps
+    # all.
+    save_total_limit: Optional[int] = setting(
+        None, "keep the newest N checkpoints this run saved; None = all")
     # At the end of training also write the model as HF safetensors to SAVE/hf (needs hf_model:
     # its config and tokenizer files are copied along).
     save_hf: bool = setting(False, "also write SAVE/hf as HF safetensors at the end")

@@ -4,6 +4,7 @@ Layout (Megatron-LM's): ``SAVE/iter_0000010/`` holds one checkpoint, ``SAVE/
 latest_checkpointed_iteration.txt`` names the newest complete one. A checkpoint is written to
 ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, then the tracker is replaced
 atomically, so a crash mid-save never leaves a half-written checkpoint where a load looks.
+What a save may write over or delete in ``SAVE`` is decided by :mod:`mswift.train.save_dir`.
 Model weights, optimizer state and the LR schedule are sharded tensors/objects that
 megatron-core reshards on load, so a run saved at one TP/PP/EP layout loads at another.
 """
@@ -22,8 +23,14 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from mswift.bridge.safe_load import load_common, load_sharded
 from mswift.runtime.mcore_fixes import init_empty_optimizer_state
 from mswift.train.builder import TrainState
+from mswift.train.save_dir import (
+    TRACKER,
+    SaveLedger,
+    complete_checkpoints,
+    iteration_dir,
+    temp_dir,
+)
 
-TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state is saved in a canonical per-parameter form (gathered over
 # data-parallel ranks), so it can be loaded at another TP/PP/EP/DP layout.
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -31,10 +38,6 @@ OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message says which file and why."""
-
-
-def iteration_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
 
 
 def _model_sharded_state_dict(state: TrainState) -> dict:
@@ -71,19 +74,24 @@ def _full_sharded_state_dict(state: TrainState, is_loading: bool, with_optim: bo
 
 
 def save_checkpoint(state: TrainState, root: str | Path, extra: dict | None = None,
-                    weights_only: bool = False, keep_last: int | None = None) -> Path:
+                    weights_only: bool = False, keep_last: int | None = None,
+                    ledger: SaveLedger | None = None) -> Path:
     """Write the training state for ``state.iteration`` under ``root``; returns its dir.
 
     ``weights_only`` writes the model alone (e.g. initial weights, before the optimizer has
-    any state), loadable with ``load_optim=False``. ``keep_last`` prunes older checkpoints
-    once this one is complete.
+    any state), loadable with ``load_optim=False``. ``ledger``: the checkpoints this run saved
+    in ``root`` (default: none yet); an ``iter_N`` or ``iter_N.tmp`` it does not list is not
+    written over (SaveDirError on every rank). ``keep_last`` then deletes the ledger's older
+    checkpoints; this run's crashed saves' temporary folders are removed after each save.
     """
     root = Path(root)
-    final = iteration_dir(root, state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
+    ledger = ledger if ledger is not None else SaveLedger(root)
+    ledger.claim(state.iteration)
+    final, tmp = iteration_dir(root, state.iteration), temp_dir(root, state.iteration)
+    dist.barrier()  # every rank has checked the folder before rank 0 changes it
     if dist.get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
+        ledger.write()  # listed before its temporary folder exists
+        shutil.rmtree(tmp, ignore_errors=True)  # this run's own save that crashed
         tmp.mkdir()
     dist.barrier()
     sd = _full_sharded_state_dict(state, is_loading=False, with_optim=not weights_only)
@@ -91,37 +99,13 @@ def save_checkpoint(state: TrainState, root: str | Path, extra: dict | None = No
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
-        if final.exists():
+        if final.exists():  # this run's own (claimed above)
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_tracker(root, state.iteration)
-        if keep_last is not None:
-            prune_checkpoints(root, keep_last)
+        ledger.tidy(keep_last, final)
     dist.barrier()
     return final
-
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(iteration, dir) of every complete checkpoint under ``root``, oldest first."""
-    found = []
-    for path in root.glob("iter_*"):
-        name = path.name[len("iter_"):]
-        if name.isdigit() and (path / "metadata.json").is_file():
-            found.append((int(name), path))
-    return sorted(found)
-
-
-def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and crashed saves' temps.
-
-    The one the tracker names is never deleted.
-    """
-    for tmp in root.glob("iter_*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    current = read_tracker(root)
-    for _, path in complete_checkpoints(root)[:-keep_last]:
-        if path != current:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def write_tracker(root: Path, iteration: int) -> None:

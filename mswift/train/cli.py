@@ -53,12 +53,13 @@ def _train(cfg, prog: str) -> int:
     from mswift.bridge.errors import BridgeError
     from mswift.train.checkpoint import CheckpointError  # imports megatron-core
     from mswift.train.loop import TrainingStopped, run_training
+    from mswift.train.save_dir import SaveDirError
 
     # Every rank meets these problems alike (a checkpoint that does not fit, a non-finite
     # step): rank 0 reports them, as the up-front checks do.
     try:
         run_training(cfg)
-    except (ConfigError, BridgeError, LaunchEnvError) as err:
+    except (ConfigError, BridgeError, LaunchEnvError, SaveDirError) as err:
         report_once(f"{prog}: {err}")
         return 2
     except CheckpointError as err:

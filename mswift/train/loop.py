@@ -21,6 +21,7 @@ from mswift.train.data import TrainData, batch_stats, check_attention_backend
 from mswift.train.indexed_data import IndexedTrainData, check_indexed_data
 from mswift.train.metrics import MetricsLog
 from mswift.train.phases import folder_size, human_bytes, phase
+from mswift.train.save_dir import SaveLedger, check_save_dir, continues_save_dir
 from mswift.train.step import eval_step, train_step
 
 
@@ -42,7 +43,8 @@ def seed_everything(seed: int) -> None:
 def setup(cfg: MswiftConfig) -> TrainState:
     """Process groups, seeds, model, optimizer, then weights: the checkpoint in ``load`` if
     there is one, else ``hf_model``'s weights, else a random start. ``state.cfg`` is ``cfg``
-    with the model section filled from ``hf_model``'s config.json."""
+    with the model section filled from ``hf_model``'s config.json. A ``save`` folder that
+    holds another run's files is refused first (SaveDirError), on every rank."""
     if not cfg.data.dataset and not cfg.data.data_path:
         raise ConfigError(["dataset: expected at least one file or folder to train on (or "
                            "data_path: indexed PREFIX.bin/.idx files)"])
@@ -51,6 +53,7 @@ def setup(cfg: MswiftConfig) -> TrainState:
     if cfg.checkpoint.save_hf and cfg.model.hf_model is None:
         raise ConfigError(["save_hf=true: needs hf_model (its config and tokenizer files)"])
     check_attention_backend(cfg)
+    check_save_dir(cfg)
     cfg = apply_hf_model(cfg)
     with phase("starting the process groups", "process groups started"):
         init_distributed(cfg)
@@ -77,6 +80,8 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
     """Train until ``train_iters`` (or a stop condition); returns this run's step metrics."""
     state = state or setup(cfg)
     cfg = state.cfg
+    ledger = (SaveLedger.open(cfg.checkpoint.save, continues_save_dir(cfg))
+              if cfg.checkpoint.save else None)
     with phase("preparing the data", "data ready"):
         data, evaluator = _prepare_data(cfg, state)
     control = StopControl(cfg.training)
@@ -96,14 +101,14 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
             _check_nonfinite(cfg, row, skipped_in_a_row)
             reason = control.reason_to_stop(state.iteration)
             if _due(cfg, state.iteration) or reason:
-                _save(cfg, state, data)
+                _save(cfg, state, data, ledger)
             if reason:
                 if dist.get_rank() == 0:
                     print(f"stopping after step {state.iteration}: {reason}; checkpoint saved",
                           flush=True)
                 return history
         if cfg.checkpoint.save and not _due(cfg, state.iteration) and history:
-            _save(cfg, state, data)
+            _save(cfg, state, data, ledger)
         if cfg.checkpoint.save and cfg.checkpoint.save_hf:
             out = Path(cfg.checkpoint.save) / "hf"
             with phase(f"exporting the model as HF safetensors to {out}",
@@ -163,14 +168,15 @@ def _due(cfg: MswiftConfig, iteration: int) -> bool:
     return bool(ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0)
 
 
-def _save(cfg: MswiftConfig, state: TrainState, data: TrainData) -> None:
+def _save(cfg: MswiftConfig, state: TrainState, data: TrainData, ledger: SaveLedger) -> None:
     if not cfg.checkpoint.save:
         return
     extra = {"data_states": _gather_data_states(data)}
     with phase(f"saving the checkpoint of step {state.iteration} under {cfg.checkpoint.save}",
                "saved the checkpoint") as info:
         final = save_checkpoint(state, cfg.checkpoint.save, extra=extra,
-                                keep_last=cfg.checkpoint.save_total_limit)
+                                keep_last=cfg.checkpoint.save_total_limit,
+                                ledger=ledger)
         info.result = f"{human_bytes(folder_size(final))} in {final}"
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-METRICS_FILE = "metrics.jsonl"
+from mswift.train.save_dir import METRICS_FILE
+
 # Field names of older metrics.jsonl files -> today's ("tokens" counted the loss tokens).
 RENAMED_FIELDS = {"tokens": "loss_tokens"}
 
@@ -53,14 +54,37 @@ class MetricsLog:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Keep rows of steps <= ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    """Keep every row of steps <= ``step``: a resumed run logs the later steps again.
+
+    Rows of later steps go, and so does a last line cut short by a crash (no newline, not
+    JSON), which the next row would otherwise be glued to; any other line is kept as it is.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    text = path.read_text(errors="surrogateescape")  # other bytes are kept as they are
+    lines = text.splitlines()
+    unfinished = bool(text) and not text.endswith("\n")
+    if unfinished and _row(lines[-1]) is None:
+        lines.pop()
+    kept = [line for line in lines if not _after(line, step)]
+    if len(kept) == len(lines) and not unfinished:
+        return  # unchanged: the file is left alone
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), errors="surrogateescape")
     tmp.replace(path)
+
+
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _after(line: str, step: int) -> bool:
+    row = _row(line)
+    return row is not None and isinstance(row.get("step"), int) and row["step"] > step
 
 
 def _tensorboard(log_dir: Path):

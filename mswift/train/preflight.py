@@ -17,6 +17,7 @@ from typing import Callable
 from mswift.bridge.errors import BridgeError
 from mswift.config.schema import ConfigError, MswiftConfig
 from mswift.runtime.layout_checks import layout_problems
+from mswift.train.save_dir import save_dir_problems
 
 BYTE_VOCAB_SIZE = 256  # mswift.data.byte_corpus's vocabulary (a byte is a token)
 # Files one of which a Hugging Face tokenizer folder has (AutoTokenizer reads them).
@@ -103,6 +104,7 @@ CHECKS: list[Callable[[MswiftConfig], list[str]]] = [
     attention_backend_problems,
     indexed_data_problems,
     checkpoint_problems,
+    save_dir_problems,
 ]
 
 

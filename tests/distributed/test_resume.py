@@ -1,8 +1,14 @@
 """Exact resume: 8 steps straight == 4 steps + stop + resume 4 (bit for bit, same layout);
-resuming at another layout continues within 1e-5. Non-finite steps change no parameter."""
+resuming at another layout continues within 1e-5. Non-finite steps change no parameter. A
+resumed run keeps its metrics rows and what it did not write; a new run into a used save
+folder is refused on every rank."""
+import json
+import shutil
+
 import pytest
 
 from mswift.testing import run_ranks
+from mswift.testing.files import snapshot
 from test_layouts import BASE
 
 STEPS = BASE + ["train_iters=8", "lr_warmup_iters=2", "lr_decay_style=cosine"]
@@ -34,6 +40,49 @@ def test_resume_is_bit_exact_and_reshards(tmp_path, straight):
     assert [s for s, _, _ in other] == [5, 6, 7, 8]
     for (_, got, got_norm), (_, want, want_norm) in zip(other, straight[4:]):
         assert abs(got - want) <= 1e-5 * want and abs(got_norm - want_norm) <= 1e-4 * want_norm
+
+
+def refused(overrides):
+    """Rank body: the SaveDirError this rank raised (each rank must stop by itself)."""
+    from mswift.train.save_dir import SaveDirError
+
+    try:
+        train(overrides)
+    except SaveDirError as err:
+        return str(err)
+    return None
+
+
+def test_resume_keeps_metrics_rows_and_checkpoints_it_did_not_write(tmp_path, straight):
+    tp2, save = ["tensor_model_parallel_size=2"], tmp_path / "run"
+    every2 = tp2 + [f"save={save}", "save_interval=2"]
+    first = run_ranks(2, train, every2 + ["save_total_limit=2", "exit_interval=6"])[0]
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000004", "iter_0000006"]
+    metrics = save / "metrics.jsonl"
+    logged = metrics.read_text()
+    assert [json.loads(line)["step"] for line in logged.splitlines()] == [1, 2, 3, 4, 5, 6]
+
+    # Not this run's: a checkpoint copied in, a temporary folder of another writer.
+    shutil.copytree(save / "iter_0000004", save / "iter_0000005")
+    (save / "iter_0000003.tmp").mkdir()
+    (save / "iter_0000003.tmp" / "keep.txt").write_text("mine")
+    foreign = snapshot(save / "iter_0000005"), snapshot(save / "iter_0000003.tmp")
+    # Rows logged after the step-6 checkpoint, the last one cut short by a crash.
+    metrics.write_text(logged + '{"step": 7, "loss": 9.9}\n{"step": 8, "lo')
+
+    before = snapshot(tmp_path)
+    for message in run_ranks(2, refused, every2):  # a new run into the used folder
+        assert f"pass load={save}" in message and "new or empty folder" in message
+    assert snapshot(tmp_path) == before
+
+    second = run_ranks(2, train, every2 + [f"load={save}", "save_total_limit=1"])[0]
+    assert first + second == straight  # resumed at step 6, bit for bit
+    assert sorted(p.name for p in save.glob("iter_*")) == [
+        "iter_0000003.tmp", "iter_0000005", "iter_0000008"]
+    assert (snapshot(save / "iter_0000005"), snapshot(save / "iter_0000003.tmp")) == foreign
+    text = metrics.read_text()
+    assert text.startswith(logged)  # rows 1-6 kept as they were
+    assert [json.loads(line)["step"] for line in text.splitlines()] == list(range(1, 9))
 
 
 def nan_on_rank_one(policy):

@@ -9,6 +9,7 @@ import filecmp
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mswift.bridge.cli import hf_to_mcore_main, mcore_to_hf_main, reshard_main
+from mswift.bridge.cli import convert_main, hf_to_mcore_main, mcore_to_hf_main, reshard_main
 from mswift.bridge.convert import hf_to_mcore, mcore_to_hf
+from mswift.testing.files import snapshot
 from mswift.testing.hf_models import hf_logits, save_tiny_hf_model
 from mswift.testing.ranks import free_port
 
@@ -332,6 +334,46 @@ def test_existing_output_and_failed_write_leave_nothing(hf, tmp_path, capsys, mo
     assert_no_output(fresh)
 
 
+@pytest.mark.parametrize("tool", ["hf-to-mcore", "mcore-to-hf", "reshard"])
+def test_an_existing_out_or_a_stale_tmp_is_refused_and_left_as_it_is(hf, tmp_path, capsys,
+                                                                       tool):
+    src = hf[("llama", "bf16")]
+    inputs = {"hf-to-mcore": ["--hf-dir", str(src), "--format", "legacy"],
+              "mcore-to-hf": ["--mcore-dir", str(tmp_path / "ckpt")],
+              "reshard": ["--mcore-dir", str(tmp_path / "ckpt"), "--tp", "2", "--pp", "1",
+                          "--ep", "1"]}[tool]
+    hf_to_mcore(src, tmp_path / "ckpt", "legacy", progress=False)
+    out, tmp = tmp_path / "out", tmp_path / "out.tmp"
+    for case in ("full", "empty", "file", "stale tmp"):
+        for path in (out, tmp):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        if case == "file":
+            out.write_text("mine")
+        else:
+            target = tmp if case == "stale tmp" else out
+            target.mkdir()
+            if case != "empty":
+                (target / "keep.txt").write_text("mine")
+        before = snapshot(tmp_path)
+        assert convert_main([tool, *inputs, "--out", str(out)]) == 2, case
+        err = capsys.readouterr().err
+        if case == "stale tmp":
+            assert f"--out {out}: {tmp} exists" in err and "is not deleted" in err, err
+        else:
+            assert f"--out {out}: already exists and is not written over" in err, err
+        assert snapshot(tmp_path) == before, case
+    # The command line says so too (exit code 2), and the stale OUT.tmp is still there.
+    proc = run([sys.executable, "-m", "mswift", "convert", tool, *inputs, "--out", str(out)])
+    assert proc.returncode == 2 and f"{tmp} exists" in proc.stderr, proc.stderr[-3000:]
+    assert snapshot(tmp_path) == before
+    shutil.rmtree(tmp)  # once the user removed it, the conversion runs
+    assert convert_main([tool, *inputs, "--out", str(out)]) == 0
+    assert out.is_dir() and not tmp.exists()
+
+
 def test_legacy_needs_expert_tp_equal_to_tp(hf, tmp_path, capsys):
     out = tmp_path / "out"
     assert hf_to_mcore_main(["--hf-dir", str(hf[("qwen3_moe", "fp32")]), "--out", str(out),
@@ -356,8 +398,6 @@ def test_reshard_refuses_a_layout_that_does_not_divide(hf, tmp_path, capsys):
 def test_missing_hf_config_is_named(hf, tmp_path, capsys):
     """A checkpoint that carries no HF config needs --hf-dir; an --hf-dir without config.json
     is named as such (not blamed on the checkpoint)."""
-    import shutil
-
     ckpt = hf_to_mcore(hf[("llama", "fp32")], tmp_path / "td", "torch_dist", progress=False)
     shutil.rmtree(ckpt / "hf")  # as a training run's checkpoint: no HF files inside
     out = tmp_path / "out"

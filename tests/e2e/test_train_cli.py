@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mswift.testing.files import snapshot
 from mswift.testing.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,27 @@ def test_bad_layout_fails_fast_with_the_setting_named(tmp_path):
     assert "tensor_model_parallel_size=3: must divide num_attention_heads=4" in proc.stderr
     assert "world size 1: not divisible by tensor_model_parallel_size (3)" in proc.stderr
     assert not save.exists()
+
+
+def test_a_new_run_into_a_used_save_folder_is_refused_with_nothing_changed(tmp_path):
+    """Under torchrun every rank stops before a process group exists, exit code 2 alone."""
+    save = tmp_path / "run"
+    (save / "iter_0000003").mkdir(parents=True)
+    (save / "iter_0000003" / "metadata.json").write_text("{}")
+    (save / "latest_checkpointed_iteration.txt").write_text("3\n")
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5}\n')
+    before = snapshot(tmp_path)
+    args = ["--config", str(EXAMPLE), "train_iters=2", f"save={save}"]
+    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                 "--master_port", str(free_port()), "launch/pretrain_sft.py", *args],
+                [sys.executable, "-m", "mswift", "train", *args]):
+        proc = run(cmd, timeout=120)
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        assert f"save={save}: already holds a run's latest_checkpointed_iteration.txt, " \
+               f"metrics.jsonl, iter_0000003" in proc.stderr, proc.stderr[-3000:]
+        assert f"pass load={save}" in proc.stderr and "new or empty folder" in proc.stderr
+        assert snapshot(tmp_path) == before
+    assert proc.returncode == 2
 
 
 def test_cli_help_lists_commands():

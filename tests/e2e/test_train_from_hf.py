@@ -113,7 +113,7 @@ def test_training_from_a_converted_torch_dist_checkpoint_starts_where_hf_does(hf
     runs = {}
     for name, root, extra in (("hf", other, []),
                               ("ckpt", hf_dir, [f"load={ckpt}", "no_load_optim=true"])):
-        proc = sft(root, tmp_path / name, "train_iters=3", "lr=1e-3", *extra)
+        proc = sft(root, tmp_path / f"{name}_run", "train_iters=3", "lr=1e-3", *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = re.findall(r"^step +\d+/3 \| loss ([0-9.]+)", proc.stdout, re.M)
     assert len(runs["hf"]) == 3 and runs["ckpt"] == runs["hf"], runs
