@@ -108,13 +108,14 @@ def unpad_hf_dir(hf_dir: str | Path) -> dict | None:
     """Drop the padded heads of the HF model in ``hf_dir`` if it carries a padding record:
     every shard and config.json are rewritten (each under a temporary name, then renamed) and
     the record is removed. Returns the record, or None when there was nothing to undo."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     hf_dir = Path(hf_dir)
     record = read_padding_record(hf_dir)
     if record is None:
         return None
+    # torch only now: conversions of unpadded models copy bytes and never import it.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     shards = sorted(hf_dir.glob("*.safetensors"))
     problems = []  # every shard is checked before any is rewritten
     for shard in shards:

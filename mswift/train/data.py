@@ -12,40 +12,7 @@ from megatron.core import parallel_state
 
 from mswift.config.schema import ConfigError, MswiftConfig
 from mswift.data.byte_corpus import BYTE_VOCAB_SIZE, ByteCorpus
-
-
-def tokenizer_path(cfg: MswiftConfig) -> str:
-    """The tokenizer setting resolved: a folder, or "byte"."""
-    if cfg.data.tokenizer is not None:
-        return cfg.data.tokenizer
-    return cfg.model.hf_model or "byte"
-
-
-def check_attention_backend(cfg: MswiftConfig) -> None:
-    """Refuse a packed dataset with an attention backend that cannot keep samples apart.
-
-    Packed batches (the tokenized data pipeline with ``packing=true``; ``data_path`` with
-    ``reset_attention_mask=true``) carry ``cu_seqlens`` and need a varlen backend;
-    megatron-core's DotProductAttention (``local``) takes only rows with a causal mask, so
-    those pairs are stopped before anything starts.
-    """
-    if cfg.model.attention_backend != "local":
-        return
-    d = cfg.data
-    if getattr(d, "data_path", None):
-        if getattr(d, "reset_attention_mask", False):
-            raise ConfigError([
-                "attention_backend=local with reset_attention_mask=true: megatron-core's "
-                "DotProductAttention cannot keep attention inside each document (cu_seqlens); "
-                "use attention_backend=auto, torch or triton (mswift's varlen attention), or "
-                "reset_attention_mask=false"])
-        return
-    if d.packing and tokenizer_path(cfg) != "byte":  # the byte corpus has no samples to pack
-        raise ConfigError([
-            "attention_backend=local with packing=true: megatron-core's DotProductAttention "
-            "cannot keep attention inside packed samples (cu_seqlens); use "
-            "attention_backend=auto, torch or triton (mswift's varlen attention), or "
-            "packing=false (one padded sample per row)"])
+from mswift.train.preflight import tokenizer_path
 
 
 def num_micro_batches(cfg: MswiftConfig) -> int:
@@ -90,21 +57,28 @@ class TrainData:
             self.pipeline.load_state_dict(state)
 
 
-def _pipeline(cfg: MswiftConfig, tokenizer_dir: str, paths: list[str], dp_rank: int,
-              dp_size: int, seed_offset: int):
+def load_tokenizer(cfg: MswiftConfig, folder: str):
+    """The Hugging Face tokenizer in ``folder``; ConfigError when it does not load or has more
+    tokens than the model's ``vocab_size``."""
     from transformers import AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ConfigError([f"tokenizer={folder}: cannot load a tokenizer there ({err})"])
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ConfigError([f"vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "
+                           f"{len(tokenizer)} tokens ({folder})"])
+    return tokenizer
+
+
+def _pipeline(cfg: MswiftConfig, tokenizer_dir: str, paths: list[str], dp_rank: int,
+              dp_size: int, seed_offset: int):
     from mswift.data.options import DataConfig as PipelineConfig
     from mswift.data.streaming import DataPipeline
 
     d = cfg.data
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as err:
-        raise ConfigError([f"tokenizer={tokenizer_dir}: cannot load a tokenizer there ({err})"])
-    if len(tokenizer) > cfg.model.vocab_size:
-        raise ConfigError([f"vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "
-                           f"{len(tokenizer)} tokens ({tokenizer_dir})"])
+    tokenizer = load_tokenizer(cfg, tokenizer_dir)
     pretrain = cfg.training.mode == "pt"
     options = PipelineConfig(
         datasets=list(paths),

@@ -20,19 +20,13 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from mswift.config.data_path import indexed_data_problems, parse_data_path
+from mswift.config.data_path import parse_data_path
 from mswift.config.schema import ConfigError, MswiftConfig
-from mswift.train.data import num_micro_batches, tokenizer_path
+from mswift.train.data import load_tokenizer, num_micro_batches
+from mswift.train.preflight import tokenizer_path
 
 # megatron-core's own cache folder when path_to_cache is None (gpt_dataset.py)
 DEFAULT_CACHE = ("cache", "GPTDataset_indices")
-
-
-def check_indexed_data(cfg: MswiftConfig) -> None:
-    """ConfigError with every data_path problem (mswift.config.data_path.indexed_data_problems)."""
-    problems = indexed_data_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -55,20 +49,6 @@ def resolve_cache_dir(cfg: MswiftConfig, prefixes: list[str]) -> str | None:
     raise ConfigError([f"data_path: the data folders ({', '.join(sorted({str(Path(p).parent) for p in prefixes}))}) "
                        "are not writable for megatron-core's index caches; set data_cache_path "
                        "(or save)"])
-
-
-def _load_tokenizer(cfg: MswiftConfig):
-    from transformers import AutoTokenizer
-
-    folder = tokenizer_path(cfg)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise ConfigError([f"tokenizer={folder}: cannot load a tokenizer there ({err})"])
-    if len(tokenizer) > cfg.model.vocab_size:
-        raise ConfigError([f"vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "
-                           f"{len(tokenizer)} tokens ({folder})"])
-    return tokenizer
 
 
 def collate_documents(items: list[dict], eod: int, keep_documents_apart: bool) -> dict:
@@ -108,7 +88,7 @@ class IndexedTrainData:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.global_batch = self.num_micro * self.micro * self.dp_size
         prefixes, weights = parse_data_path(d.data_path)
-        tokenizer = _load_tokenizer(cfg)
+        tokenizer = load_tokenizer(cfg, tokenizer_path(cfg))
         self.eod = tokenizer.eos_token_id
         evaluated = t.eval_iters * self.global_batch if t.eval_interval else 0
         self.train, self.valid, _ = build_pretrain_datasets(

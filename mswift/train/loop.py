@@ -17,9 +17,10 @@ from mswift.runtime import init_distributed
 from mswift.train.builder import TrainState, build_training
 from mswift.train.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from mswift.train.control import StopControl
-from mswift.train.data import TrainData, batch_stats, check_attention_backend
-from mswift.train.indexed_data import IndexedTrainData, check_indexed_data
+from mswift.train.data import TrainData, batch_stats
+from mswift.train.indexed_data import IndexedTrainData
 from mswift.train.metrics import MetricsLog
+from mswift.train.preflight import check_config
 from mswift.train.phases import folder_size, human_bytes, phase
 from mswift.train.save_dir import SaveLedger, check_save_dir, continues_save_dir
 from mswift.train.step import eval_step, train_step
@@ -45,16 +46,9 @@ def setup(cfg: MswiftConfig) -> TrainState:
     there is one, else ``hf_model``'s weights, else a random start. ``state.cfg`` is ``cfg``
     with the model section filled from ``hf_model``'s config.json. A ``save`` folder that
     holds another run's files is refused first (SaveDirError), on every rank."""
-    if not cfg.data.dataset and not cfg.data.data_path:
-        raise ConfigError(["dataset: expected at least one file or folder to train on (or "
-                           "data_path: indexed PREFIX.bin/.idx files)"])
-    if cfg.data.data_path:
-        check_indexed_data(cfg)
-    if cfg.checkpoint.save_hf and cfg.model.hf_model is None:
-        raise ConfigError(["save_hf=true: needs hf_model (its config and tokenizer files)"])
-    check_attention_backend(cfg)
     check_save_dir(cfg)
     cfg = apply_hf_model(cfg)
+    check_config(cfg)  # the command line ran these before start; API callers meet them here
     with phase("starting the process groups", "process groups started"):
         init_distributed(cfg)
     seed_everything(cfg.training.seed)

@@ -108,6 +108,13 @@ CHECKS: list[Callable[[MswiftConfig], list[str]]] = [
 ]
 
 
+def check_config(cfg: MswiftConfig) -> None:
+    """ConfigError listing what :data:`CHECKS` find in ``cfg`` (its model section filled)."""
+    problems = [problem for check in CHECKS for problem in check(cfg)]
+    if problems:
+        raise ConfigError(problems)
+
+
 def filled_from_hf_model(cfg: MswiftConfig) -> tuple[MswiftConfig | None, list[str]]:
     """``cfg`` with the model section read from ``hf_model``'s config.json, or the problems."""
     from mswift.models.registry import apply_hf_model  # reads JSON only; no torch
