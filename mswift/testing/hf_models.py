@@ -69,3 +69,14 @@ def hf_logits(path: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(tokens).logits.float()
+
+
+def read_safetensors_dir(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` file in ``folder``, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -13,24 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.head_padding import PADDING_FILE, pad_heads, write_padding_record
 from mswift.testing import run_ranks
-from mswift.testing.hf_models import hf_logits, save_tiny_hf_model
+from mswift.testing.hf_models import hf_logits, read_safetensors_dir, save_tiny_hf_model
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tiny_corpus.txt"
 HEADS = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96)  # head_dim 16
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 1, 64, 300, 12, 8]])
-
-
-def tensors(path: Path) -> dict:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def pad_like_prepare(original: Path, out: Path, record: bool = True) -> dict:
@@ -83,7 +74,7 @@ def assert_unpadded_export(export: Path, padded: Path) -> None:
     config = json.loads((export / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (6, 3)
     assert not (export / PADDING_FILE).exists()
-    got, want = tensors(export), tensors(padded)
+    got, want = read_safetensors_dir(export), read_safetensors_dir(padded)
     assert got.keys() == want.keys()
     for name, tensor in want.items():
         assert torch.equal(got[name], real_part(name, tensor)), name
@@ -105,8 +96,8 @@ def test_mcore_to_hf_after_a_tp2_conversion_gives_the_original_heads(models, tmp
     assert (tmp_path / "mcore" / "hf" / PADDING_FILE).is_file()  # travels with the config
     mcore_to_hf(tmp_path / "mcore", tmp_path / "export", progress=False)
     assert_unpadded_export(tmp_path / "export", models / "padded")
-    original = tensors(models / "original")
-    assert all(torch.equal(t, original[n]) for n, t in tensors(tmp_path / "export").items())
+    original = read_safetensors_dir(models / "original")
+    assert all(torch.equal(t, original[n]) for n, t in read_safetensors_dir(tmp_path / "export").items())
 
 
 def test_padding_that_is_not_zero_is_refused_by_name(models, tmp_path):
@@ -114,7 +105,7 @@ def test_padding_that_is_not_zero_is_refused_by_name(models, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(models / "padded", broken)
-    state = tensors(broken)
+    state = read_safetensors_dir(broken)
     state["model.layers.2.self_attn.o_proj.weight"][:, 6 * 16 + 3] = 0.5
     from safetensors.torch import save_file
 
@@ -154,7 +145,7 @@ def test_save_hf_after_training_at_tp2_gives_the_original_heads(models, tmp_path
     export, padded = tmp_path / "run" / "hf", tmp_path / "run" / "hf_padded"
     assert json.loads((padded / "config.json").read_text())["num_attention_heads"] == 8
     assert_unpadded_export(export, padded)
-    trained, before = tensors(export), tensors(models / "original")
+    trained, before = read_safetensors_dir(export), read_safetensors_dir(models / "original")
     assert any(not torch.equal(trained[n], before[n]) for n in before)  # it did train
     from transformers import AutoModelForCausalLM
 

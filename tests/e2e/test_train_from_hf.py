@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from mswift.testing.hf_models import read_safetensors_dir
 from mswift.testing.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,14 +30,6 @@ def hf_dir(tmp_path_factory):
     return root
 
 
-def tensors(path: Path) -> dict:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def sft(hf_dir: Path, save: Path, *overrides) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(free_port()), "launch/pretrain_sft.py",
@@ -52,7 +44,7 @@ def sft(hf_dir: Path, save: Path, *overrides) -> subprocess.CompletedProcess:
 def test_zero_lr_round_trip_is_bit_exact(hf_dir, tmp_path):
     proc = sft(hf_dir, tmp_path, "train_iters=1", "lr=0", "min_lr=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    before, after = tensors(hf_dir / "model"), tensors(tmp_path / "hf")
+    before, after = read_safetensors_dir(hf_dir / "model"), read_safetensors_dir(tmp_path / "hf")
     assert before.keys() == after.keys()
     for name in before:
         assert torch.equal(before[name], after[name]), name
@@ -69,7 +61,7 @@ def test_sft_trains_and_exports_a_model_transformers_generates_with(hf_dir, tmp_
     evals = [float(x) for x in re.findall(r"eval loss ([0-9.]+)", proc.stdout)]
     assert len(losses) == 10 and len(evals) == 3, proc.stdout  # steps 0 (before training), 5, 10
     assert max(evals[1:]) < evals[0], proc.stdout  # the same held-out batches each time
-    before, after = tensors(hf_dir / "model"), tensors(tmp_path / "hf")
+    before, after = read_safetensors_dir(hf_dir / "model"), read_safetensors_dir(tmp_path / "hf")
     assert any(not torch.equal(before[n], after[n]) for n in before)  # it did train
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
@@ -86,7 +78,7 @@ def test_sft_trains_and_exports_a_model_transformers_generates_with(hf_dir, tmp_
                            str(tmp_path / "converted")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    converted = tensors(tmp_path / "converted")
+    converted = read_safetensors_dir(tmp_path / "converted")
     assert converted.keys() == after.keys()
     for name, t in after.items():
         assert converted[name].dtype == t.dtype and torch.equal(converted[name], t), name

@@ -19,7 +19,7 @@ from mswift.bridge.dist_bytes import torch_dist_dir
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import HFCheckpoint
 from mswift.bridge.safe_load import SafeTorchDistLoadStrategy, read_dcp_metadata
-from mswift.testing.hf_models import save_tiny_hf_model
+from mswift.testing.hf_models import read_safetensors_dir, save_tiny_hf_model
 
 
 class RunsCommand:
@@ -38,12 +38,6 @@ def poison_metadata(ckpt: Path, marker: Path) -> Path:
     metadata.planner_data = {"x": RunsCommand(f"touch {marker}")}
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
     return ckpt / ".metadata"
-
-
-def all_tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +80,8 @@ def test_a_poisoned_metadata_is_refused_by_every_reader(converted, tmp_path):
         SafeTorchDistLoadStrategy().load_sharded_metadata(path.parent)
     assert not marker.exists()
     # The untouched checkpoint still converts back, tensor for tensor.
-    back = all_tensors(mcore_to_hf(mcore, tmp_path / "back", progress=False))
-    original = all_tensors(hf)
+    back = read_safetensors_dir(mcore_to_hf(mcore, tmp_path / "back", progress=False))
+    original = read_safetensors_dir(hf)
     assert sorted(back) == sorted(original)
     for name, tensor in original.items():
         assert torch.equal(back[name], tensor), name
@@ -132,6 +126,6 @@ def test_a_hugging_face_cache_snapshot_converts(converted, tmp_path):
     back = mcore_to_hf(out, tmp_path / "back", progress=False)
     assert not (Path(back) / "config.json").is_symlink()
     assert (Path(back) / "config.json").read_bytes() == (converted[0] / "config.json").read_bytes()
-    original, returned = all_tensors(converted[0]), all_tensors(Path(back))
+    original, returned = read_safetensors_dir(converted[0]), read_safetensors_dir(Path(back))
     assert original.keys() == returned.keys()
     assert all(torch.equal(original[k], returned[k]) for k in original)
