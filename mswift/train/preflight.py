@@ -90,6 +90,13 @@ def checkpoint_problems(cfg: MswiftConfig) -> list[str]:
     ckpt, problems = cfg.checkpoint, []
     if ckpt.save_hf and cfg.model.hf_model is None:
         problems.append("save_hf=true: needs hf_model (its config and tokenizer files)")
+    elif ckpt.save_hf and Path(cfg.model.hf_model).is_dir():
+        from mswift.bridge.hf_io import aux_files  # no torch
+
+        try:  # the files the export copies: found wrong now, not after training
+            aux_files(cfg.model.hf_model)
+        except BridgeError as err:
+            problems += [f"save_hf=true: {problem}" for problem in err.problems]
     # load = save is the resume-if-there-is-one pattern (a first run finds nothing there yet);
     # any other missing load folder is a typo that would silently start from scratch.
     if ckpt.load and ckpt.load != ckpt.save and not Path(ckpt.load).exists():

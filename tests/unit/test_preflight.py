@@ -52,6 +52,23 @@ def test_hf_model_config_fills_the_model_before_the_layout_is_judged(tmp_path):
         "tensor_model_parallel_size=2: must divide num_query_groups=3"]
 
 
+def test_save_hf_with_a_tokenizer_linked_out_of_the_model_is_refused_before_start(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("{}")
+    (model / "tokenizer.json").symlink_to(secret)
+    found = problems(f"hf_model={model}", "save_hf=true", "tokenizer=byte")
+    assert len(found) == 1 and found[0].startswith(
+        f"save_hf=true: {model / 'tokenizer.json'}: a symbolic link to {secret}"), found
+    assert problems(f"hf_model={model}", "tokenizer=byte") == []  # no export: nothing copied
+
+
 def test_the_command_line_checks_without_importing_torch():
     code = ("import sys; import mswift.train.cli; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
