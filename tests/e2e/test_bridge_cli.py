@@ -231,6 +231,36 @@ def test_verify_fails_a_corrupted_checkpoint(hf, tmp_path):
     assert "FAIL" in proc.stdout
 
 
+class _RunsCommand:
+    """Unpickling this runs ``command`` through os.system (what an attacker would ship)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_verify_refuses_a_poisoned_metadata_and_runs_nothing(hf, tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mswift.bridge.dist_bytes import torch_dist_dir
+
+    src = hf[("llama", "fp32")]
+    root = hf_to_mcore(src, tmp_path / "dist", "torch_dist", progress=False)
+    ckpt = torch_dist_dir(root)  # the iteration folder holding .metadata
+    marker = tmp_path / "ran"
+    metadata = FileSystemReader(str(ckpt)).read_metadata()
+    metadata.planner_data = {"x": _RunsCommand(f"touch {marker}")}
+    (ckpt / ".metadata").write_bytes(__import__("pickle").dumps(metadata))
+    proc = run([sys.executable, "-m", "mswift", "verify", "--hf-dir", str(src), "--mcore-dir",
+                str(root), "--tp", "1", "--pp", "1", "--ep", "1"])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"{ckpt / '.metadata'}: names posix.system" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
