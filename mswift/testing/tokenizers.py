@@ -52,3 +52,17 @@ def write_text_jsonl(corpus: Path, out: Path) -> Path:
         for i in range(0, len(lines), 3):
             f.write(json.dumps({"text": " ".join(lines[i:i + 3])}) + "\n")
     return out
+
+
+def write_document_halves(corpus: Path, out_dir: Path) -> list[Path]:
+    """Two ``{"text": ...}`` JSONL files, ``a.jsonl`` and ``b.jsonl``, from the first and second
+    half of ``corpus``'s lines, three lines to a document (row): inputs for two preprocessed
+    files of a ``data_path`` blend."""
+    lines = corpus_lines(corpus)
+    files = []
+    for name, part in (("a", lines[:len(lines) // 2]), ("b", lines[len(lines) // 2:])):
+        rows = Path(out_dir) / f"{name}.jsonl"
+        rows.write_text("".join(json.dumps({"text": " ".join(part[i:i + 3])}) + "\n"
+                                for i in range(0, len(part), 3)))
+        files.append(rows)
+    return files

@@ -2,7 +2,6 @@
 each document: the per-token losses of a packed micro-batch equal those of every document piece
 run alone through the same model (1e-5), and each piece is a stretch of one preprocessed
 document."""
-import json
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,13 @@ def corpora(tmp_path_factory):
     """Two preprocessed halves of the bundled text (a document = three lines) and a BPE
     tokenizer trained on it."""
     from mswift.data.preprocess import main as preprocess
-    from mswift.testing.tokenizers import corpus_lines, train_chatml_tokenizer
+    from mswift.testing.tokenizers import train_chatml_tokenizer, write_document_halves
 
     out = tmp_path_factory.mktemp("indexed")
     tokenizer = train_chatml_tokenizer(CORPUS, out / "tokenizer")
-    lines = corpus_lines(CORPUS)
     prefixes = []
-    for name, part in (("a", lines[:len(lines) // 2]), ("b", lines[len(lines) // 2:])):
-        rows = out / f"{name}.jsonl"
-        rows.write_text("".join(json.dumps({"text": " ".join(part[i:i + 3])}) + "\n"
-                                for i in range(0, len(part), 3)))
-        prefix = out / f"{name}_text_document"
+    for rows in write_document_halves(CORPUS, out):
+        prefix = out / f"{rows.stem}_text_document"
         assert preprocess(["--input", str(rows), "--tokenizer", str(tokenizer),
                            "--output-prefix", str(prefix), "--append-eod"]) == 0
         prefixes.append(str(prefix))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from mswift.testing.ranks import free_port
-from mswift.testing.tokenizers import corpus_lines, train_chatml_tokenizer
+from mswift.testing.tokenizers import train_chatml_tokenizer, write_document_halves
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "examples" / "data" / "tiny_corpus.txt"
@@ -22,13 +22,9 @@ def run(cmd, timeout=600):
 
 
 def preprocess_halves(folder: Path, tokenizer: Path) -> list[Path]:
-    lines = corpus_lines(CORPUS)
     prefixes = []
-    for name, part in (("a", lines[:len(lines) // 2]), ("b", lines[len(lines) // 2:])):
-        rows = folder / f"{name}.jsonl"
-        rows.write_text("".join(json.dumps({"text": " ".join(part[i:i + 3])}) + "\n"
-                                for i in range(0, len(part), 3)))
-        prefix = folder / "data" / f"{name}_text_document"
+    for rows in write_document_halves(CORPUS, folder):
+        prefix = folder / "data" / f"{rows.stem}_text_document"
         done = run([sys.executable, "-m", "mswift", "preprocess", "--input", str(rows),
                     "--tokenizer", str(tokenizer), "--output-prefix", str(prefix),
                     "--append-eod"], timeout=300)
