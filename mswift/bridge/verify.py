@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from mswift.bridge.cli import positive_int
 from mswift.bridge.errors import BridgeError
 from mswift.config.schema import ConfigError
+from mswift.runtime.launch_env import launcher_rank
 
 
 def parser(prog: str = "mswift verify") -> argparse.ArgumentParser:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_verify(args)
     except (BridgeError, ConfigError) as err:
-        if os.environ.get("RANK", "0") == "0":
+        if launcher_rank() == 0:
             print(f"mswift verify: {err}", file=sys.stderr)
         return 2
     finally:

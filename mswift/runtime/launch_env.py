@@ -44,6 +44,24 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise LaunchEnvError(f"environment variable {name}={raw!r}: expected an integer") from None
 
 
+# Where each launcher puts the global rank, in detect_launch_env's order.
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def launcher_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as its launcher set it (torchrun, SLURM, MPI), else 0.
+
+    Reads the environment only (no MPI collective, unlike :func:`detect_launch_env` under MPI),
+    so it works before any process group exists and when the environment itself is wrong.
+    """
+    env = os.environ if env is None else env
+    for name in RANK_VARIABLES:
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM node list: ``'gpu[003-005,9],cpu1'`` -> ``'gpu003'``."""
     nodelist = nodelist.strip()

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from mswift.config import ConfigError, load_config
 from mswift.config.loader import describe_settings
-from mswift.runtime.launch_env import LaunchEnvError, detect_launch_env
+from mswift.runtime.launch_env import LaunchEnvError, detect_launch_env, launcher_rank
 from mswift.runtime.quiet import quiet_known_warnings
 from mswift.train.preflight import check_before_start
 
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None, prog: str = "mswift train") -> int:
 
 
 def _train(cfg, prog: str) -> int:
-    if _launcher_rank() == 0:
+    if launcher_rank() == 0:
         print(f"{prog}: settings, files and layout checked; importing torch and megatron-core",
               flush=True)
     quiet_known_warnings()
@@ -83,21 +82,8 @@ def report_once(message: str, wait_s: float = 10.0) -> None:
     exit makes the launcher (torchrun) stop them before they print; when only they found it
     (a file on a node-local disk), they print it after the wait, naming their rank.
     """
-    rank = _launcher_rank()
+    rank = launcher_rank()
     if rank:
         time.sleep(wait_s)
         message = f"(rank {rank}) {message}"
     print(message, file=sys.stderr, flush=True)
-
-
-def _launcher_rank() -> int:
-    """This process's global rank as its launcher set it (torchrun, SLURM, MPI), else 0.
-
-    Read from the environment only (no MPI collective, unlike detect_launch_env under MPI), so
-    it works when the environment itself is what is wrong.
-    """
-    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0

@@ -6,7 +6,6 @@ long the phase took and, for files, how much was written where.
 """
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,9 @@ def is_rank0() -> bool:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
+    from mswift.runtime.launch_env import launcher_rank
+
+    return launcher_rank() == 0
 
 
 def say(line: str) -> None:

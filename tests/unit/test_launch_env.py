@@ -120,3 +120,14 @@ def test_mapping_of_another_process_is_only_read():
     with pytest.raises(LaunchEnvError, match=r"mpi4py cannot tell it \(not asked"):
         detect_launch_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4",
                            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+
+
+def test_launcher_rank_reads_each_launcher_without_a_process_group():
+    from mswift.runtime.launch_env import launcher_rank
+
+    assert launcher_rank({}) == 0
+    assert launcher_rank({"RANK": "3", "SLURM_PROCID": "1"}) == 3  # torchrun inside srun
+    assert launcher_rank({"SLURM_PROCID": "5"}) == 5
+    assert launcher_rank({"OMPI_COMM_WORLD_RANK": "1"}) == 1
+    assert launcher_rank({"PMI_RANK": "2"}) == 2
+    assert launcher_rank({"RANK": "", "PMI_RANK": "4"}) == 4  # an empty variable is no rank
