@@ -15,7 +15,12 @@ Backends:
 - ``sdpa-{flash,cudnn}-padded``: one SDPA call on the batch padded to its longest sample
   (causal, right padding: real queries never see padded keys); padding FLOPs are not counted.
 - ``flash-attn-varlen``: ``flash_attn.flash_attn_varlen_func``, when the package is present.
+- ``te-fused-thd``: Transformer Engine's ``DotProductAttention`` on the packed batch (THD layout,
+  ``padding_causal`` over ``cu_seqlens``: its fused cuDNN / flash kernels), when TE imports.
 k/v are repeated to the query heads for SDPA beforehand (not timed).
+
+``--backends NAME ...`` runs only those (mswift always runs: the ratios are against it);
+``--markdown FILE`` also writes the results as one markdown table.
 """
 from __future__ import annotations
 
@@ -41,6 +46,9 @@ def parse_args():
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="bf16 dense peak of the card (H100 SXM: 989)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="run only these backends besides mswift (default: every one present)")
+    parser.add_argument("--markdown", default=None, help="also write the results table here")
     return parser.parse_args()
 
 
@@ -150,6 +158,22 @@ def runners_flash_attn(q, k, v, cu, lengths):
     return fwd, lambda: fwd().backward(dout)
 
 
+def runners_te(q, k, v, cu, lengths):
+    import transformer_engine.pytorch as te
+
+    attention = te.DotProductAttention(q.shape[1], q.shape[2], num_gqa_groups=k.shape[1],
+                                       qkv_format="thd", attn_mask_type="padding_causal")
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    longest = max(lengths)
+
+    def fwd():
+        return attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                         max_seqlen_kv=longest)
+
+    dout = torch.randn(q.shape[0], q.shape[1] * q.shape[2], device=q.device, dtype=q.dtype)
+    return fwd, lambda: fwd().backward(dout)
+
+
 def with_sdpa_backend(make, sdpa_backend):
     """Pin torch's SDPA to one implementation (flash or cudnn) around every call."""
     from torch.nn.attention import sdpa_kernel
@@ -177,6 +201,10 @@ def available_backends():
         backends[f"sdpa-{label}-padded"] = with_sdpa_backend(runners_sdpa_padded, sdpa_backend)
     if importlib.util.find_spec("flash_attn") is not None:
         backends["flash-attn-varlen"] = runners_flash_attn
+    from mswift.runtime.device import transformer_engine_importable
+
+    if transformer_engine_importable():
+        backends["te-fused-thd"] = runners_te
     return backends
 
 
@@ -192,9 +220,10 @@ def bench_total(total, args, backends):
     lengths = mixed_lengths(total, args.min_len, args.max_len, args.seed + total)
     flops = causal_flops(lengths, args.heads, args.head_dim)
     q, k, v, cu = make_packed(lengths, args)
+    diff = check_against_sdpa(q, k, v, cu, lengths)
     print(f"\ntotal {total} tokens, {len(lengths)} samples ({min(lengths)}-{max(lengths)}), "
           f"heads {args.heads}/{args.kv_heads}, head dim {args.head_dim}; "
-          f"max |mswift - sdpa| = {check_against_sdpa(q, k, v, cu, lengths):.3g}")
+          f"max |mswift - sdpa| = {diff:.3g}")
     results = {}
     for name, make in backends.items():
         try:
@@ -211,6 +240,24 @@ def bench_total(total, args, backends):
             if base and name != "mswift" else ""
         print(f"  {name:18s} fwd {tf_f:7.1f} TFLOP/s ({100 * tf_f / args.peak_tflops:4.1f}% peak)"
               f"  fwd+bwd {tf_fb:7.1f} TFLOP/s ({100 * tf_fb / args.peak_tflops:4.1f}%){ratio}")
+    return [(total, len(lengths), name, tf_f, tf_fb, diff) for name, (tf_f, tf_fb)
+            in results.items()]
+
+
+def markdown(rows, args) -> str:
+    """The results as one table: TFLOP/s, share of the peak, and mswift's speed-up."""
+    lines = [f"bf16, head dim {args.head_dim}, {args.heads}/{args.kv_heads} heads, causal, "
+             f"samples {args.min_len}-{args.max_len} tokens; peak {args.peak_tflops:g} TFLOP/s",
+             "", "| total tokens | samples | backend | fwd TFLOP/s | fwd+bwd TFLOP/s | "
+             "mswift / this fwd | mswift / this fwd+bwd | max abs diff mswift vs SDPA |",
+             "|--:|--:|---|--:|--:|--:|--:|--:|"]
+    mine = {total: (f, fb) for total, _, name, f, fb, _ in rows if name == "mswift"}
+    for total, count, name, f, fb, diff in rows:
+        base = mine.get(total)
+        ratios = f"{base[0] / f:.2f}x | {base[1] / fb:.2f}x" if base else "— | —"
+        lines.append(f"| {total} | {count} | {name} | {f:.1f} ({100 * f / args.peak_tflops:.0f}%) "
+                     f"| {fb:.1f} ({100 * fb / args.peak_tflops:.0f}%) | {ratios} | {diff:.3g} |")
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -220,8 +267,16 @@ def main():
                  "torch.cuda.is_available() is False on this machine. Nothing was measured.")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     backends = available_backends()
-    for total in args.totals:
-        bench_total(total, args, backends)
+    if args.backends:
+        unknown = set(args.backends) - set(backends)
+        if unknown:
+            print(f"not available here: {', '.join(sorted(unknown))}; "
+                  f"running: {', '.join(sorted(backends))}")
+        backends = {n: b for n, b in backends.items() if n == "mswift" or n in args.backends}
+    rows = [row for total in args.totals for row in bench_total(total, args, backends)]
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows, args))
 
 
 if __name__ == "__main__":

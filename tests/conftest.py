@@ -14,3 +14,20 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are collected everywhere and skip with the reason without CUDA.
+
+    Skipped, not deselected: the summary line counts them, so a CPU run shows what it did not
+    check (``python -m pytest tests/gpu -q`` -> "N skipped").
+    """
+    if _HAS_CUDA:
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                   "run benchmarks/gpu_check.sh on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

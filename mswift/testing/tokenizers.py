@@ -66,3 +66,17 @@ def write_document_halves(corpus: Path, out_dir: Path) -> list[Path]:
                                 for i in range(0, len(part), 3)))
         files.append(rows)
     return files
+
+
+def save_tiny_chat_model(family: str, out_dir: Path, corpus: Path, tokenizer_vocab: int = 360,
+                         **overrides) -> Path:
+    """A tiny random HF ``family`` model whose own tokenizer is a BPE trained on ``corpus``
+    with the ChatML template (SFT data then tokenizes to real ids, not ``<unk>``).
+    ``overrides``: HF config values; the model's vocabulary must hold the tokenizer's."""
+    from mswift.testing.hf_models import save_tiny_hf_model
+
+    overrides.setdefault("vocab_size", tokenizer_vocab + 24)
+    model = save_tiny_hf_model(family, out_dir, **overrides)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    return train_chatml_tokenizer(corpus, model, vocab_size=tokenizer_vocab)
