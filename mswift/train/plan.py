@@ -1,0 +1,537 @@
+"""``mswift plan``: a training layout proven on paper before any GPU is booked.
+
+For a run's config and a cluster size, the model chunks of one rank of every pipeline stage
+are built by megatron-core itself, on the ``meta`` device (shapes only, no memory), in this one
+process: a fake process group (torch's ``fake`` backend, which hallucinates collectives) gives
+the process the rank and world size of the place being planned, so megatron-core's
+``parallel_state`` hands out exactly the tensor / pipeline / expert shards, layer offsets and
+embedding / output layers that rank builds in a real run. Tensor-parallel and expert-parallel
+ranks of one stage hold equally sized shards, so one rank per pipeline stage covers every
+distinct place. Parameters are counted from those chunks, and memory per GPU follows from them:
+
+* weights: the parameter dtype (bf16 with ``bf16=true``);
+* gradients: fp32, in megatron-core DDP's contiguous grad buffer (mswift's trainer sets
+  ``grad_reduce_in_fp32=True``: bf16 params accumulate and reduce their gradients in fp32);
+* optimizer: Adam's fp32 main params (bf16/fp16 training only) and its two fp32 moments,
+  sharded by the distributed optimizer over the data-parallel ranks (x context-parallel) for
+  dense parameters and over the expert-data-parallel ranks for expert parameters (unsharded
+  with ``use_distributed_optimizer=false``);
+* activations: see :func:`layer_activation_bytes`, times the micro-batches a stage holds at
+  once under megatron-core's 1F1B (or interleaved) schedule;
+* a fixed reserve (``--reserve-gb``) for the CUDA context, NCCL buffers and allocator
+  fragmentation, which no formula here predicts.
+
+Published parameter counts are for the unpadded vocabulary and count a tied output layer
+once; the totals here do the same (the padded rows are reported separately).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+from mswift.config import ConfigError, load_config
+from mswift.runtime.layout_checks import data_parallel_size, layout_problems
+
+GIB = 1024**3
+KINDS = ("embedding", "output", "attention", "dense_mlp", "experts", "shared_experts",
+         "router", "norms")
+KIND_NAMES = {"embedding": "embedding", "output": "output layer", "attention": "attention",
+              "dense_mlp": "dense MLP", "experts": "routed experts",
+              "shared_experts": "shared experts", "router": "router", "norms": "norms"}
+DEFAULT_GPUS_GB = (80.0, 141.0)
+
+USAGE = """\
+%(prog)s --config FILE.yaml --nnodes N [--nproc-per-node 8] [key=value ...]
+
+Builds the model of one rank of every pipeline stage on the meta device (no memory) and prints
+parameters and memory per GPU for the layout in the config (the YAML `mswift train` takes;
+key=value overrides as there). A layout that does not divide is refused with the messages
+`mswift train` gives.
+"""
+
+
+def param_kind(name: str) -> str:
+    """The kind of a megatron-core GPTModel parameter, by its name."""
+    if name.startswith("embedding."):
+        return "embedding"
+    if name.startswith("output_layer."):
+        return "output"
+    if "norm" in name:  # input/pre_mlp/final layernorm, q/k layernorm, TE's fused layer_norm_*
+        return "norms"
+    if ".mlp.router." in name:
+        return "router"
+    if ".mlp.experts." in name:
+        return "experts"
+    if ".mlp.shared_experts." in name:
+        return "shared_experts"
+    if ".self_attention." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "dense_mlp"
+    raise ValueError(f"parameter {name}: of no kind mswift plan knows")
+
+
+@dataclass
+class Chunk:
+    """One model chunk (virtual pipeline stage) of a rank."""
+
+    layers: list[int]  # global layer numbers, from 0
+    moe_layers: int
+    params: Counter  # kind -> parameters on this rank
+    activation_bytes: int  # one micro-batch, no recompute, all layers of the chunk
+    max_layer_bytes: int  # the largest layer's share of that
+    layer_input_bytes: int  # what full recompute keeps per layer (its input)
+
+
+@dataclass
+class Place:
+    """One rank of a pipeline stage (its TP / EP peers hold shards of the same size)."""
+
+    stages: list[int]  # pipeline stages with this place's breakdown
+    chunks: list[Chunk]
+    dense_params: int  # on this rank, not expert-parallel
+    expert_params: int  # on this rank, sharded over expert parallelism
+    last: bool  # the last pipeline stage (final norm, output layer, loss)
+    output_bytes: int  # last stage: final norm, output layer and loss of one micro-batch
+    in_flight: list[int]  # chunk micro-batches held at once, per stage of ``stages``
+    memory: dict = field(default_factory=dict)  # name -> bytes (worst stage of ``stages``)
+
+    @property
+    def params(self) -> Counter:
+        total = Counter()
+        for chunk in self.chunks:
+            total.update(chunk.params)
+        return total
+
+
+@dataclass
+class Plan:
+    cfg: object
+    world_size: int
+    nnodes: int
+    nproc_per_node: int
+    places: list[Place]
+    totals: Counter  # kind -> whole-model parameters as built (padded vocabulary)
+    padded_rows_params: int  # parameters of padded vocabulary rows in ``totals``
+    total_params: int  # whole model, unpadded vocabulary, tied output counted once
+    active_params: int  # per token: routed experts counted top-k / num_experts
+    build_seconds: float
+
+
+def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: bool, etp: int,
+                           topk: int) -> tuple[int, int]:
+    """Bytes one transformer layer keeps for backward for one micro-batch, and its input.
+
+    ``tokens`` = seq_length x micro_batch_size / context_parallel_size; ``shapes`` are this
+    rank's weight shapes of the layer (so TP / expert-TP splits and GQA come out exactly).
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models")
+    give, for a GPT layer with 16-bit activations, TP t and sequence parallelism,
+    ``s*b*h*(34/t + 5*a*s/(h*t))`` bytes without recompute, ``s*b*h*34/t`` with selective
+    recompute (the attention softmax recomputed; the ``5as/h`` term is the softmax, its dropout
+    mask and the attention over values) and ``2*s*b*h/t`` per layer with full recompute (the
+    layer's input only). Megatron-LM's theoretical_memory_usage uses the same terms. Here the
+    terms are itemised for the layers mswift builds: no dropout (no masks), a flash-style
+    attention kernel that keeps q, k, v, its output and a per-row log-sum-exp but never the
+    ``s x s`` matrix (so selective recompute saves nothing more), GQA, gated MLPs. 2 bytes per
+    element, ``T`` tokens, ``t_sp`` = t with sequence parallelism else 1:
+
+    * attention: the input norm's input and the QKV input, ``2*T*h/t_sp`` each; q, k, v and the
+      attention output (= the projection's input), ``T*(q+2kv)/t + T*q/t``; q/k norm inputs
+      ``T*(q+kv)/t`` when the model has them;
+    * dense MLP: the pre-MLP norm's input and fc1's input ``2*T*h/t_sp``; fc1's output (gate
+      and up) and fc2's input ``T*(2F+F)/t`` (``(F+F)/t`` without a gate);
+    * MoE MLP: the norm's input and the router's input ``2*T*h/t_sp``; fp32 router logits and
+      scores ``8*(T/t_sp)*E``; each token copy routed to this rank (``T/t_sp*k*etp`` copies
+      with balanced routing, top-k, gathered over expert-TP) keeps its dispatched input and
+      expert output (the all-to-all buffers, ``2*h`` elements) plus fc1's output and fc2's
+      input ``(2Fe+Fe)/etp``; a shared expert keeps ``T*(2Fs+Fs)/t``.
+
+    Routing is assumed balanced: a skewed router puts more token copies on some ranks.
+    """
+    t_sp = tp if sp else 1
+    elems = 2 * tokens * hidden // t_sp  # norm input + the next linear's input
+    qkv = shapes.get("self_attention.linear_qkv.weight")
+    proj = shapes.get("self_attention.linear_proj.weight")
+    if qkv is not None and proj is not None:
+        q = proj[1]  # q heads x head dim / t on this rank
+        kv = (qkv[0] - q) // 2
+        elems += tokens * (qkv[0] + q)
+        if "self_attention.q_layernorm.weight" in shapes:
+            elems += tokens * (q + kv)
+    elems += 2 * tokens * hidden // t_sp  # the MLP's norm input + its first linear's input
+    fc1, fc2 = shapes.get("mlp.linear_fc1.weight"), shapes.get("mlp.linear_fc2.weight")
+    if fc1 is not None:
+        elems += tokens * (fc1[0] + fc2[1])
+    extra = 0
+    router = shapes.get("mlp.router.weight")
+    if router is not None:
+        local_tokens = tokens // t_sp
+        extra += 8 * local_tokens * router[0]
+        e1 = shapes.get("mlp.experts.local_experts.0.linear_fc1.weight")
+        e2 = shapes.get("mlp.experts.local_experts.0.linear_fc2.weight")
+        if e1 is not None:
+            elems += local_tokens * topk * etp * (2 * hidden + e1[0] + e2[1])
+        s1 = shapes.get("mlp.shared_experts.linear_fc1.weight")
+        s2 = shapes.get("mlp.shared_experts.linear_fc2.weight")
+        if s1 is not None:
+            elems += tokens * (s1[0] + s2[1])
+    return 2 * elems + extra, 2 * tokens * hidden // t_sp
+
+
+def in_flight_micro_batches(pp: int, vpp: int, stage: int, micro_batches: int) -> int:
+    """Chunk micro-batches whose activations a pipeline stage holds at once (its peak).
+
+    megatron-core's schedules: 1F1B runs ``min(pp - stage - 1, M)`` warm-up forwards before its
+    first backward, so ``pp - stage`` micro-batches (at most M) are held; the interleaved
+    schedule runs ``(pp - stage - 1) * 2 + (vpp - 1) * pp`` warm-up chunk forwards (at most
+    ``M * vpp``), each holding one chunk's activations.
+    """
+    if pp == 1:
+        return 1
+    if vpp == 1:
+        return min(pp - stage, micro_batches)
+    total = micro_batches * vpp
+    return min((pp - stage - 1) * 2 + (vpp - 1) * pp + 1, total)
+
+
+def _layer_shapes(layer) -> dict:
+    return {name: tuple(p.shape) for name, p in layer.named_parameters()}
+
+
+def _chunk(chunk_model, cfg, tokens: int) -> tuple[Chunk, int, int]:
+    """A built GPTModel chunk -> its Chunk record, dense and expert parameter counts."""
+    par, m = cfg.parallel, cfg.model
+    tp = par.tensor_model_parallel_size
+    etp = par.expert_tensor_parallel_size or tp
+    params, dense, expert = Counter(), 0, 0
+    for name, p in chunk_model.named_parameters():
+        params[param_kind(name)] += p.numel()
+        if getattr(p, "allreduce", True):
+            dense += p.numel()
+        else:
+            expert += p.numel()
+    layers, moe, acts, largest, inputs = [], 0, 0, 0, 0
+    for layer in chunk_model.decoder.layers:
+        layers.append(layer.layer_number - 1)
+        shapes = _layer_shapes(layer)
+        moe += "mlp.router.weight" in shapes
+        act, layer_input = layer_activation_bytes(
+            shapes, tokens, m.hidden_size, tp, par.sequence_parallel, etp, m.moe_router_topk)
+        acts += act
+        largest = max(largest, act)
+        inputs += layer_input
+    return Chunk(layers, moe, params, acts, largest, inputs), dense, expert
+
+
+def _output_bytes(cfg, tokens: int, padded_vocab: int) -> int:
+    """Last stage, one micro-batch: final norm and output-layer inputs (bf16) and the logits:
+    bf16 logits, the fp32 copy megatron-core's vocab-parallel cross entropy makes and the fp32
+    softmax it keeps for backward (10 bytes per logit of this rank's vocabulary shard)."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    t_sp = tp if cfg.parallel.sequence_parallel else 1
+    return 2 * 2 * tokens * cfg.model.hidden_size // t_sp + 10 * tokens * padded_vocab // tp
+
+
+def build_places(cfg, world_size: int) -> tuple[list[tuple[int, list[Chunk], int, int, bool]],
+                                                float]:
+    """Per pipeline stage: (stage, chunks, dense params, expert params, is last stage), built on
+    the meta device at a fake rank of that stage; and the seconds the building took."""
+    import torch
+    import torch.distributed as dist
+    # Importing this torch module registers the "fake" backend: collectives that do nothing,
+    # one process standing for any rank of any world size.
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401
+    from megatron.core import parallel_state
+
+    from mswift.models.build import build_model, transformer_config
+    from mswift.runtime.cpu_layer import enable_cpu_layer
+
+    enable_cpu_layer()  # megatron-core's MoE dispatcher asks for a CUDA stream while built
+    par = cfg.parallel
+    tokens = cfg.data.seq_length * cfg.training.micro_batch_size // par.context_parallel_size
+    if dist.is_initialized():
+        raise RuntimeError("mswift plan builds in a process without a process group")
+    start = time.perf_counter()
+    stages, out = None, []
+    rank = 0
+    while True:
+        dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
+        try:
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=par.tensor_model_parallel_size,
+                pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+                virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+                context_parallel_size=par.context_parallel_size,
+                expert_model_parallel_size=par.expert_model_parallel_size,
+                expert_tensor_parallel_size=par.expert_tensor_parallel_size,
+                create_gloo_process_groups=False,
+            )
+            if stages is None:  # the first rank of each stage: rank 0's pipeline group
+                stages = dist.get_process_group_ranks(
+                    parallel_state.get_pipeline_model_parallel_group())
+            stage = parallel_state.get_pipeline_model_parallel_rank()
+            with warnings.catch_warnings():  # advice on training numerics, not on sizes
+                warnings.filterwarnings("ignore", message=".*without fp32 routing")
+                config = transformer_config(cfg)
+            config.perform_initialization = False  # shapes only
+            with torch.device("meta"):
+                chunks = build_model(cfg, config)
+            not_meta = [n for c in chunks for n, p in c.named_parameters()
+                        if p.device.type != "meta"]
+            assert not not_meta, f"built off the meta device: {not_meta[:3]}"
+            records, dense, expert = [], 0, 0
+            for chunk in chunks:
+                record, d, e = _chunk(chunk, cfg, tokens)
+                records.append(record)
+                dense, expert = dense + d, expert + e
+            last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            out.append((stage, records, dense, expert, last))
+            del chunks
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+        if len(out) == len(stages):
+            break
+        rank = stages[len(out)]
+    return out, time.perf_counter() - start
+
+
+def replication(kind: str, tp: int, etp: int, ep: int) -> int:
+    """How many ranks of one pipeline stage hold different shards of a kind of parameter."""
+    if kind in ("embedding", "output", "attention", "dense_mlp", "shared_experts"):
+        return tp
+    if kind == "experts":
+        return ep * etp
+    return 1  # norms, router: the same copy on every rank of the stage
+
+
+def make_plan(cfg, nnodes: int, nproc_per_node: int) -> Plan:
+    """The plan of ``cfg`` (model section filled from hf_model) on ``nnodes x nproc_per_node``
+    GPUs; ConfigError listing every way the layout does not fit (as ``mswift train``)."""
+    from mswift.models.registry import padded_vocab_for
+
+    world = nnodes * nproc_per_node
+    problems = layout_problems(cfg, world)
+    if problems:
+        raise ConfigError(problems)
+    par, m, tr = cfg.parallel, cfg.model, cfg.training
+    tp, pp, ep = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                  par.expert_model_parallel_size)
+    etp = par.expert_tensor_parallel_size or tp
+    vpp = par.virtual_pipeline_model_parallel_size or 1
+    dp = data_parallel_size(cfg, world)
+    dp_cp = dp * par.context_parallel_size
+    expert_dp = world // (etp * ep * pp)
+    micro_batches = (tr.global_batch_size or tr.micro_batch_size * dp) // (tr.micro_batch_size
+                                                                            * dp)
+    tokens = cfg.data.seq_length * tr.micro_batch_size // par.context_parallel_size
+    padded = padded_vocab_for(m, tp)
+    built, seconds = build_places(cfg, world)
+
+    totals = Counter()
+    for _, chunks, _, _, _ in built:
+        for chunk in chunks:
+            for kind, n in chunk.params.items():
+                totals[kind] += n * replication(kind, tp, etp, ep)
+    tied = not m.untie_embeddings_and_output_weights
+    if tied:  # the last stage's copy of the embedding (pp > 1) is no parameter of its own
+        totals.pop("output", None)
+    padded_rows = (padded - m.vocab_size) * m.hidden_size * (1 if tied else 2)
+    total = sum(totals.values()) - padded_rows
+    active = total
+    if m.num_experts:
+        active -= totals["experts"] * (m.num_experts - m.moe_router_topk) // m.num_experts
+
+    weight_bytes = 4 if not (tr.bf16 or tr.fp16) else 2
+    state_bytes = 12 if weight_bytes == 2 else 8  # (fp32 main param +) Adam m and v
+    places: dict[tuple, Place] = {}
+    for stage, chunks, dense, expert, last in built:
+        in_flight = in_flight_micro_batches(pp, vpp, stage, micro_batches)
+        key = (tuple((tuple(sorted(c.params.items())), c.moe_layers, c.activation_bytes)
+                     for c in chunks), dense, expert, last)
+        place = places.get(key)
+        if place is None:
+            place = places[key] = Place([], chunks, dense, expert, last,
+                                        _output_bytes(cfg, tokens, padded) if last else 0, [])
+        place.stages.append(stage)
+        place.in_flight.append(in_flight)
+    for place in places.values():
+        place.memory = _memory(place, par, weight_bytes, state_bytes, dp_cp, expert_dp)
+    return Plan(cfg, world, nnodes, nproc_per_node, list(places.values()), totals, padded_rows,
+                total, active, seconds)
+
+
+def _memory(place: Place, par, weight_bytes: int, state_bytes: int, dp_cp: int,
+            expert_dp: int) -> dict:
+    params = place.dense_params + place.expert_params
+    if par.use_distributed_optimizer:
+        optimizer = state_bytes * (place.dense_params / dp_cp + place.expert_params / expert_dp)
+    else:
+        optimizer = state_bytes * params
+    vpp = len(place.chunks)
+    in_flight = max(place.in_flight)  # the first stage of a group holds the most
+    largest_chunk = max(c.activation_bytes for c in place.chunks)
+    largest_inputs = max(c.layer_input_bytes for c in place.chunks)
+    largest_layer = max(c.max_layer_bytes for c in place.chunks)
+    # Without interleaving a "chunk micro-batch" is a whole micro-batch of the rank's layers.
+    no_recompute = in_flight * largest_chunk + place.output_bytes
+    full_recompute = in_flight * largest_inputs + largest_layer + place.output_bytes
+    memory = {
+        "weights": params * weight_bytes,
+        "grads": params * 4,
+        "optimizer": int(optimizer),
+        "activations": no_recompute,
+        "activations_full_recompute": full_recompute,
+    }
+    memory["total"] = sum(memory[k] for k in ("weights", "grads", "optimizer", "activations"))
+    memory["total_full_recompute"] = memory["total"] - no_recompute + full_recompute
+    memory["chunks"] = vpp
+    return memory
+
+
+def _b(n: int | float) -> str:
+    """A parameter count for people: 30.53B, 151.9M."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _g(n: float) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def _ranges(numbers: list[int]) -> str:
+    if len(numbers) == 1:
+        return str(numbers[0])
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ",".join(map(str, numbers))
+
+
+def format_plan(plan: Plan, gpus_gb: tuple[float, ...], reserve_gb: float) -> str:
+    cfg = plan.cfg
+    par, m, tr = cfg.parallel, cfg.model, cfg.training
+    tp, pp, ep, cp = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                      par.expert_model_parallel_size, par.context_parallel_size)
+    etp = par.expert_tensor_parallel_size or tp
+    vpp = par.virtual_pipeline_model_parallel_size
+    dp = data_parallel_size(cfg, plan.world_size)
+    expert_dp = plan.world_size // (etp * ep * pp)
+    micro = (tr.global_batch_size or tr.micro_batch_size * dp) // (tr.micro_batch_size * dp)
+    dtype = "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
+    lines = [
+        f"model: {m.hf_model or 'model section of the config'}: {m.num_layers} layers, hidden "
+        f"{m.hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups or m.num_attention_heads}"
+        f" KV groups, vocab {m.vocab_size}"
+        + (f", {m.num_experts} experts top-{m.moe_router_topk}" if m.num_experts else ""),
+        f"parameters: {_b(plan.total_params)} total ({plan.total_params:,}), "
+        f"{_b(plan.active_params)} active per token ({plan.active_params:,})"
+        + ("; routed experts counted top-k / experts" if m.num_experts else ""),
+        "  by kind: " + ", ".join(f"{KIND_NAMES[k]} {_b(plan.totals[k])}" for k in KINDS
+                                  if plan.totals.get(k)),
+        f"  padded vocabulary rows (not counted above): {_b(plan.padded_rows_params)}",
+        f"layout: {plan.world_size} GPUs = {plan.nnodes} node(s) x {plan.nproc_per_node}; TP {tp}"
+        f"{' (SP)' if par.sequence_parallel else ''} x PP {pp}"
+        f"{f' (VPP {vpp})' if vpp else ''} x CP {cp} x DP {dp}"
+        + (f"; experts: EP {ep} x expert-TP {etp} x expert-DP {expert_dp}"
+           if m.num_experts else ""),
+        f"batch: seq_length {cfg.data.seq_length} x micro_batch_size {tr.micro_batch_size}, "
+        f"{micro} micro-batch(es) per step per data-parallel rank",
+        f"memory per GPU in GiB: weights {dtype}; grads fp32 (DDP grad buffer, "
+        f"grad_reduce_in_fp32); optimizer = "
+        + ("fp32 main params + " if dtype != "fp32" else "")
+        + "Adam m, v in fp32, "
+        + (f"sharded over DP x CP {dp * cp}"
+           + (f" (experts: over expert-DP {expert_dp})" if m.num_experts else "")
+           if par.use_distributed_optimizer else "not sharded (use_distributed_optimizer=false)")
+        + f"; reserve {reserve_gb:g} GiB (CUDA context, NCCL, fragmentation)",
+    ]
+    verdicts = {g: [True, True] for g in gpus_gb}
+    for place in plan.places:
+        mem = place.memory
+        first = 0 in place.stages
+        role = ", ".join(r for r, on in (("embedding", first), ("output layer", place.last))
+                         if on)
+        lines.append("")
+        lines.append(f"pipeline stage{'s' if len(place.stages) > 1 else ''} "
+                     f"{_ranges(place.stages)}{f' ({role})' if role else ''}: one GPU of "
+                     f"{tp * cp * dp} per stage (TP/EP ranks hold equal shards)")
+        for v, chunk in enumerate(place.chunks):
+            layers = (f"layers {chunk.layers[0]}-{chunk.layers[-1]}" if chunk.layers
+                      else "no layers")
+            kinds = ", ".join(f"{KIND_NAMES[k]} {_b(chunk.params[k])}" for k in KINDS
+                              if chunk.params.get(k))
+            prefix = f"  virtual stage {v}: " if len(place.chunks) > 1 else "  "
+            lines.append(f"{prefix}{layers} ({chunk.moe_layers} MoE): "
+                         f"{_b(sum(chunk.params.values()))} parameters = {kinds}")
+        lines.append(f"  on this GPU: {_b(place.dense_params + place.expert_params)} parameters"
+                     + (f" ({_b(place.expert_params)} of them experts)"
+                        if place.expert_params else ""))
+        in_flight = max(place.in_flight)
+        unit = "chunk micro-batch(es)" if len(place.chunks) > 1 else "micro-batch(es)"
+        lines.append(
+            f"  weights {_g(mem['weights'])} + grads {_g(mem['grads'])} + optimizer "
+            f"{_g(mem['optimizer'])} + activations ({in_flight} {unit} in flight) "
+            f"{_g(mem['activations'])} = {_g(mem['total'])} GiB; with full recompute: "
+            f"activations {_g(mem['activations_full_recompute'])}, total "
+            f"{_g(mem['total_full_recompute'])} GiB")
+        fits = []
+        for gb in gpus_gb:
+            room = gb * GIB - reserve_gb * GIB
+            plain, full = mem["total"] <= room, mem["total_full_recompute"] <= room
+            verdicts[gb][0] &= plain
+            verdicts[gb][1] &= full
+            fits.append(f"{gb:g} GiB: " + ("fits" if plain else
+                                           "fits with full recompute" if full else
+                                           "does NOT fit"))
+        lines.append("  " + "; ".join(fits))
+    lines.append("")
+    summary = []
+    for gb, (plain, full) in verdicts.items():
+        summary.append(f"{gb:g} GiB GPUs: " + ("fits" if plain else
+                                               "fits only with full recompute" if full else
+                                               "does NOT fit"))
+    lines.append("verdict: " + "; ".join(summary))
+    lines.append(f"(built {sum(len(p.stages) for p in plan.places)} pipeline stage(s) on the "
+                 f"meta device in {plan.build_seconds:.1f} s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str = "mswift plan") -> int:
+    parser = argparse.ArgumentParser(prog=prog, usage=USAGE)
+    parser.add_argument("--config", required=True,
+                        help="the training YAML (as for `mswift train`); hf_model needs only its "
+                             "config.json")
+    parser.add_argument("--nnodes", type=int, required=True, help="nodes in the cluster")
+    parser.add_argument("--nproc-per-node", type=int, default=8, help="GPUs per node (8)")
+    parser.add_argument("--gpu-memory-gb", type=float, action="append",
+                        help="GPU memory in GiB to check against; repeat for several "
+                             "(default: 80 and 141, i.e. H100 and H200)")
+    parser.add_argument("--reserve-gb", type=float, default=4.0,
+                        help="GiB per GPU kept for the CUDA context, NCCL buffers and allocator "
+                             "fragmentation (4)")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    from mswift.runtime.quiet import quiet_known_warnings
+    from mswift.train.preflight import filled_from_hf_model
+
+    quiet_known_warnings()
+    problems = [f"--{name}={value}: expected a positive number"
+                for name, value in (("nnodes", args.nnodes),
+                                    ("nproc-per-node", args.nproc_per_node))
+                if value < 1]
+    try:
+        cfg = load_config(args.config, overrides)
+        filled, more = filled_from_hf_model(cfg)
+        if problems or more:
+            raise ConfigError(problems + more)
+        plan = make_plan(filled, args.nnodes, args.nproc_per_node)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, tuple(args.gpu_memory_gb or DEFAULT_GPUS_GB), args.reserve_gb))
+    return 0
