@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Entry point for pre-training and fine-tuning, under torchrun, srun or mpirun.
 
     torchrun --nproc_per_node 8 launch/pretrain_sft.py --config my.yaml key=value ...

@@ -32,3 +32,15 @@ def transformer_engine_importable() -> bool:
 def transformer_engine_available() -> bool:
     """Transformer Engine can run here: it imports and a CUDA device exists."""
     return cuda_available() and transformer_engine_importable()
+
+
+def nccl_version() -> str | None:
+    """The NCCL version torch was built with and loads (``2.27.7``), or None: no CUDA build of
+    torch, or no NCCL in it (NCCL is what multi-GPU training communicates through)."""
+    if not torch.distributed.is_nccl_available():
+        return None
+    try:
+        version = torch.cuda.nccl.version()
+    except (AttributeError, RuntimeError):  # a CPU build of torch has no NCCL library to ask
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
