@@ -19,8 +19,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter, PlanEntry
-from mswift.bridge.rules import WeightMap
+from mswift.bridge.rules import SliceReader, WeightMap
 from mswift.lazy_import import lazy_module
 
 torch = lazy_module("torch")  # hf_plan is used by the byte copies, which do without it
@@ -34,7 +35,7 @@ class HFSource:
     """Megatron tensors (TP slices) read lazily from an HF checkpoint through a weight map."""
 
     def __init__(self, ckpt: HFCheckpoint, wmap: WeightMap):
-        self.ckpt = ckpt
+        self.ckpt = SliceReader(ckpt)  # also reads one expert of a stacked tensor
         self.wmap = wmap
 
     def local(self, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -146,6 +147,9 @@ def hf_plan(wmap: WeightMap, dtypes: dict[str, torch.dtype],
     megatron tensor of ``wmap.mcore_names(to_hf_only=True)``, then its rule's HF tensors), for
     :class:`HFShardWriter`. ``dtypes``: HF name -> dtype to write; the others keep their
     megatron tensor's, ``model_dtype(megatron name)``."""
+    if wmap.has_stacked_tensors():
+        raise BridgeError("writing HF checkpoints whose experts are stacked in one tensor "
+                          "(Llama-4) is not implemented yet")
     plan = []
     for name in wmap.mcore_names(to_hf_only=True):
         rule, hf_names = wmap.lookup(name)

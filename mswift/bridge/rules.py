@@ -44,7 +44,7 @@ class Dims:
     """The sizes a weight map needs, from the model config (``mswift.models.registry.dims_for``).
 
     Shape symbols: H hidden, Q heads x head_dim, KV groups x head_dim, D head_dim, F dense MLP
-    width, FE expert MLP width, V vocabulary, E experts.
+    width, FE expert MLP width (FE2 twice it: fused gate + up), V vocabulary, E experts.
     """
 
     num_layers: int
@@ -64,7 +64,7 @@ class Dims:
         sizes = {
             "H": self.hidden, "Q": self.heads * self.head_dim,
             "KV": self.groups * self.head_dim, "D": self.head_dim, "F": self.ffn,
-            "FE": self.moe_ffn, "V": self.vocab, "E": self.experts,
+            "FE": self.moe_ffn, "FE2": 2 * self.moe_ffn, "V": self.vocab, "E": self.experts,
         }
         return sizes[symbol]
 
@@ -334,11 +334,94 @@ class FusedGateUp(Transform):
         return list(full.chunk(2, dim=0))
 
 
+class InputMajorGateUp(FusedGateUp):
+    """One HF tensor ``[H, 2F]`` (input-major, gate = first F columns, up = the rest; one
+    expert of Llama-4's fused ``gate_up_proj``) <-> ``linear_fc1`` ``[gate; up]`` ``[2F, H]``.
+    A transpose: no byte copies."""
+
+    name = "input_major_gate_up"
+
+    def local(self, src, names, tp_rank, tp_size, d):
+        width = src.shape(names[0])[1] // 2
+        start, stop = _rows(width, tp_rank, tp_size)
+        gate = src.read(names[0], 1, start, stop)  # [H, F / tp]
+        up = src.read(names[0], 1, width + start, width + stop)
+        return torch.cat([gate.t(), up.t()]).contiguous()  # [2F / tp, H]
+
+    def local_shape(self, hf_shapes, tp_size, d):
+        hidden, width2 = hf_shapes[0]
+        return (width2 // tp_size, hidden)
+
+    def tiles(self, hf_shapes, tp_rank, tp_size, d):
+        raise NotImplementedError(f"{self.name}: a transposed tensor is not a byte copy")
+
+    def to_hf(self, full, d):
+        return [full.t().contiguous()]  # [gate; up] [2F, H] -> [H, gate | up]
+
+
+class InputMajorRowParallel(RowParallel):
+    """One HF tensor ``[F, H]`` (input-major; one expert of Llama-4's fused ``down_proj``) <->
+    ``linear_fc2`` ``[H, F]``, split over TP on F. A transpose: no byte copies."""
+
+    name = "input_major_row_parallel"
+
+    def local(self, src, names, tp_rank, tp_size, d):
+        start, stop = _rows(src.shape(names[0])[0], tp_rank, tp_size)
+        return src.read(names[0], 0, start, stop).t().contiguous()  # [H, F / tp]
+
+    def local_shape(self, hf_shapes, tp_size, d):
+        width, hidden = hf_shapes[0]
+        return (hidden, width // tp_size)
+
+    def tiles(self, hf_shapes, tp_rank, tp_size, d):
+        raise NotImplementedError(f"{self.name}: a transposed tensor is not a byte copy")
+
+    def to_hf(self, full, d):
+        return [full.t().contiguous()]
+
+
+_SLICE = re.compile(r"(?P<base>.+)\[(?P<index>\d+)\]")
+
+
+def stacked_slice(hf_name: str) -> tuple[str, int] | None:
+    """``(name, i)`` for an HF name written ``name[i]``: slice ``i`` of dim 0 of the stacked
+    tensor ``name`` (Llama-4 keeps all experts of a layer in one tensor; a rule writes
+    ``...gate_up_proj[{expert}]``); None for a plain name."""
+    match = _SLICE.fullmatch(hf_name)
+    return (match["base"], int(match["index"])) if match else None
+
+
+class SliceReader:
+    """A :class:`TensorReader` that also reads ``name[i]`` (:func:`stacked_slice`): it reads
+    only that slice of the stacked tensor, then its rows or columns."""
+
+    def __init__(self, src: TensorReader):
+        self.src = src
+
+    def read(self, name, dim=None, start=0, stop=0):
+        sliced = stacked_slice(name)
+        if sliced is None:
+            return self.src.read(name, dim, start, stop)
+        base, index = sliced
+        tensor = self.src.read(base, 0, index, index + 1)[0]
+        return tensor if dim is None else tensor.narrow(dim, start, stop - start)
+
+    def shape(self, name):
+        sliced = stacked_slice(name)
+        return self.src.shape(name) if sliced is None else tuple(self.src.shape(sliced[0])[1:])
+
+    def dtype(self, name):
+        sliced = stacked_slice(name)
+        return self.src.dtype(name if sliced is None else sliced[0])
+
+
 REPLICATED = Replicated()
 ROW_PARALLEL = RowParallel()
 VOCAB_PARALLEL = VocabParallel()
 FUSED_QKV = FusedQKV()
 FUSED_GATE_UP = FusedGateUp()
+INPUT_MAJOR_GATE_UP = InputMajorGateUp()
+INPUT_MAJOR_ROW_PARALLEL = InputMajorRowParallel()
 
 
 @dataclass(frozen=True)
@@ -430,8 +513,16 @@ class WeightMap:
             if not rule.to_hf:
                 continue
             for _, hf_names, _ in self.expand(rule):
-                shapes.update(zip(hf_names, rule.hf_shapes(self.dims)))
+                for hf_name, shape in zip(hf_names, rule.hf_shapes(self.dims)):
+                    sliced = stacked_slice(hf_name)
+                    if sliced is None:
+                        shapes[hf_name] = shape
+                    else:  # one stacked tensor holds every expert
+                        shapes[sliced[0]] = (self.dims.experts,) + shape
         return shapes
+
+    def has_stacked_tensors(self) -> bool:
+        return any(h.endswith("[{expert}]") for rule in self.rules for h in rule.hf)
 
 
 def _model_order(name: str):

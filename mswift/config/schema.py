@@ -130,6 +130,26 @@ class ModelConfig(_Section):
     # Which layers are MoE: one 1 (MoE) or 0 (dense MLP of ffn_hidden_size) per layer;
     # None = every layer is MoE when num_experts is set.
     moe_layer_freq: Optional[list[int]] = setting(None, "0/1 per layer: which are MoE")
+    moe_shared_expert_intermediate_size: Optional[int] = setting(
+        None, "width of the shared expert every MoE layer adds; None = no shared expert")
+    # Llama-4 routing: the router weight scales the expert's input instead of its output.
+    moe_apply_probs_on_input: bool = setting(False, "router weight scales the expert input (top-1)")
+    # The HF family whose per-layer specs build the model (set from config.json); None = the
+    # same megatron-core layer for every layer. The settings below need the llama4 family.
+    family: Optional[str] = setting(None, "HF family that builds the layers (from config.json)")
+    rotary_interleaved: bool = setting(
+        False, "RoPE rotates adjacent pairs (Llama-4) instead of the two halves of a head")
+    # 0/1 per layer: 1 = no position encoding in that layer (Llama-4's NoPE layers).
+    nope_layers: Optional[list[int]] = setting(None, "0/1 per layer: 1 = NoPE layer")
+    qk_l2_norm: bool = setting(
+        False, "q and k heads scaled to unit RMS (no weights) on RoPE layers (Llama-4)")
+    attention_chunk_size: Optional[int] = setting(
+        None, "RoPE layers attend inside aligned chunks of this many tokens of a sample")
+    # NoPE layers scale q by log1p(floor((pos + 1) / floor_scale)) * attn_temperature_scale + 1,
+    # pos = position inside the sample (Llama-4 attention temperature tuning); None = off.
+    attn_temperature_floor_scale: Optional[float] = setting(
+        None, "NoPE layers' query temperature: floor_scale; None = off")
+    attn_temperature_scale: float = setting(0.1, "NoPE layers' query temperature: attn_scale")
 
     def extra_problems(self):
         problems = []
@@ -156,12 +176,35 @@ class ModelConfig(_Section):
                 f"moe_layer_freq={freq}: expected one 0 or 1 per layer (num_layers="
                 f"{self.num_layers}), with num_experts set"
             )
+        problems += self._layer_pattern_problems()
         if (self.rope_scaling_type == "llama3"
                 and self.rope_high_freq_factor < self.rope_low_freq_factor):
             problems.append(
                 f"rope_high_freq_factor={self.rope_high_freq_factor}: expected at least "
                 f"rope_low_freq_factor={self.rope_low_freq_factor}"
             )
+        return problems
+
+    def _layer_pattern_problems(self) -> list[str]:
+        problems = []
+        nope = self.nope_layers
+        if nope is not None and (len(nope) != self.num_layers or set(nope) - {0, 1}):
+            problems.append(f"nope_layers={nope}: expected one 0 or 1 per layer (num_layers="
+                            f"{self.num_layers})")
+        llama4_only = {"qk_l2_norm": self.qk_l2_norm,
+                       "attention_chunk_size": self.attention_chunk_size,
+                       "attn_temperature_floor_scale": self.attn_temperature_floor_scale}
+        for key, value in llama4_only.items():
+            if value and self.family != "llama4":
+                problems.append(f"{key}={value!r}: only the llama4 family's layers have it "
+                                f"(family={self.family!r})")
+        for key in ("attention_chunk_size", "attn_temperature_floor_scale"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                problems.append(f"{key}={value!r}: expected a positive number or None")
+        if self.moe_apply_probs_on_input and self.moe_router_topk != 1:
+            problems.append(f"moe_apply_probs_on_input=true: needs moe_router_topk=1, got "
+                            f"{self.moe_router_topk}")
         return problems
 
 

@@ -22,7 +22,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mswift.kernels import varlen_attention
+from mswift.kernels import (
+    llama4_attn_temperature_scale,
+    positions_from_cu_seqlens,
+    varlen_attention,
+)
 
 ATTENTION_BACKENDS = ("auto", "local", "torch", "triton")
 
@@ -50,6 +54,8 @@ class VarlenCoreAttention(MegatronModule):
         cp_comm_type: str | None = None,
         pg_collection=None,
         backend: str = "torch",
+        chunk_size: int | None = None,
+        temperature: tuple[float, float] | None = None,
     ):
         super().__init__(config=config)
         self.backend = kernel_backend(backend)
@@ -65,6 +71,10 @@ class VarlenCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         window = getattr(config, "window_size", None)
         self.window_size = tuple(window) if window is not None else (-1, -1)
+        # Llama-4 (set per layer by the family's layer spec): chunked attention inside each
+        # sample, and the (floor_scale, attn_scale) of query temperature tuning.
+        self.chunk_size = chunk_size
+        self.temperature = temperature
 
     def forward(
         self,
@@ -88,16 +98,27 @@ class VarlenCoreAttention(MegatronModule):
             return self._packed(query, key, value, packed_seq_params, causal, scale)
         return self._batched(query, key, value, causal, scale)
 
+    def _tuned(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """q scaled by the temperature of each token's position in its sample (as HF's
+        Llama4TextAttention does in fp32, then back to q's dtype); q unchanged when off.
+        ``positions`` index q's first dim."""
+        if self.temperature is None:
+            return q
+        scale = llama4_attn_temperature_scale(positions, *self.temperature)  # [tokens]
+        return (q * scale.view(-1, *([1] * (q.dim() - 1)))).to(q.dtype)
+
     def _packed(self, q, k, v, params: PackedSeqParams, causal: bool, scale: float):
         # q: [tokens, heads, dq]; k: [tokens, groups, dq]; v: [tokens, groups, dv]
         cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None \
             else params.cu_seqlens_q
         cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None \
             else params.cu_seqlens_kv
+        if self.temperature is not None:
+            q = self._tuned(q, positions_from_cu_seqlens(cu_q, total=q.shape[0]))
         out = varlen_attention(
             q, k, v, cu_q.int(), cu_k.int(), params.max_seqlen_q, params.max_seqlen_kv,
             softmax_scale=scale, causal=causal, window_size=self.window_size,
-            backend=self.backend,
+            chunk_size=self.chunk_size, backend=self.backend,
         )
         return out.reshape(out.shape[0], -1)  # [tokens, heads * dv]
 
@@ -105,6 +126,7 @@ class VarlenCoreAttention(MegatronModule):
         # q: [seq, batch, heads, dq] -> one packed sample per batch row
         sq, b = q.shape[0], q.shape[1]
         sk = k.shape[0]
+        q = self._tuned(q, torch.arange(sq, device=q.device))
 
         def to_thd(t):
             return t.transpose(0, 1).reshape(b * t.shape[0], t.shape[2], t.shape[3])
@@ -114,7 +136,7 @@ class VarlenCoreAttention(MegatronModule):
         out = varlen_attention(
             to_thd(q), to_thd(k), to_thd(v), cu_q, cu_k, sq, sk,
             softmax_scale=scale, causal=causal, window_size=self.window_size,
-            backend=self.backend,
+            chunk_size=self.chunk_size, backend=self.backend,
         )
         # [batch * seq, heads, dv] -> [seq, batch, heads * dv]
         return out.reshape(b, sq, -1).transpose(0, 1).contiguous()

@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mswift.config.schema import MswiftConfig
+from mswift.models.registry import family_named
 from mswift.models.rope import apply_rope_scaling
 from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size  # noqa: F401
 from mswift.models.spec import gpt_block_spec
@@ -46,6 +47,8 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
             moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
             moe_layer_freq=list(m.moe_layer_freq) if m.moe_layer_freq is not None else 1,
             moe_grouped_gemm=False,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_apply_probs_on_input=m.moe_apply_probs_on_input,
         )
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -61,6 +64,8 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
+        rotary_interleaved=m.rotary_interleaved,
+        no_rope_freq=list(m.nope_layers) if m.nope_layers is not None else None,
         attention_dropout=m.attention_dropout,
         hidden_dropout=m.hidden_dropout,
         init_method_std=m.init_method_std,
@@ -97,13 +102,18 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
                               cfg.parallel.tensor_model_parallel_size)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
+    family = family_named(m.family) if m.family is not None else None
     chunks = []
     for stage in range(vpp):
         vp_stage = stage if vpp > 1 else None
+        if family is not None:
+            spec = family.block_spec(config, m, vp_stage=vp_stage,
+                                     attention_backend=m.attention_backend)
+        else:
+            spec = gpt_block_spec(config, vp_stage=vp_stage, attention_backend=m.attention_backend)
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_block_spec(config, vp_stage=vp_stage,
-                                                  attention_backend=m.attention_backend),
+            transformer_layer_spec=spec,
             vocab_size=vocab,
             max_sequence_length=m.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,

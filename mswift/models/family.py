@@ -123,7 +123,9 @@ def decoder_fields(hf: HFConfigReader, tie_default: bool = False) -> dict:
         # section from config.json leaves no earlier value of theirs behind.
         add_bias_linear=False, add_qkv_bias=False, qk_layernorm=False, num_experts=None,
         moe_layer_freq=None, moe_router_pre_softmax=False, moe_router_topk_scaling_factor=None,
-        moe_router_score_function="softmax",
+        moe_router_score_function="softmax", moe_shared_expert_intermediate_size=None,
+        moe_apply_probs_on_input=False, rotary_interleaved=False, nope_layers=None,
+        qk_l2_norm=False, attention_chunk_size=None, attn_temperature_floor_scale=None,
     )
 
 
@@ -142,18 +144,29 @@ class ModelFamily:
     debug_config: dict = field(default_factory=dict)
     # HF tensors that hold no weights and are dropped (e.g. old checkpoints' rotary inv_freq).
     ignored_tensors: tuple[str, ...] = ()
+    # The spec of one layer, as megatron-core's get_gpt_decoder_block_spec builds layer specs
+    # from a pattern: (ModelConfig, model-wide layer number from 0, the spec megatron-core built
+    # for that layer, with mswift's modules) -> that layer's spec. None: megatron-core's spec
+    # for every layer (MoE or dense by moe_layer_freq; qk-norm and biases by the config).
+    layer_spec: Callable[[Any, int, Any], Any] | None = None
 
-    def block_spec(self, config, vp_stage: int | None = None):
-        """The layer spec: megatron-core's local spec with mswift's norm; qk-norm, MoE layers
-        and biases follow from the TransformerConfig. (Imported here: offline conversions never
-        load megatron-core.)"""
+    def block_spec(self, config, model, vp_stage: int | None = None,
+                   attention_backend: str = "auto"):
+        """The layers of this pipeline stage (and virtual stage) plus the final norm, each
+        layer's spec from :attr:`layer_spec`. ``config``: the TransformerConfig; ``model``: the
+        ModelConfig. (Imported here: offline conversions never load megatron-core.)"""
         from mswift.models.spec import gpt_block_spec
 
-        return gpt_block_spec(config, vp_stage=vp_stage)
+        per_layer = None
+        if self.layer_spec is not None:
+            def per_layer(layer, spec):
+                return self.layer_spec(model, layer, spec)
+        return gpt_block_spec(config, vp_stage=vp_stage, attention_backend=attention_backend,
+                              layer_spec=per_layer)
 
     def model_config_fields(self, config: dict) -> dict:
         hf = HFConfigReader(config, self.name)
-        fields = self.config_fields(hf)
+        fields = {**self.config_fields(hf), "family": self.name}
         hf.raise_problems()
         return fields
 

@@ -49,3 +49,17 @@ class Norm(torch.nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x32.to(x.dtype)
+
+
+class WeightlessRMSNorm(torch.nn.Module):
+    """RMS normalisation without a weight: Llama-4's qk norm (HF ``Llama4TextL2Norm``), which
+    scales each q / k head to unit root-mean-square in fp32. It has no parameters, so nothing
+    about it depends on tensor or sequence parallelism."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)

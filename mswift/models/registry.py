@@ -16,11 +16,19 @@ from mswift.config.schema import ConfigError, ModelConfig, MswiftConfig
 from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size
 from mswift.models.family import ModelFamily
 
-_FAMILY_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+_FAMILY_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe", "llama4")
 
 
 def families() -> list[ModelFamily]:
     return [importlib.import_module(f"mswift.models.{m}").FAMILY for m in _FAMILY_MODULES]
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family called ``name`` (a ModelConfig's ``family`` setting)."""
+    by_name = {f.name: f for f in families()}
+    if name not in by_name:
+        raise ValueError(f"family={name!r}: expected one of {', '.join(sorted(by_name))}")
+    return by_name[name]
 
 
 def family_for(config: dict, where: str = "config.json") -> ModelFamily:

@@ -9,12 +9,17 @@ parallelism work without Transformer Engine, and megatron-core's DotProductAtten
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_transformer_layer_offset,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mswift.models.attention import VarlenCoreAttention, kernel_backend
@@ -51,13 +56,27 @@ def replace_modules(spec, mapping: dict):
     return spec
 
 
+def stage_layer_numbers(config: TransformerConfig, count: int,
+                        vp_stage: int | None = None) -> list[int]:
+    """Model-wide numbers (from 0) of the ``count`` layers this pipeline (virtual) stage builds,
+    as megatron-core's get_gpt_decoder_block_spec picks them."""
+    layout = config.pipeline_model_parallel_layout
+    if layout is not None:
+        return list(layout.get_layer_id_list(layer_type=LayerType.decoder, vp_stage=vp_stage))
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    return list(range(offset, offset + count))
+
+
 def gpt_block_spec(
-    config: TransformerConfig, vp_stage: int | None = None, attention_backend: str = "auto"
+    config: TransformerConfig, vp_stage: int | None = None, attention_backend: str = "auto",
+    layer_spec: Callable[[int, ModuleSpec], ModuleSpec] | None = None,
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline stage (and virtual stage) builds, plus the final norm.
 
     ``attention_backend``: ``local`` keeps megatron-core's DotProductAttention; ``torch``,
     ``triton`` and ``auto`` use :class:`VarlenCoreAttention` (packed sequences).
+    ``layer_spec(layer, spec)``: the spec of model-wide layer ``layer`` (from 0), given the one
+    built here (a family's per-layer choices, :attr:`mswift.models.family.ModelFamily.layer_spec`).
     """
     spec = get_gpt_decoder_block_spec(
         config,
@@ -70,4 +89,9 @@ def gpt_block_spec(
         mapping[DotProductAttention] = ModuleSpec(
             module=VarlenCoreAttention, params={"backend": kernel_backend(attention_backend)}
         )
-    return replace_modules(spec, mapping)
+    spec = replace_modules(spec, mapping)
+    if layer_spec is None:
+        return spec
+    numbers = stage_layer_numbers(config, len(spec.layer_specs), vp_stage)
+    return dataclasses.replace(spec, layer_specs=[
+        layer_spec(number, layer) for number, layer in zip(numbers, spec.layer_specs)])

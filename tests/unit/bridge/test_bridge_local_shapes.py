@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mswift.bridge.hf_io import HFCheckpoint
-from mswift.bridge.rules import WeightMap, matrix_shape
+from mswift.bridge.rules import SliceReader, WeightMap, matrix_shape
 from mswift.models.registry import (
     dims_for,
     families,
@@ -30,8 +30,10 @@ def every_tensor(ckpt: HFCheckpoint):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_local_shape_is_the_shape_of_local_and_split(tmp_path, name):
-    ckpt = HFCheckpoint(save_tiny_hf_model(name, tmp_path / name))
-    for mcore, rule, hf_names, tp, d in every_tensor(ckpt):
+    """Also: the merged slices give the HF tensors back (``to_hf``); one expert of a stacked
+    tensor (Llama-4) is read through the bridge's SliceReader."""
+    ckpt = SliceReader(HFCheckpoint(save_tiny_hf_model(name, tmp_path / name)))
+    for mcore, rule, hf_names, tp, d in every_tensor(ckpt.src):
         transform = rule.transform
         shards = [transform.local(ckpt, hf_names, r, tp, d) for r in range(tp)]
         full = transform.merge(shards, d)
@@ -39,6 +41,9 @@ def test_local_shape_is_the_shape_of_local_and_split(tmp_path, name):
         for r, shard in enumerate(shards):
             assert tuple(shard.shape) == expected, (mcore, tp, r)
             assert tuple(transform.split(full, r, tp, d).shape) == expected, (mcore, tp, r)
+        if not transform.pads:
+            for hf_name, tensor in zip(hf_names, transform.to_hf(full, d)):
+                assert torch.equal(tensor, ckpt.read(hf_name)), (mcore, hf_name, tp)
 
 
 def _from_tiles(ckpt, hf_names, tiles, shape, dtype):
@@ -64,6 +69,10 @@ def test_tiles_give_the_slices_local_reads(tmp_path, name):
     ckpt = HFCheckpoint(save_tiny_hf_model(name, tmp_path / name))
     for mcore, rule, hf_names, tp, d in every_tensor(ckpt):
         shape = rule.transform.local_shape(rule.hf_shapes(d), tp, d)
+        if rule.transform.name.startswith("input_major"):  # Llama-4 experts: transposes
+            with pytest.raises(NotImplementedError, match="not a byte copy"):
+                rule.transform.tiles(rule.hf_shapes(d), 0, tp, d)
+            continue
         for r in range(tp):
             tiles = rule.transform.tiles(rule.hf_shapes(d), r, tp, d)
             expected = rule.transform.local(ckpt, hf_names, r, tp, d)
