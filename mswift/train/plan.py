@@ -139,21 +139,23 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
     ``s x s`` matrix (so selective recompute saves nothing more), GQA, gated MLPs. 2 bytes per
     element, ``T`` tokens, ``t_sp`` = t with sequence parallelism else 1:
 
-    * attention: the input norm's input and the QKV input, ``2*T*h/t_sp`` each; q, k, v and the
-      attention output (= the projection's input), ``T*(q+2kv)/t + T*q/t``; q/k norm inputs
-      ``T*(q+kv)/t`` when the model has them;
-    * dense MLP: the pre-MLP norm's input and fc1's input ``2*T*h/t_sp``; fc1's output (gate
-      and up) and fc2's input ``T*(2F+F)/t`` (``(F+F)/t`` without a gate);
+    * each norm (mswift's :class:`~mswift.models.norm.Norm`, measured): its fp32 input copy,
+      the normalised x and its output (the next linear's input), ``4*T*h/t_sp`` elements;
+    * attention: q, k, v and the attention output (= the projection's input),
+      ``T*(q+2kv)/t + T*q/t``; q/k norms ``3*T*(q+kv)/t`` when the model has them;
+    * dense MLP: fc1's output (gate and up), silu(gate) and fc2's input ``T*4F/t`` (megatron-
+      core's unfused SwiGLU; ``2F/t`` without a gate);
     * MoE MLP: the norm's input and the router's input ``2*T*h/t_sp``; fp32 router logits and
       scores ``8*(T/t_sp)*E``; each token copy routed to this rank (``T/t_sp*k*etp`` copies
       with balanced routing, top-k, gathered over expert-TP) keeps its dispatched input and
-      expert output (the all-to-all buffers, ``2*h`` elements) plus fc1's output and fc2's
-      input ``(2Fe+Fe)/etp``; a shared expert keeps ``T*(2Fs+Fs)/t``.
+      expert output (the all-to-all buffers, ``2*h`` elements) plus its MLP's ``4Fe/etp``; a
+      shared expert keeps ``T*4Fs/t``.
 
     Routing is assumed balanced: a skewed router puts more token copies on some ranks.
     """
     t_sp = tp if sp else 1
-    elems = 2 * tokens * hidden // t_sp  # norm input + the next linear's input
+    norm = 4 * tokens * hidden // t_sp  # mswift's Norm: fp32 input, normalised x, output
+    elems = norm
     qkv = shapes.get("self_attention.linear_qkv.weight")
     proj = shapes.get("self_attention.linear_proj.weight")
     if qkv is not None and proj is not None:
@@ -161,11 +163,11 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
         kv = (qkv[0] - q) // 2
         elems += tokens * (qkv[0] + q)
         if "self_attention.q_layernorm.weight" in shapes:
-            elems += tokens * (q + kv)
-    elems += 2 * tokens * hidden // t_sp  # the MLP's norm input + its first linear's input
+            elems += 3 * tokens * (q + kv)  # the same Norm on q and k heads
+    elems += norm  # the MLP's norm
     fc1, fc2 = shapes.get("mlp.linear_fc1.weight"), shapes.get("mlp.linear_fc2.weight")
     if fc1 is not None:
-        elems += tokens * (fc1[0] + fc2[1])
+        elems += tokens * _mlp_elements(fc1, fc2)
     extra = 0
     router = shapes.get("mlp.router.weight")
     if router is not None:
@@ -174,12 +176,20 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
         e1 = shapes.get("mlp.experts.local_experts.0.linear_fc1.weight")
         e2 = shapes.get("mlp.experts.local_experts.0.linear_fc2.weight")
         if e1 is not None:
-            elems += local_tokens * topk * etp * (2 * hidden + e1[0] + e2[1])
+            elems += local_tokens * topk * etp * (2 * hidden + _mlp_elements(e1, e2))
         s1 = shapes.get("mlp.shared_experts.linear_fc1.weight")
         s2 = shapes.get("mlp.shared_experts.linear_fc2.weight")
         if s1 is not None:
-            elems += tokens * (s1[0] + s2[1])
+            elems += tokens * _mlp_elements(s1, s2)
     return 2 * elems + extra, 2 * tokens * hidden // t_sp
+
+
+def _mlp_elements(fc1: tuple, fc2: tuple) -> int:
+    """Per token: fc1's output and fc2's input, plus ``silu(gate)`` when fc1 is gated (twice
+    fc2's input width): megatron-core's unfused SwiGLU (mswift sets bias_activation_fusion
+    off) keeps gate, up, silu(gate) and their product."""
+    gated = fc1[0] == 2 * fc2[1]
+    return fc1[0] + fc2[1] * (2 if gated else 1)
 
 
 def in_flight_micro_batches(pp: int, vpp: int, stage: int, micro_batches: int) -> int:
