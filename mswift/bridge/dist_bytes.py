@@ -48,7 +48,7 @@ from mswift.bridge.byte_copy import (
 )
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.legacy import read_iteration_dir
-from mswift.bridge.rules import FusedGateUp, WeightMap
+from mswift.bridge.rules import TE_FUSED_NORMS, FusedGateUp, WeightMap
 from mswift.bridge.safe_pickle import UnsafeCheckpointError, check_metadata_global
 from mswift.bridge.torch_file import (
     DRY_RUN,
@@ -70,8 +70,8 @@ EMBEDDING_KEY = "embedding.word_embeddings.weight"
 ITEM_ALIGNMENT = 4096  # items start on a page (their storage record: at its page phase)
 _DCP = "torch.distributed.checkpoint.metadata"
 # Norms megatron stores under the linear layer they are fused into (TE's LayerNormLinear).
-_FUSED_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-                "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+_FUSED_NORMS = {local + part: fused + part for fused, local in TE_FUSED_NORMS
+                for part in ("weight", "bias")}
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter, PlanEntry
-from mswift.bridge.rules import SliceReader, WeightMap
+from mswift.bridge.rules import SliceReader, WeightMap, local_spec_name
 from mswift.lazy_import import lazy_module
 
 torch = lazy_module("torch")  # hf_plan is used by the byte copies, which do without it
@@ -50,7 +50,9 @@ class HFSource:
 
 def global_name(chunk, local: str) -> str:
     """``decoder.layers.0.mlp.experts.local_experts.1.x`` on a later stage / EP rank ->
-    the same tensor's model-wide name (e.g. layer 4, expert 3)."""
+    the same tensor's model-wide name (e.g. layer 4, expert 3), as the weight map names it
+    (a Transformer Engine layer's fused norm by its local-spec name)."""
+    local = local_spec_name(local)
     match = _LAYER.match(local)
     if not match:
         return local
@@ -77,7 +79,8 @@ def model_tensors(chunks) -> list[tuple[str, torch.Tensor]]:
     out = []
     for chunk in chunks:
         for local, tensor in chunk.state_dict(keep_vars=True).items():
-            if isinstance(tensor, torch.Tensor):
+            # Transformer Engine keeps its FP8 metadata as an ``_extra_state`` tensor
+            if isinstance(tensor, torch.Tensor) and not local.endswith("._extra_state"):
                 out.append((global_name(chunk, local), tensor))
     return out
 

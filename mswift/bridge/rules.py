@@ -423,6 +423,23 @@ FUSED_GATE_UP = FusedGateUp()
 INPUT_MAJOR_GATE_UP = InputMajorGateUp()
 INPUT_MAJOR_ROW_PARALLEL = InputMajorRowParallel()
 
+# Weight maps name a layer's norms as megatron-core's local spec does. Its Transformer Engine
+# spec fuses them into the next linear layer (TELayerNormColumnParallelLinear), where they are
+# parameters of that layer; the local spec saves its norms under those same names (its
+# sharded_state_dict_keys_map), so torch_dist checkpoints agree and only live models differ.
+TE_FUSED_NORMS = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+                  ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
+
+
+def local_spec_name(name: str) -> str:
+    """A layer parameter's name in the local spec (``...linear_qkv.layer_norm_weight`` ->
+    ``...input_layernorm.weight``); other names unchanged."""
+    for fused, local in TE_FUSED_NORMS:
+        head, sep, tail = name.partition("." + fused)
+        if sep:
+            return f"{head}.{local}{tail}"
+    return name
+
 
 @dataclass(frozen=True)
 class Rule:

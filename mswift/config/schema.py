@@ -102,11 +102,22 @@ class ModelConfig(_Section):
     add_bias_linear: bool = setting(False, "biases in every linear layer")
     add_qkv_bias: bool = setting(False, "biases on q/k/v only (Qwen2)")
     qk_layernorm: bool = setting(False, "RMSNorm on q and k heads (Qwen3)")
+    # Layer implementation (Megatron-LM's --transformer-impl): transformer_engine = megatron-core's
+    # Transformer Engine spec (layernorm fused into the next linear layer, TE GEMMs, FP8);
+    # local = megatron-core's own modules with mswift's norm (never apex); auto =
+    # transformer_engine when TE imports and a CUDA device exists, else local
+    # (mswift.models.impl).
+    transformer_impl: str = choice(
+        "auto", ("auto", "local", "transformer_engine"),
+        "layer implementation; auto = transformer_engine when TE runs here, else local")
     # Core attention: local = megatron-core's DotProductAttention (no packed sequences);
     # torch / triton = mswift's varlen attention on its torch reference / Triton kernels;
-    # auto = triton with CUDA, else torch.
-    attention_backend: str = choice("auto", ("auto", "local", "torch", "triton"),
-                                     "core attention; auto = triton with CUDA, else torch")
+    # te = Transformer Engine's fused attention (packed THD batches; transformer_engine layers,
+    # bf16/fp16 only); auto = te when TE runs here with transformer_engine layers and bf16/fp16,
+    # else triton with CUDA, else torch.
+    attention_backend: str = choice(
+        "auto", ("auto", "local", "torch", "triton", "te"),
+        "core attention; auto = te (TE layers, bf16/fp16), else triton with CUDA, else torch")
     attention_dropout: float = setting(0.0, "dropout on attention probabilities")
     hidden_dropout: float = setting(0.0, "dropout after attention and MLP")
     init_method_std: float = positive(0.02, "std of the random initial weights")
@@ -344,6 +355,16 @@ class TrainingConfig(_Section):
     clip_grad: float = setting(1.0, "global grad-norm clip; 0 = off")
     bf16: bool = setting(False, "train in bfloat16 (fp32 master weights)")
     fp16: bool = setting(False, "train in float16 with loss scaling")
+    # FP8 GEMMs through Transformer Engine (Megatron-LM's --fp8-format; needs
+    # transformer_impl=transformer_engine or auto on a machine with TE): e4m3 everywhere, or
+    # hybrid (e4m3 forward, e5m2 gradients). Weights, norms and attention stay in bf16/fp16.
+    fp8: Optional[str] = choice(None, (None, "e4m3", "hybrid"),
+                                "FP8 GEMMs via Transformer Engine; None = off")
+    # How FP8 scales are chosen (Megatron-LM's --fp8-recipe): delayed (amax history),
+    # tensorwise (current scaling), blockwise (DeepSeek-V3 style 128-blocks, Hopper),
+    # mxfp8 (Blackwell).
+    fp8_recipe: str = choice("delayed", ("delayed", "tensorwise", "blockwise", "mxfp8"),
+                             "FP8 scaling recipe (with fp8 set)")
     seed: int = setting(1234, "random seed (model init, data order)")
     log_interval: int = positive(1, "print a progress line every N steps")
     # pt: loss on every token; sft: loss on the tokens data.loss_on selects (chat templates).
@@ -371,6 +392,9 @@ class TrainingConfig(_Section):
         problems = []
         if self.bf16 and self.fp16:
             problems.append("bf16 and fp16: expected at most one of them to be true")
+        if self.fp8 is not None and not (self.bf16 or self.fp16):
+            problems.append(f"fp8={self.fp8}: needs bf16=true or fp16=true (the weights and "
+                            "everything that is not an FP8 GEMM run in 16 bits)")
         if self.lr < 0 or self.min_lr < 0:
             problems.append(f"lr={self.lr}, min_lr={self.min_lr}: expected numbers >= 0")
         if self.min_lr > self.lr:

@@ -6,11 +6,14 @@ kernels on GPUs (or under the Triton interpreter) or the torch reference, so pac
 (``PackedSeqParams`` with ``qkv_format='thd'``) train without Transformer Engine and no token
 attends across a sample boundary. Separate q/k and v head dims (MLA) are supported.
 
-Backends (the ``attention_backend`` setting):
+Backends (the ``attention_backend`` setting; :mod:`mswift.models.spec` puts the module in):
   ``local``  megatron-core's DotProductAttention (no packed sequences),
   ``torch``  this module on the torch reference (CPU or GPU),
   ``triton`` this module on the Triton kernels (GPU, or CPU with TRITON_INTERPRET=1),
-  ``auto``   ``triton`` with CUDA, else ``torch``.
+  ``te``     Transformer Engine's fused attention (``TEDotProductAttention``) on TE's layer
+             spec: packed THD batches, bf16 / fp16 only (fp32 is refused by name),
+  ``auto``   ``te`` with TE layers in bf16 / fp16, else ``triton`` with CUDA, else ``torch``
+             (:func:`mswift.models.impl.resolve_attention_backend`).
 """
 from __future__ import annotations
 
@@ -27,17 +30,20 @@ from mswift.kernels import (
     positions_from_cu_seqlens,
     varlen_attention,
 )
+from mswift.runtime import device
 
-ATTENTION_BACKENDS = ("auto", "local", "torch", "triton")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 def kernel_backend(name: str) -> str:
-    """The ``varlen_attention`` backend for an ``attention_backend`` setting."""
+    """The ``varlen_attention`` backend this module runs for ``name`` (``auto``: the Triton
+    kernels with CUDA, else the torch reference)."""
     if name == "auto":
-        return "triton" if torch.cuda.is_available() else "torch"
-    if name in ("torch", "triton"):
+        return "triton" if device.cuda_available() else "torch"
+    if name in KERNEL_BACKENDS:
         return name
-    raise ValueError(f"attention_backend={name!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    raise ValueError(f"attention_backend={name!r}: mswift's varlen attention runs one of "
+                     f"{', '.join(KERNEL_BACKENDS)}")
 
 
 class VarlenCoreAttention(MegatronModule):

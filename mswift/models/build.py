@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mswift.config.schema import MswiftConfig
+from mswift.models.impl import layer_choice
 from mswift.models.registry import family_named
 from mswift.models.rope import apply_rope_scaling
 from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size  # noqa: F401
@@ -86,6 +87,10 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
         pipeline_dtype=dtype,
         bf16=cfg.training.bf16,
         fp16=cfg.training.fp16,
+        # FP8 GEMMs inside Transformer Engine's layers (refused on the local spec by
+        # gpt_block_spec); megatron-core wraps each layer's forward in TE's fp8 autocast.
+        fp8=cfg.training.fp8,
+        fp8_recipe=cfg.training.fp8_recipe,
         # Initialise each weight whole on the CPU and keep this rank's slice, so weights do
         # not depend on the tensor-parallel size; on the CPU layer there is no other choice.
         use_cpu_initialization=True,
@@ -103,14 +108,16 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
                               cfg.parallel.tensor_model_parallel_size)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
     family = family_named(m.family) if m.family is not None else None
+    impl, backend = layer_choice(m, cfg.training)
     chunks = []
     for stage in range(vpp):
         vp_stage = stage if vpp > 1 else None
         if family is not None:
-            spec = family.block_spec(config, m, vp_stage=vp_stage,
-                                     attention_backend=m.attention_backend)
+            spec = family.block_spec(config, m, vp_stage=vp_stage, attention_backend=backend,
+                                     transformer_impl=impl)
         else:
-            spec = gpt_block_spec(config, vp_stage=vp_stage, attention_backend=m.attention_backend)
+            spec = gpt_block_spec(config, vp_stage=vp_stage, attention_backend=backend,
+                                  transformer_impl=impl)
         chunk = GPTModel(
             config=config,
             transformer_layer_spec=spec,

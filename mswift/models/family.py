@@ -151,7 +151,7 @@ class ModelFamily:
     layer_spec: Callable[[Any, int, Any], Any] | None = None
 
     def block_spec(self, config, model, vp_stage: int | None = None,
-                   attention_backend: str = "auto"):
+                   attention_backend: str = "auto", transformer_impl: str = "auto"):
         """The layers of this pipeline stage (and virtual stage) plus the final norm, each
         layer's spec from :attr:`layer_spec`. ``config``: the TransformerConfig; ``model``: the
         ModelConfig. (Imported here: offline conversions never load megatron-core.)"""
@@ -162,7 +162,7 @@ class ModelFamily:
             def per_layer(layer, spec):
                 return self.layer_spec(model, layer, spec)
         return gpt_block_spec(config, vp_stage=vp_stage, attention_backend=attention_backend,
-                              layer_spec=per_layer)
+                              layer_spec=per_layer, transformer_impl=transformer_impl)
 
     def model_config_fields(self, config: dict) -> dict:
         hf = HFConfigReader(config, self.name)

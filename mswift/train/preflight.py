@@ -69,7 +69,7 @@ def attention_backend_problems(cfg: MswiftConfig) -> list[str]:
     if cfg.data.data_path:  # documents packed into rows: cu_seqlens only with reset_attention_mask
         return (["attention_backend=local with reset_attention_mask=true: megatron-core's "
                  "DotProductAttention cannot keep attention inside each document (cu_seqlens); "
-                 "use attention_backend=auto, torch or triton, or reset_attention_mask=false"]
+                 "use attention_backend=auto, torch, triton or te, or reset_attention_mask=false"]
                 if cfg.data.reset_attention_mask else [])
     if not cfg.data.packing or tokenizer_path(cfg) == "byte":
         return []
@@ -77,6 +77,21 @@ def attention_backend_problems(cfg: MswiftConfig) -> list[str]:
             "cannot keep attention inside packed samples (cu_seqlens); use attention_backend="
             "auto, torch or triton (mswift's varlen attention), or packing=false (one padded "
             "sample per row)"]
+
+
+def transformer_engine_problems(cfg: MswiftConfig) -> list[str]:
+    """Settings that need Transformer Engine: refused when they contradict each other, or when
+    TE cannot run on this machine (torch is imported only for a setting that asks for TE)."""
+    from mswift.models.impl import (  # no torch
+        te_machine_problems,
+        te_setting_problems,
+        varlen_only_feature,
+    )
+
+    m, t = cfg.model, cfg.training
+    problems = te_setting_problems(m.transformer_impl, m.attention_backend, t.fp8,
+                                   t.bf16 or t.fp16, varlen_only_feature(m))
+    return problems + te_machine_problems(m.transformer_impl, m.attention_backend, t.fp8)
 
 
 def indexed_data_problems(cfg: MswiftConfig) -> list[str]:
@@ -109,6 +124,7 @@ CHECKS: list[Callable[[MswiftConfig], list[str]]] = [
     dataset_problems,
     tokenizer_problems,
     attention_backend_problems,
+    transformer_engine_problems,
     indexed_data_problems,
     checkpoint_problems,
     save_dir_problems,

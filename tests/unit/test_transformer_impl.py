@@ -1,0 +1,139 @@
+"""Which layers and which core attention a run builds (mswift.models.impl), and the settings
+that need Transformer Engine refused by name.
+
+The decisions are tested with CUDA / Transformer Engine availability faked (there is no GPU
+here); the refusals on this machine are real (TE is not installed here).
+"""
+import pytest
+
+from mswift.config import load_config
+from mswift.config.schema import ConfigError
+from mswift.models.impl import (
+    resolve_attention_backend,
+    resolve_transformer_impl,
+    te_machine_problems,
+    te_setting_problems,
+)
+from mswift.runtime import device
+
+
+def fake_machine(monkeypatch, cuda: bool, te: bool):
+    monkeypatch.setattr(device, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(device, "transformer_engine_importable", lambda: te)
+
+
+@pytest.mark.parametrize("cuda, te, want", [
+    (True, True, "transformer_engine"), (True, False, "local"),
+    (False, True, "local"),  # TE imports but has no GPU to run on
+    (False, False, "local"),
+])
+def test_auto_transformer_impl(monkeypatch, cuda, te, want):
+    fake_machine(monkeypatch, cuda, te)
+    assert resolve_transformer_impl("auto") == want
+    assert resolve_transformer_impl("local") == "local"
+    assert resolve_transformer_impl("transformer_engine") == "transformer_engine"
+
+
+@pytest.mark.parametrize("cuda, te, impl, half, want", [
+    (True, True, "auto", True, "te"),
+    (True, True, "transformer_engine", True, "te"),
+    (True, True, "local", True, "triton"),  # TE present, local layers asked for
+    (True, True, "auto", False, "triton"),  # fp32: TE's fused attention is 16-bit only
+    (True, False, "auto", True, "triton"),
+    (False, True, "auto", True, "torch"),
+    (False, False, "auto", False, "torch"),
+])
+def test_auto_attention_backend(monkeypatch, cuda, te, impl, half, want):
+    fake_machine(monkeypatch, cuda, te)
+    assert resolve_attention_backend("auto", impl, half) == want
+
+
+@pytest.mark.parametrize("setting", ["local", "torch", "triton", "te"])
+def test_explicit_attention_backend_is_kept(monkeypatch, setting):
+    fake_machine(monkeypatch, False, False)
+    assert resolve_attention_backend(setting, "auto", True) == setting
+
+
+def test_settings_that_contradict_each_other():
+    assert te_setting_problems("auto", "auto", None, False) == []
+    assert te_setting_problems("transformer_engine", "te", "hybrid", True) == []
+    problems = te_setting_problems("local", "te", "e4m3", False)
+    assert len(problems) == 3
+    assert problems[0].startswith("attention_backend=te: needs transformer_impl=transformer_engine")
+    assert problems[1].startswith("attention_backend=te: needs bf16=true or fp16=true")
+    assert problems[2].startswith("fp8=e4m3: needs transformer_impl=transformer_engine")
+
+
+def test_machine_without_te_is_named(monkeypatch):
+    fake_machine(monkeypatch, True, False)
+    problems = te_machine_problems("transformer_engine", "te", "hybrid")
+    assert [p.split(":")[0] for p in problems] == [
+        "transformer_impl=transformer_engine", "attention_backend=te", "fp8=hybrid"]
+    assert all("Transformer Engine is not installed" in p for p in problems)
+    fake_machine(monkeypatch, False, True)
+    assert "no CUDA device" in te_machine_problems("transformer_engine", "auto", None)[0]
+    fake_machine(monkeypatch, True, True)
+    assert te_machine_problems("transformer_engine", "te", "hybrid") == []
+
+
+def test_auto_settings_ask_nothing_of_the_machine(monkeypatch):
+    def never():
+        raise AssertionError("auto settings must not need Transformer Engine")
+
+    monkeypatch.setattr(device, "cuda_available", never)
+    monkeypatch.setattr(device, "transformer_engine_importable", never)
+    assert te_machine_problems("auto", "auto", None) == []
+    assert te_machine_problems("local", "triton", None) == []
+
+
+# -- real refusals on this machine (no Transformer Engine, no GPU) ----------------------------
+
+
+def test_preflight_refuses_te_settings_here(tmp_path):
+    from mswift.train.preflight import check_config
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("hello world\n")
+    cfg = load_config(None, [f"dataset=[{data}]", "tokenizer=byte", "bf16=true",
+                             "transformer_impl=transformer_engine", "fp8=hybrid"])
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    problems = err.value.problems
+    assert [p.split(":")[0] for p in problems] == ["transformer_impl=transformer_engine",
+                                                    "fp8=hybrid"]
+    assert all("needs Transformer Engine, but " in p for p in problems)
+
+
+def test_fp8_needs_16_bit_training():
+    with pytest.raises(ConfigError, match=r"fp8=e4m3: needs bf16=true or fp16=true"):
+        load_config(None, ["fp8=e4m3"])
+    cfg = load_config(None, ["fp8=hybrid", "fp8_recipe=blockwise", "bf16=true"])
+    assert (cfg.training.fp8, cfg.training.fp8_recipe) == ("hybrid", "blockwise")
+    assert load_config(None, []).training.fp8 is None
+
+
+def test_block_spec_refuses_transformer_engine_here():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from mswift.models.spec import gpt_block_spec
+
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                               use_cpu_initialization=True)
+    with pytest.raises(ConfigError, match=r"transformer_impl=transformer_engine: needs "
+                                          r"Transformer Engine, but "):
+        gpt_block_spec(config, transformer_impl="transformer_engine")
+
+
+def test_llama4_features_keep_mswift_attention(monkeypatch):
+    from types import SimpleNamespace
+
+    from mswift.models.impl import varlen_only_feature
+
+    fake_machine(monkeypatch, True, True)
+    chunked = SimpleNamespace(attention_chunk_size=8, attn_temperature_floor_scale=None)
+    feature = varlen_only_feature(chunked)
+    assert feature == "attention_chunk_size=8"
+    assert resolve_attention_backend("auto", "auto", True, feature) == "triton"
+    assert te_setting_problems("auto", "te", None, True, feature) == [
+        "attention_backend=te: attention_chunk_size=8 needs mswift's varlen attention "
+        "(attention_backend=auto, torch or triton)"]
