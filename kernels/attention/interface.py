@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .env import interpreter_enabled
+from .env import BACKENDS, use_triton
 from .reference import _reference_forward, flash_attn_outputs
 from .validation import AttentionOptions, check_flash_attn_extras, check_varlen_inputs
-
-BACKENDS = ("auto", "triton", "torch")
-
 
 class VarlenAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels; inputs and output are packed THD tensors.
@@ -46,22 +43,6 @@ class VarlenAttentionFunction(torch.autograd.Function):
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                         *ctx.max_seqlens, ctx.opts)
         return dq, dk, dv, None, None, None, None, None
-
-
-def _use_triton(q: torch.Tensor, backend: str) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    runnable = q.is_cuda or interpreter_enabled()
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not runnable:
-            raise ValueError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 "
-                             "(set before triton is imported)")
-        if q.dtype == torch.float64:
-            raise ValueError("the Triton backend takes fp16, bf16 or fp32 inputs, not float64")
-        return True
-    return runnable and q.dtype != torch.float64
 
 
 def varlen_attention(
@@ -119,7 +100,7 @@ def varlen_attention(
                             return_lse)
     opts = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale, causal, window_size, chunk_size)
-    if not _use_triton(q, backend):
+    if not use_triton(q, backend):
         out, lse = _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, opts, True)
     else:
         out, lse = VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k,
