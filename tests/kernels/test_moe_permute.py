@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mswift.kernels import permute, unpermute
+from mswift.runtime.device import cuda_available
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cuda" if cuda_available() else "cpu"  # compiled kernels where a GPU is
 BACKENDS = ("torch", "triton")
 
 

@@ -12,8 +12,9 @@ from transformers.models.llama4.modeling_llama4 import Llama4Router
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from mswift.kernels import topk_routing
+from mswift.runtime.device import cuda_available
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cuda" if cuda_available() else "cpu"  # compiled kernels where a GPU is
 BACKENDS = ("torch", "triton")
 HIDDEN = 16
 
