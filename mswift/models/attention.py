@@ -4,7 +4,10 @@
 constructor and forward arguments). It runs ``mswift.kernels.varlen_attention``: the Triton
 kernels on GPUs (or under the Triton interpreter) or the torch reference, so packed sequences
 (``PackedSeqParams`` with ``qkv_format='thd'``) train without Transformer Engine and no token
-attends across a sample boundary. Separate q/k and v head dims (MLA) are supported.
+attends across a sample boundary. Separate q/k and v head dims (MLA) are supported, and so are
+Llama-4's chunked attention (``chunk_size``: chunks aligned to each sample's start) and query
+temperature tuning (``temperature``: by the token's position inside its sample), which a
+family's per-layer spec switches on (:func:`mswift.models.llama4.layer_spec`).
 
 Backends (the ``attention_backend`` setting; :mod:`mswift.models.spec` puts the module in):
   ``local``  megatron-core's DotProductAttention (no packed sequences),
