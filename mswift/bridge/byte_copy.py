@@ -3,9 +3,9 @@ legacy rank files at one layout -> another (reshard).
 
 Each megatron tensor is a rearrangement of HF tensors' rows and columns (fused QKV by query
 group, gate/up, TP slices, vocabulary padding), which the weight map's
-:meth:`~mswift.bridge.rules.Transform.tiles` describe. These conversions copy those rectangles
-file to file: whole-row runs with ``os.copy_file_range`` (the kernel copies, nothing passes
-through this process: what ``cp`` does), column slices (row-parallel weights at TP > 1)
+:meth:`~mswift.models.weight_map.Transform.tiles` describe. These conversions copy those
+rectangles file to file: whole-row runs with ``os.copy_file_range`` (the kernel copies, nothing
+passes through this process: what ``cp`` does), column slices (row-parallel weights at TP > 1)
 through a bounded buffer, and every band through a buffer and a cast
 (:mod:`mswift.bridge.dtype_cast`) when the dtype changes between float32, bfloat16 and
 float16. No tensor is ever built and torch is not imported
@@ -25,10 +25,10 @@ from pathlib import Path
 from mswift.bridge import dtypes
 from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter
 from mswift.bridge.legacy import FILE, LegacyLayout, LegacySource, chunk_entries
-from mswift.bridge.rules import Tile, WeightMap, matrix_shape
 from mswift.bridge.safetensors_file import preadv_all
 from mswift.bridge.torch_file import TensorRecord, run_parallel, write_torch_file
 from mswift.bridge.torch_zip import PAGE, best_phase
+from mswift.models.weight_map import Tile, WeightMap, matrix_shape
 
 BUFFER_BYTES = 32 * 2**20  # column slices are gathered this many bytes at a time
 # Bands that are cast: smaller, for numpy's temporaries (0.25-32 MB made no clear difference

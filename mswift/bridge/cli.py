@@ -21,8 +21,8 @@ import sys
 # faulting in fresh tensor memory (torch reads it once).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from mswift.bridge.errors import BridgeError
 from mswift.config.schema import ConfigError
+from mswift.models.errors import ModelError
 from mswift.runtime.launch_env import LaunchEnvError
 
 
@@ -96,7 +96,7 @@ def reshard_parser(prog: str) -> argparse.ArgumentParser:
 def _run(prog: str, work) -> int:
     try:
         work()
-    except (BridgeError, ConfigError, LaunchEnvError) as err:
+    except (ModelError, ConfigError, LaunchEnvError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     finally:

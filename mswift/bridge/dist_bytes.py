@@ -48,7 +48,6 @@ from mswift.bridge.byte_copy import (
 )
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.legacy import read_iteration_dir
-from mswift.bridge.rules import TE_FUSED_NORMS, FusedGateUp, WeightMap
 from mswift.bridge.safe_pickle import UnsafeCheckpointError, check_metadata_global
 from mswift.bridge.torch_file import (
     DRY_RUN,
@@ -64,6 +63,7 @@ from mswift.bridge.torch_file import (
     unpickle_inert,
     write_torch_file,
 )
+from mswift.models.weight_map import TE_FUSED_NORMS, FusedGateUp, WeightMap
 
 METADATA, COMMON, BACKENDS = ".metadata", "common.pt", "metadata.json"
 EMBEDDING_KEY = "embedding.word_embeddings.weight"

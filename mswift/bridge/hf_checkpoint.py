@@ -21,11 +21,12 @@ import torch.distributed as dist
 
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.head_padding import unpad_hf_dir_on_rank0
-from mswift.bridge.hf_io import HFCheckpoint, copy_aux_files, read_hf_config
+from mswift.bridge.hf_io import HFCheckpoint, copy_aux_files
 from mswift.bridge.model_io import load_hf_into_model, save_model_to_hf
-from mswift.bridge.rules import WeightMap
 from mswift.config.schema import MswiftConfig
+from mswift.models.hf_config import read_hf_config
 from mswift.models.registry import dims_for, family_for, padded_vocab_for
+from mswift.models.weight_map import WeightMap
 
 
 def _hf_dir(cfg: MswiftConfig) -> Path:

@@ -27,6 +27,7 @@ from mswift.bridge.safetensors_file import (
 from mswift.bridge.torch_file import run_parallel
 from mswift.bridge.torch_zip import PAGE, best_phase
 from mswift.lazy_import import lazy_module
+from mswift.models.hf_config import read_hf_config
 
 torch = lazy_module("torch")  # opening and checking a checkpoint does not need it
 
@@ -47,25 +48,6 @@ def kind_from_name(name: str) -> dtypes.Dtype:
         raise BridgeError(f"dtype {name!r}: not a dtype the bridge reads "
                           f"(known: {', '.join(dtypes.BY_NAME)})")
     return kind
-
-
-def read_hf_config(directory: str | Path) -> dict:
-    """config.json of an HF model directory, with a clear error if it is missing or broken."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise BridgeError(f"{directory}: not a directory (expected an HF model directory with "
-                          "config.json and *.safetensors)")
-    path = directory / "config.json"
-    if not path.is_file():
-        raise BridgeError(f"{path}: not found (expected an HF model directory with config.json "
-                          "and *.safetensors)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BridgeError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise BridgeError(f"{path}: expected a JSON object at the top level")
-    return config
 
 
 class HFCheckpoint:

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mswift.bridge.errors import BridgeError
-from mswift.bridge.hf_io import read_hf_config
-from mswift.bridge.rules import WeightMap
 from mswift.config.schema import (
     ConfigError,
     DataConfig,
@@ -19,7 +17,9 @@ from mswift.config.schema import (
 )
 from mswift.lazy_import import lazy_module
 from mswift.models.family import ModelFamily
+from mswift.models.hf_config import read_hf_config
 from mswift.models.registry import dims_for, model_config_from_hf, padded_vocab_for
+from mswift.models.weight_map import WeightMap
 
 torch = lazy_module("torch")  # opening and checking a model does not need it
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from mswift.bridge import dtypes
 from mswift.bridge.errors import BridgeError
-from mswift.bridge.rules import WeightMap
 from mswift.bridge.torch_file import (
     LazyTensor,
     StoredTensor,
@@ -30,6 +29,7 @@ from mswift.bridge.torch_file import (
     save_streaming,
 )
 from mswift.lazy_import import lazy_module
+from mswift.models.weight_map import WeightMap
 
 torch = lazy_module("torch")  # layouts, indexes and byte copies do without it
 

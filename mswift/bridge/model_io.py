@@ -21,8 +21,8 @@ from pathlib import Path
 
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter, PlanEntry
-from mswift.bridge.rules import SliceReader, WeightMap, local_spec_name
 from mswift.lazy_import import lazy_module
+from mswift.models.weight_map import SliceReader, WeightMap, local_spec_name
 
 torch = lazy_module("torch")  # hf_plan is used by the byte copies, which do without it
 dist = lazy_module("torch.distributed")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from mswift.bridge.cli import positive_int
 from mswift.bridge.errors import BridgeError
 from mswift.config.schema import ConfigError
+from mswift.models.errors import ModelError
 from mswift.runtime.launch_env import launcher_rank
 
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run_verify(args)
-    except (BridgeError, ConfigError) as err:
+    except (ModelError, ConfigError) as err:
         if launcher_rank() == 0:
             print(f"mswift verify: {err}", file=sys.stderr)
         return 2

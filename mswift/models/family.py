@@ -1,17 +1,18 @@
 """What a model family is: HF config -> mswift model settings, a layer spec and a weight map.
 
 Each family module (``llama.py``, ``qwen2.py``, ...) defines one :class:`ModelFamily` named
-``FAMILY``, built from the helpers here: :class:`HFConfigReader` reads config.json values and
-collects every unsupported feature, by name, to refuse them all at once; the ``*_RULES`` tables
-are the weight-map rows the Llama-style families share.
+``FAMILY``, built from the helpers here: the config.json translations the Llama-style families
+share (read with :class:`mswift.models.hf_config.HFConfigReader`, which collects every
+unsupported feature, by name, to refuse them all at once) and the ``*_RULES`` tables, the
+weight-map rows (:mod:`mswift.models.weight_map`) they share.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mswift.bridge.errors import BridgeError
-from mswift.bridge.rules import (
+from mswift.models.hf_config import HFConfigReader
+from mswift.models.weight_map import (
     FUSED_GATE_UP,
     FUSED_QKV,
     REPLICATED,
@@ -19,44 +20,6 @@ from mswift.bridge.rules import (
     VOCAB_PARALLEL,
     Rule,
 )
-
-_MISSING = object()
-
-
-class HFConfigReader:
-    """config.json values for one family, with every problem collected for one error."""
-
-    def __init__(self, config: dict, family: str):
-        self.config = config
-        self.family = family
-        self.problems: list[str] = []
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self.config.get(key, default)
-        return default if value is None else value
-
-    def require(self, key: str, kind: type = int) -> Any:
-        value = self.config.get(key, _MISSING)
-        if value is _MISSING or value is None:
-            self.problems.append(f"{key}: missing from config.json ({self.family} needs it)")
-            return 1
-        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            self.problems.append(f"{key}={value!r}: expected a positive integer")
-            return 1
-        return value
-
-    def refuse(self, key: str, value: Any, why: str) -> None:
-        self.problems.append(f"{key}={value!r}: not supported by mswift's {self.family} "
-                             f"bridge ({why})")
-
-    def refuse_if(self, key: str, bad: Callable[[Any], bool], why: str, default=None) -> None:
-        value = self.get(key, default)
-        if bad(value):
-            self.refuse(key, value, why)
-
-    def raise_problems(self) -> None:
-        if self.problems:
-            raise BridgeError(self.problems, headline=f"config.json of a {self.family} model")
 
 
 def rope_parameters(hf: HFConfigReader) -> dict:

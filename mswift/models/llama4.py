@@ -19,22 +19,22 @@ What differs from Llama-3, and where mswift does it:
 """
 from __future__ import annotations
 
-from mswift.bridge.rules import (
+from mswift.models.family import (
+    ATTENTION_RULES,
+    EMBEDDING_RULES,
+    OUTPUT_RULES,
+    ModelFamily,
+    decoder_fields,
+    rope_fields,
+)
+from mswift.models.hf_config import HFConfigReader
+from mswift.models.weight_map import (
     FUSED_GATE_UP,
     INPUT_MAJOR_GATE_UP,
     INPUT_MAJOR_ROW_PARALLEL,
     REPLICATED,
     ROW_PARALLEL,
     Rule,
-)
-from mswift.models.family import (
-    ATTENTION_RULES,
-    EMBEDDING_RULES,
-    OUTPUT_RULES,
-    HFConfigReader,
-    ModelFamily,
-    decoder_fields,
-    rope_fields,
 )
 
 # transformers' Llama4TextConfig defaults, for keys an older config.json leaves out.

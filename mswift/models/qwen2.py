@@ -9,11 +9,11 @@ from mswift.models.family import (
     OUTPUT_RULES,
     QKV_BIAS_RULES,
     ROTARY_BUFFERS,
-    HFConfigReader,
     ModelFamily,
     decoder_fields,
     rope_fields,
 )
+from mswift.models.hf_config import HFConfigReader
 
 
 def config_fields(hf: HFConfigReader) -> dict:

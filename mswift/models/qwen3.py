@@ -8,11 +8,11 @@ from mswift.models.family import (
     EMBEDDING_RULES,
     OUTPUT_RULES,
     QK_NORM_RULES,
-    HFConfigReader,
     ModelFamily,
     decoder_fields,
     rope_fields,
 )
+from mswift.models.hf_config import HFConfigReader
 
 
 def config_fields(hf: HFConfigReader) -> dict:

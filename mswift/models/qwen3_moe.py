@@ -12,11 +12,11 @@ from mswift.models.family import (
     MOE_MLP_RULES,
     OUTPUT_RULES,
     QK_NORM_RULES,
-    HFConfigReader,
     ModelFamily,
     decoder_fields,
     rope_fields,
 )
+from mswift.models.hf_config import HFConfigReader
 
 
 def moe_layer_pattern(hf: HFConfigReader, num_layers: int) -> list[int]:

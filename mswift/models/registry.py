@@ -9,12 +9,12 @@ import dataclasses
 import importlib
 from pathlib import Path
 
-from mswift.bridge.errors import BridgeError
-from mswift.bridge.hf_io import read_hf_config
-from mswift.bridge.rules import Dims
 from mswift.config.schema import ConfigError, ModelConfig, MswiftConfig
-from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size
+from mswift.models.errors import ModelError
 from mswift.models.family import ModelFamily
+from mswift.models.hf_config import read_hf_config
+from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size
+from mswift.models.weight_map import Dims
 
 _FAMILY_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe", "llama4")
 
@@ -39,12 +39,12 @@ def family_for(config: dict, where: str = "config.json") -> ModelFamily:
     by_type = {t: f for f in known for t in f.model_types}
     if model_type not in by_type:
         supported = ", ".join(sorted(by_type))
-        raise BridgeError(f"{where}: model_type={model_type!r} is not supported (supported: "
+        raise ModelError(f"{where}: model_type={model_type!r} is not supported (supported: "
                           f"{supported})")
     family = by_type[model_type]
     other = [a for a in archs if a not in family.architectures]
     if other:
-        raise BridgeError(f"{where}: architectures={other} not supported for model_type "
+        raise ModelError(f"{where}: architectures={other} not supported for model_type "
                           f"{model_type!r} (supported: {', '.join(family.architectures)})")
     return family
 
@@ -58,7 +58,7 @@ def model_config_from_hf(config: dict, where: str = "config.json", **overrides
     try:
         return family, ModelConfig(**{**fields, **overrides})
     except ConfigError as err:
-        raise BridgeError(err.problems, headline=f"{where}: values mswift cannot use") from None
+        raise ModelError(err.problems, headline=f"{where}: values mswift cannot use") from None
 
 
 def apply_hf_model(cfg: MswiftConfig) -> MswiftConfig:
@@ -77,7 +77,7 @@ def apply_hf_model(cfg: MswiftConfig) -> MswiftConfig:
     try:
         model = dataclasses.replace(cfg.model, **fields)
     except ConfigError as err:
-        raise BridgeError(err.problems, headline=f"{path / 'config.json'}: values mswift "
+        raise ModelError(err.problems, headline=f"{path / 'config.json'}: values mswift "
                                                  "cannot use") from None
     return dataclasses.replace(cfg, model=model)
 

@@ -49,7 +49,7 @@ def _train(cfg, prog: str) -> int:
         print(f"{prog}: settings, files and layout checked; importing torch and megatron-core",
               flush=True)
     quiet_known_warnings()
-    from mswift.bridge.errors import BridgeError
+    from mswift.models.errors import ModelError
     from mswift.train.checkpoint import CheckpointError  # imports megatron-core
     from mswift.train.loop import TrainingStopped, run_training
     from mswift.train.save_dir import SaveDirError
@@ -58,7 +58,7 @@ def _train(cfg, prog: str) -> int:
     # step): rank 0 reports them, as the up-front checks do.
     try:
         run_training(cfg)
-    except (ConfigError, BridgeError, LaunchEnvError, SaveDirError) as err:
+    except (ConfigError, ModelError, LaunchEnvError, SaveDirError) as err:
         report_once(f"{prog}: {err}")
         return 2
     except CheckpointError as err:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from mswift.bridge.errors import BridgeError
 from mswift.config.schema import ConfigError, MswiftConfig
+from mswift.models.errors import ModelError
 from mswift.runtime.layout_checks import layout_problems
 from mswift.train.save_dir import save_dir_problems
 
@@ -110,7 +110,7 @@ def checkpoint_problems(cfg: MswiftConfig) -> list[str]:
 
         try:  # the files the export copies: found wrong now, not after training
             aux_files(cfg.model.hf_model)
-        except BridgeError as err:
+        except ModelError as err:
             problems += [f"save_hf=true: {problem}" for problem in err.problems]
     # load = save is the resume-if-there-is-one pattern (a first run finds nothing there yet);
     # any other missing load folder is a typo that would silently start from scratch.
@@ -148,7 +148,7 @@ def filled_from_hf_model(cfg: MswiftConfig) -> tuple[MswiftConfig | None, list[s
         return None, [f"hf_model={hf_model}: {what} (expected a Hugging Face model folder)"]
     try:
         return apply_hf_model(cfg), []
-    except BridgeError as err:
+    except ModelError as err:
         return None, [f"hf_model={hf_model}: {problem}" for problem in err.problems]
     except ConfigError as err:
         return None, err.problems

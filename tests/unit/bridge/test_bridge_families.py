@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import HFCheckpoint
-from mswift.bridge.rules import WeightMap
 from mswift.config import load_config
+from mswift.models.errors import ModelError
 from mswift.models.registry import (
     apply_hf_model,
     dims_for,
@@ -15,6 +14,7 @@ from mswift.models.registry import (
     model_config_from_hf,
     padded_vocab_for,
 )
+from mswift.models.weight_map import WeightMap
 from mswift.testing.hf_models import save_tiny_hf_model, tiny_hf_config
 
 FAMILIES = [f.name for f in families()]
@@ -79,11 +79,11 @@ def test_transformers_4_style_rope_config():
 
 
 def test_unsupported_model_type_and_architecture():
-    with pytest.raises(BridgeError, match="model_type='gpt2' is not supported"):
+    with pytest.raises(ModelError, match="model_type='gpt2' is not supported"):
         model_config_from_hf({"model_type": "gpt2"})
     config = tiny_hf_config("llama").to_dict()
     config["architectures"] = ["LlamaForSequenceClassification"]
-    with pytest.raises(BridgeError, match="LlamaForSequenceClassification"):
+    with pytest.raises(ModelError, match="LlamaForSequenceClassification"):
         model_config_from_hf(config)
 
 
@@ -92,7 +92,7 @@ def test_unsupported_features_all_named_at_once():
     config.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
                   attention_bias=True, hidden_act="gelu")
     del config["vocab_size"]
-    with pytest.raises(BridgeError) as err:
+    with pytest.raises(ModelError) as err:
         model_config_from_hf(config)
     text = str(err.value)
     for part in ("rope_type='yarn'", "attention_bias=True", "hidden_act='gelu'",
@@ -110,7 +110,7 @@ def test_unsupported_features_all_named_at_once():
 def test_family_specific_refusals(family, change, named):
     config = tiny_hf_config(family).to_dict()
     config.update(change)
-    with pytest.raises(BridgeError, match=named):
+    with pytest.raises(ModelError, match=named):
         model_config_from_hf(config)
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from mswift.bridge.hf_io import HFCheckpoint
-from mswift.bridge.rules import SliceReader, WeightMap, matrix_shape
 from mswift.models.registry import (
     dims_for,
     families,
     model_config_from_hf,
     padded_vocab_for,
 )
+from mswift.models.weight_map import SliceReader, WeightMap, matrix_shape
 from mswift.testing.hf_models import save_tiny_hf_model
 
 FAMILIES = [f.name for f in families()]

@@ -2,7 +2,8 @@
 by query group, [gate; up] per TP rank, padded vocabulary rows)."""
 import torch
 
-from mswift.bridge.rules import (
+from mswift.models.qwen3_moe import FAMILY as QWEN3_MOE
+from mswift.models.weight_map import (
     FUSED_GATE_UP,
     FUSED_QKV,
     ROW_PARALLEL,
@@ -10,7 +11,6 @@ from mswift.bridge.rules import (
     Dims,
     WeightMap,
 )
-from mswift.models.qwen3_moe import FAMILY as QWEN3_MOE
 
 
 class DictReader:

@@ -220,7 +220,7 @@ def test_partial_reads_are_resumed(tmp_path, monkeypatch):
 
 
 def test_rows_read_into_a_buffer_and_fused_transforms_use_it(tmp_path):
-    from mswift.bridge.rules import FUSED_GATE_UP, FUSED_QKV, Dims
+    from mswift.models.weight_map import FUSED_GATE_UP, FUSED_QKV, Dims
 
     g = torch.Generator().manual_seed(0)
     d = Dims(num_layers=1, hidden=8, heads=4, groups=2, head_dim=2, ffn=6, vocab=10,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mswift.bridge.errors import BridgeError
 from mswift.models import llama4
+from mswift.models.errors import ModelError
 from mswift.models.registry import model_config_from_hf
 from mswift.testing.hf_models import tiny_hf_config
 
@@ -96,10 +96,10 @@ def test_refusals_named_at_once():
     config = tiny_hf_config("llama4").to_dict()
     config.update(num_experts_per_tok=2, attention_bias=True,
                   layer_types=["full_attention"] * 4)
-    with pytest.raises(BridgeError) as err:
+    with pytest.raises(ModelError) as err:
         model_config_from_hf(config)
     text = str(err.value)
     for part in ("num_experts_per_tok=2", "attention_bias=True", "layer_types="):
         assert part in text
-    with pytest.raises(BridgeError, match="text_config: missing"):
+    with pytest.raises(ModelError, match="text_config: missing"):
         llama4.FAMILY.model_config_fields({"model_type": "llama4"})

@@ -1,4 +1,5 @@
-"""Weight-map rules: which HF tensors make which megatron-core tensor, and how it is split over TP.
+"""The weight-map schema: which HF tensors make which megatron-core tensor, and how it is split
+over TP.
 
 A family's weight map is a table of :class:`Rule` rows (data, see ``mswift/models/<family>.py``):
 a megatron-core name and the HF names it is made of, with ``{layer}`` / ``{expert}``
@@ -9,7 +10,8 @@ one pipeline stage or expert-parallel rank.
 A transform works at three levels, so one table serves every path of the bridge:
 
 * ``local``: the tensor-parallel slice of one rank, read straight from the HF tensors (only the
-  rows / columns that rank owns are read, see :class:`mswift.bridge.hf_io.HFCheckpoint`);
+  rows / columns that rank owns are read, from any :class:`TensorReader`: the bridge's
+  ``HFCheckpoint`` reads them from safetensors files);
 * ``merge`` / ``split``: TP shards <-> the whole megatron tensor;
 * ``to_hf``: the whole megatron tensor -> the HF tensors.
 """
@@ -26,7 +28,7 @@ torch = lazy_module("torch")  # the tables and tiles are read without it (byte c
 
 
 class TensorReader(Protocol):
-    """Lazy access to HF tensors (:class:`mswift.bridge.hf_io.HFCheckpoint`)."""
+    """Lazy access to HF tensors (the bridge's ``HFCheckpoint`` is one)."""
 
     def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: int = 0
              ) -> torch.Tensor:
@@ -148,7 +150,7 @@ class Transform(ABC):
     def tiles(self, hf_shapes: list[tuple[int, ...]], tp_rank: int, tp_size: int, d: Dims
               ) -> list[Tile]:
         """:meth:`local`'s slice as rectangles of the HF tensors, without torch: the
-        conversions that only move bytes copy them (:mod:`mswift.bridge.byte_copy`)."""
+        conversions that only move bytes copy them (the bridge's ``byte_copy``)."""
 
     def merge(self, shards: list[torch.Tensor], d: Dims) -> torch.Tensor:
         if self.tp_dim is None:
