@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mswift.runtime.device import local_device
+
 
 def _forward_only(chunks, micro_batches: list, seq: int, call) -> list | None:
     """``call(model, micro_batch)`` on every micro-batch through megatron-core's forward-only
@@ -41,7 +43,8 @@ def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> torch.Tens
     Each sequence is one micro-batch; logits are gathered over tensor parallelism.
     """
     batch, seq = tokens.shape
-    positions = torch.arange(seq).unsqueeze(0)
+    tokens = tokens.to(local_device())
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0)
     outputs = _forward_only(chunks, [tokens[i: i + 1] for i in range(batch)], seq,
                             lambda model, t: model(t, positions, None, runtime_gather_output=True))
     if outputs is None:
@@ -53,7 +56,8 @@ def megatron_loss(chunks, tokens: torch.Tensor) -> float | None:
     """The model's own next-token loss of ``tokens`` (megatron-core's vocab-parallel cross
     entropy, as training computes it), mean per token, on last-stage ranks, else None."""
     batch, seq = tokens.shape
-    positions = torch.arange(seq).unsqueeze(0)
+    tokens = tokens.to(local_device())
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0)
     labels = torch.roll(tokens, -1, dims=1)  # the last position's label is not counted
     micro_batches = [(tokens[i: i + 1], labels[i: i + 1]) for i in range(batch)]
     outputs = _forward_only(chunks, micro_batches, seq,
@@ -77,7 +81,7 @@ def gather_to_rank0(tensor: torch.Tensor | None) -> torch.Tensor | None:
         dist.send(tensor.contiguous(), dst=0)
         return None
     if rank == 0:
-        out = torch.empty(shapes[src], dtype=torch.float32)
+        out = torch.empty(shapes[src], dtype=torch.float32, device=local_device())
         dist.recv(out, src=src)
         return out
     return None

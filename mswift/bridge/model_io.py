@@ -169,6 +169,8 @@ def save_model_to_hf(chunks, wmap: WeightMap, out_dir: str | Path,
     ``dtypes`` gives the dtype of each HF tensor (e.g. the original checkpoint's); others keep
     the model's. Every rank must call this; returns the index on rank 0, None elsewhere.
     """
+    from mswift.runtime.device import local_device  # the byte-level tools never import torch
+
     rank, _ = _rank_and_world()
     pieces = {}
     for name, tensor in model_tensors(chunks):
@@ -189,13 +191,13 @@ def save_model_to_hf(chunks, wmap: WeightMap, out_dir: str | Path,
         for r in range(size):
             src = owners[(name, r)]
             if src == rank == 0:
-                shards.append(pieces[(name, r)][0])
+                shards.append(pieces[(name, r)][0].cpu())
             elif src == rank:
                 dist.send(pieces[(name, r)][0].contiguous(), dst=0)
             elif rank == 0:
-                buf = torch.empty(shape, dtype=dtype)
+                buf = torch.empty(shape, dtype=dtype, device=local_device())
                 dist.recv(buf, src=src)
-                shards.append(buf)
+                shards.append(buf.cpu())
         if rank == 0:
             _write_hf(writer, wmap, name, shards, dtypes or {})
     return writer.close() if writer is not None else None

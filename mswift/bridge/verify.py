@@ -24,6 +24,7 @@ from mswift.bridge.cli import positive_int
 from mswift.bridge.errors import BridgeError
 from mswift.config.schema import ConfigError
 from mswift.models.errors import ModelError
+from mswift.runtime.device import local_device
 from mswift.runtime.launch_env import launcher_rank
 
 
@@ -147,8 +148,9 @@ def megatron_side(args, hf, layout, tokens) -> tuple[torch.Tensor, float] | None
     _load_weights(chunks, hf, args.mcore_dir, run_hf.weight_map(padded))
     logits = gather_to_rank0(megatron_logits(chunks, tokens, hf.model.vocab_size))
     loss = megatron_loss(chunks, tokens)
-    loss = gather_to_rank0(None if loss is None else torch.tensor([loss], dtype=torch.float32))
-    return None if logits is None else (logits, loss.item())
+    loss = gather_to_rank0(None if loss is None else
+                           torch.tensor([loss], dtype=torch.float32, device=local_device()))
+    return None if logits is None else (logits.cpu(), loss.item())
 
 
 def report(stats: dict, layout, tol: float) -> str:
@@ -171,7 +173,7 @@ def run_verify(args) -> int:
         layout = dataclasses.replace(layout, sequence_parallel=True)
     tokens = read_tokens(args.tokens_file, hf.model.vocab_size, args.batch, args.seq_len)
     megatron = megatron_side(args, hf, layout, tokens)
-    code = torch.zeros(1, dtype=torch.long)
+    code = torch.zeros(1, dtype=torch.long, device=local_device())
     if megatron is not None:  # rank 0
         logits, model_loss = megatron
         stats = compare(logits, hf_reference_logits(args.hf_dir, tokens), tokens, model_loss)

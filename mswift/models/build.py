@@ -19,6 +19,7 @@ from mswift.models.rope import apply_rope_scaling
 from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size  # noqa: F401
 from mswift.models.spec import gpt_block_spec
 from mswift.models.vocab_padding import mask_padded_vocabulary
+from mswift.runtime.device import cuda_available, local_device
 
 
 def params_dtype(cfg: MswiftConfig) -> torch.dtype:
@@ -91,9 +92,12 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
         # gpt_block_spec); megatron-core wraps each layer's forward in TE's fp8 autocast.
         fp8=cfg.training.fp8,
         fp8_recipe=cfg.training.fp8_recipe,
-        # Initialise each weight whole on the CPU and keep this rank's slice, so weights do
-        # not depend on the tensor-parallel size; on the CPU layer there is no other choice.
-        use_cpu_initialization=True,
+        # With CUDA, megatron-core's GPU initialisation (Megatron-LM's default): each rank
+        # creates and draws its own slices on its device, from the model-parallel RNG streams,
+        # so a random start differs between tensor-parallel sizes (a start from HF weights or a
+        # checkpoint does not). Without CUDA, each weight is drawn whole on the CPU and this
+        # rank keeps its slice: TP-invariant, and the only choice on the CPU layer.
+        use_cpu_initialization=not cuda_available(),
         # Loss is a sum over tokens; gradients are divided by the global token count.
         calculate_per_token_loss=True,
         **moe,
@@ -138,5 +142,8 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
         mask_padded_vocabulary(chunk, m.vocab_size, vocab,
                                parallel_state.get_tensor_model_parallel_rank(),
                                cfg.parallel.tensor_model_parallel_size)
-        chunks.append(chunk)
+        # Modules of mswift's own (norms) are created on the CPU; megatron-core's are already on
+        # the device. megatron-core's rotary frequencies are not a buffer and stay where GPU
+        # initialisation put them. (In a meta-device build this is a move to meta.)
+        chunks.append(chunk.to(local_device()))
     return chunks

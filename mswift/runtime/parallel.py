@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import datetime
 
-import torch
 import torch.distributed as dist
 
 from mswift.config.schema import MswiftConfig
 from mswift.runtime.cpu_layer import enable_cpu_layer
+from mswift.runtime.device import distributed_backend, set_local_device
 from mswift.runtime.launch_env import LaunchEnv, detect_launch_env
 from mswift.runtime.layout_checks import (  # noqa: F401 - re-exported
     batch_problems,
@@ -23,15 +23,14 @@ def init_distributed(cfg: MswiftConfig, timeout_minutes: int = 30) -> LaunchEnv:
     """Start torch.distributed from the launcher's environment and megatron-core's groups.
 
     The layout is checked first, so a mistake fails before any process group or model exists.
-    ``nccl`` on GPUs; ``gloo`` plus the CPU layer where CUDA is absent.
+    ``nccl`` on GPUs, this rank on ``cuda:LOCAL_RANK``; ``gloo`` plus the CPU layer where CUDA
+    is absent (:mod:`mswift.runtime.device` decides).
     """
     env = detect_launch_env()
     check_layout(cfg, env.world_size)
-    if torch.cuda.is_available():
-        backend = "nccl"
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    else:
-        backend = "gloo"
+    backend = distributed_backend()
+    set_local_device(env.local_rank)
+    if backend == "gloo":
         enable_cpu_layer()
     if not dist.is_initialized():
         dist.init_process_group(

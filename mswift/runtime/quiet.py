@@ -53,6 +53,7 @@ def quiet_known_warnings(cuda: bool | None = None) -> None:
 def _cuda_visible() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return False
-    import torch  # called after the up-front checks, when torch is about to be imported anyway
+    # called after the up-front checks, when torch is about to be imported anyway
+    from mswift.runtime.device import cuda_available
 
-    return torch.cuda.is_available()
+    return cuda_available()

@@ -45,13 +45,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device_rows() -> list[tuple[str, str]]:
-    import torch
-
     from mswift.runtime.cpu_layer import cpu_layer_needed
+    from mswift.runtime.device import cuda_available, device_count, distributed_backend
 
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo + mswift CPU layer" if cpu_layer_needed() else "gloo"
-    return [("cuda devices", str(torch.cuda.device_count()) if cuda else "none"),
+    backend = distributed_backend()
+    if backend == "gloo" and cpu_layer_needed():
+        backend += " + mswift CPU layer"
+    return [("cuda devices", str(device_count()) if cuda_available() else "none"),
             ("backend", backend)]
 
 

@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mswift.config.schema import ConfigError, MswiftConfig
 from mswift.models.build import build_model, params_dtype, transformer_config
+from mswift.runtime.device import local_device
 
 
 @dataclass
@@ -76,7 +77,7 @@ def freeze_parameters(chunks: list, patterns: list[str]) -> None:
             if any(p.search(name) for p in compiled):
                 param.requires_grad_(False)
             trainable += param.requires_grad
-    total = torch.tensor([trainable])
+    total = torch.tensor([trainable], device=local_device())
     torch.distributed.all_reduce(total)
     if total.item() == 0:
         raise ConfigError([f"freeze_parameters={patterns}: every parameter is frozen"])

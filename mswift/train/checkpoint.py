@@ -21,6 +21,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from mswift.bridge.safe_load import load_common, load_sharded
+from mswift.runtime.device import device_rng_state, set_device_rng_state
 from mswift.runtime.mcore_fixes import init_empty_optimizer_state
 from mswift.train.builder import TrainState
 from mswift.train.save_dir import (
@@ -50,8 +51,9 @@ def _model_sharded_state_dict(state: TrainState) -> dict:
 def _rng_sharded_object() -> ShardedObject:
     rank, world = dist.get_rank(), dist.get_world_size()
     rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
+    cuda_rng = device_rng_state()
+    if cuda_rng is not None:
+        rng["cuda"] = cuda_rng
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     rng["tracker"] = get_cuda_rng_tracker().get_states()
@@ -187,8 +189,7 @@ def load_checkpoint(state: TrainState, root: str | Path, load_optim: bool = True
 
 def _restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    set_device_rng_state(rng.get("cuda"))
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     get_cuda_rng_tracker().set_states(rng["tracker"])

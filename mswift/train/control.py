@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mswift.config.schema import TrainingConfig
+from mswift.runtime.device import local_device
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -36,7 +37,7 @@ class StopControl:
 
     def reason_to_stop(self, iteration: int) -> str | None:
         """Why the run should save and exit after ``iteration`` steps (same on every rank)."""
-        local = torch.zeros(2)
+        local = torch.zeros(2, device=local_device())
         if self.signalled is not None:
             local[0] = 1
         limit = self.cfg.exit_duration_in_mins

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mswift.runtime.device import local_device
 from mswift.train.builder import TrainState
 
 
@@ -26,8 +27,8 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def model_inputs(batch: dict) -> dict:
-    """GPTModel keyword arguments for a micro-batch.
+def model_inputs(batch: dict, device: torch.device | None = None) -> dict:
+    """GPTModel keyword arguments for a micro-batch, on ``device`` (default: this rank's).
 
     A micro-batch has ``tokens`` (or ``input_ids``), ``labels``, ``loss_mask`` and
     ``position_ids``, all ``[rows, seq]``. A packed one also has ``cu_seqlens`` (int32 sample
@@ -38,7 +39,9 @@ def model_inputs(batch: dict) -> dict:
     (``attention_mask`` False there), so no real token sees a padded one, and padded positions
     have no loss. Labels of tokens without loss (-100 in the data pipeline) become 0:
     the loss mask removes them, and the vocab-parallel cross entropy needs valid ids.
+    Lengths are read while the batch is still on the host, so moving it costs no device sync.
     """
+    device = local_device() if device is None else device
     tokens = batch["tokens"] if "tokens" in batch else batch["input_ids"]
     labels = batch["labels"].clamp(min=0)
     position_ids = batch["position_ids"]
@@ -50,16 +53,29 @@ def model_inputs(batch: dict) -> dict:
         tokens, labels, position_ids = (t.reshape(1, -1) for t in (tokens, labels, position_ids))
         cu = batch["cu_seqlens"].to(torch.int32)
         longest = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
+        cu = _to(cu, device)
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=longest, max_seqlen_kv=longest)
-    return dict(input_ids=tokens, position_ids=position_ids, attention_mask=None, labels=labels,
-                packed_seq_params=packed)
+    return dict(input_ids=_to(tokens, device), position_ids=_to(position_ids, device),
+                attention_mask=None, labels=_to(labels, device), packed_seq_params=packed)
+
+
+def _fed_shape(batch: dict) -> tuple[int, int]:
+    """[micro batch, seq] of the tokens :func:`model_inputs` feeds (a packed batch is one row)."""
+    tokens = batch["tokens"] if "tokens" in batch else batch["input_ids"]
+    return (1, tokens.numel()) if "cu_seqlens" in batch else tuple(tokens.shape)
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Queued without waiting: the forward pass that reads it runs on the same stream.
+    return tensor.to(device, non_blocking=True)
 
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    output = model(**model_inputs(batch))
-    return output, partial(_loss_func, batch["loss_mask"])
+    device = local_device()
+    output = model(**model_inputs(batch, device))
+    return output, partial(_loss_func, _to(batch["loss_mask"], device))
 
 
 def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
@@ -89,13 +105,12 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
 
 def all_ranks_finite(state: TrainState, loss: float) -> bool:
     """Whether the loss and every rank's reduced gradients are finite (agreed by all ranks)."""
-    bad = torch.zeros(1)
+    bad = torch.zeros(1, device=local_device())
     if not math.isfinite(loss):
         bad += 1
     for chunk in state.model:
         for buffer in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
-            if not torch.isfinite(buffer.grad_data).all():
-                bad += 1
+            bad += ~torch.isfinite(buffer.grad_data).all()  # no host sync per buffer
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0
@@ -108,7 +123,7 @@ def global_mean_loss(outputs: list[dict]) -> float:
     every data-parallel replica is duplicated alike, so summing (loss, count) over all ranks and
     dividing gives the global per-token mean.
     """
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=local_device())
     for out in outputs or []:
         total += out["lm loss"].double()
     if dist.is_initialized():
@@ -131,7 +146,7 @@ def eval_step(state: TrainState, micro_batches: list[dict]) -> float:
 
 def _run_schedule(state: TrainState, micro_batches: list[dict], forward_only: bool) -> list:
     """megatron-core's schedule for the layout (no pipelining, 1F1B or interleaved)."""
-    shape = model_inputs(micro_batches[0])["input_ids"].shape  # [micro batch, seq] as fed
+    shape = _fed_shape(micro_batches[0])
     iterators = [iter(micro_batches) for _ in state.model]
     return get_forward_backward_func()(
         forward_step_func=_forward_step,
