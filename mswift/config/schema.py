@@ -367,6 +367,10 @@ class TrainingConfig(_Section):
                              "FP8 scaling recipe (with fp8 set)")
     seed: int = setting(1234, "random seed (model init, data order)")
     log_interval: int = positive(1, "print a progress line every N steps")
+    # MFU's denominator; None = the device's dense bf16 peak from mswift's table of NVIDIA GPUs
+    # (mswift.runtime.device.BF16_PEAK_FLOPS), and no MFU on a device it does not know.
+    peak_tflops: Optional[float] = positive(
+        None, "dense peak TFLOP/s of one device for MFU; None = known GPUs' bf16 peak")
     # pt: loss on every token; sft: loss on the tokens data.loss_on selects (chat templates).
     mode: str = choice("pt", ("pt", "sft"), "pt = loss on every token; sft = chat loss mask")
     # Parameters whose names match one of these regular expressions are not trained

@@ -14,12 +14,13 @@ from mswift.bridge.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from mswift.config.schema import ConfigError, MswiftConfig
 from mswift.models.registry import apply_hf_model
 from mswift.runtime import init_distributed
+from mswift.runtime.device import local_device, reset_peak_memory, synchronize
 from mswift.train.builder import TrainState, build_training
 from mswift.train.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from mswift.train.control import StopControl
 from mswift.train.data import TrainData, batch_stats
 from mswift.train.indexed_data import IndexedTrainData
-from mswift.train.metrics import MetricsLog
+from mswift.train.metrics import DeviceThroughput, MetricsLog
 from mswift.train.preflight import check_config
 from mswift.train.phases import folder_size, human_bytes, phase
 from mswift.train.save_dir import SaveLedger, check_save_dir, continues_save_dir
@@ -79,6 +80,7 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
     with phase("preparing the data", "data ready"):
         data, evaluator = _prepare_data(cfg, state)
     control = StopControl(cfg.training)
+    throughput = DeviceThroughput(cfg)
     metrics = MetricsLog(cfg.checkpoint.save, state.iteration, cfg.training.train_iters,
                          cfg.training.log_interval)
     history, skipped_in_a_row = [], 0
@@ -86,7 +88,7 @@ def run_training(cfg: MswiftConfig, state: TrainState | None = None) -> list[dic
         if evaluator is not None and state.iteration == 0:  # the baseline later evals fall from
             metrics.log({"step": 0, "eval_loss": evaluator.loss(state)})
         while state.iteration < cfg.training.train_iters:
-            row = _one_step(cfg, state, data)
+            row = _one_step(cfg, state, data, throughput)
             skipped_in_a_row = 0 if row["updated"] else skipped_in_a_row + 1
             if evaluator is not None and state.iteration % cfg.training.eval_interval == 0:
                 row["eval_loss"] = evaluator.loss(state)
@@ -125,12 +127,15 @@ def _prepare_data(cfg: MswiftConfig, state: TrainState):
     return data, evaluator
 
 
-def _one_step(cfg: MswiftConfig, state: TrainState, data: TrainData) -> dict:
+def _one_step(cfg: MswiftConfig, state: TrainState, data: TrainData,
+              throughput: DeviceThroughput) -> dict:
+    reset_peak_memory()
     start = time.perf_counter()
     batches = data.next_step(state.iteration)
-    stats = batch_stats(batches)
+    stats = batch_stats(batches).to(local_device())
     dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
     out = train_step(state, batches)
+    synchronize()  # the step's queued device work belongs to its time
     seconds = time.perf_counter() - start
     return {
         "step": state.iteration,
@@ -142,6 +147,7 @@ def _one_step(cfg: MswiftConfig, state: TrainState, data: TrainData) -> dict:
         "step_time_s": seconds,
         "padding_efficiency": (stats[1] / stats[2]).item(),
         "updated": out["updated"],
+        **throughput.fields(stats[2].item(), seconds),
     }
 
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from mswift.config.schema import MswiftConfig
+from mswift.models.flops import train_flops_per_token
+from mswift.models.registry import padded_vocab_for
+from mswift.runtime.device import bf16_peak_flops, local_device, peak_memory_bytes
 from mswift.train.save_dir import METRICS_FILE
 
 # Field names of older metrics.jsonl files -> today's ("tokens" counted the loss tokens).
@@ -18,6 +23,35 @@ def with_current_names(row: dict) -> dict:
         if old in row and new not in row:
             row[new] = row.pop(old)
     return row
+
+
+class DeviceThroughput:
+    """What a step got out of the devices: ``tflops_per_gpu`` (model FLOPs of
+    :mod:`mswift.models.flops`), ``mfu`` (its share of the device's peak; only where the peak is
+    known: ``peak_tflops`` or a GPU in the table) and ``mem_peak_gib`` (the most memory tensors
+    held on one GPU during the step, the largest over the ranks; only with CUDA). Every rank
+    calls :meth:`fields` (the memory peak is reduced over them)."""
+
+    def __init__(self, cfg: MswiftConfig):
+        padded = padded_vocab_for(cfg.model, cfg.parallel.tensor_model_parallel_size)
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_length, padded)
+        peak = cfg.training.peak_tflops
+        self.peak_flops = peak * 1e12 if peak is not None else bf16_peak_flops()
+        self.devices = dist.get_world_size()
+
+    def fields(self, token_slots: float, seconds: float) -> dict:
+        """The fields of a step that fed ``token_slots`` positions (padding included, as
+        Megatron-LM counts them) to the model, over every rank, in ``seconds``."""
+        flops = self.flops_per_token * token_slots / seconds / self.devices
+        row = {"tflops_per_gpu": flops / 1e12}
+        if self.peak_flops is not None:
+            row["mfu"] = flops / self.peak_flops
+        peak_bytes = peak_memory_bytes()
+        if peak_bytes is not None:  # the same on every rank: CUDA or not
+            most = torch.tensor([peak_bytes], dtype=torch.float64, device=local_device())
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            row["mem_peak_gib"] = most.item() / 2**30
+        return row
 
 
 class MetricsLog:
@@ -101,6 +135,9 @@ def progress_line(m: dict, total: int) -> str:
     line = (f"step {m['step']:>5}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
             f"grad norm {m['grad_norm']:.3f} | tokens/s {m['tokens_per_s']:.0f} | "
             f"s/step {m['step_time_s']:.2f} | padding-free {m['padding_efficiency']:.1%}")
+    line += f" | TFLOP/s/GPU {m['tflops_per_gpu']:.3g}" if "tflops_per_gpu" in m else ""
+    line += f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""
+    line += f" | mem {m['mem_peak_gib']:.1f} GiB" if "mem_peak_gib" in m else ""
     if not m.get("updated", True):
         line += " | skipped (non-finite)"
     if "eval_loss" in m:

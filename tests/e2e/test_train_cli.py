@@ -1,9 +1,12 @@
 """The README's main job from the command line: torchrun + launch/pretrain_sft.py on real files."""
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from mswift.testing.files import snapshot
 from mswift.testing.ranks import free_port
@@ -22,7 +25,7 @@ def test_tiny_llama_tp2_trains_and_checkpoints(tmp_path):
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(free_port()), "launch/pretrain_sft.py",
                 "--config", str(EXAMPLE), "train_iters=6", "log_interval=1", "save_interval=3",
-                f"save={save}"])
+                f"save={save}", "peak_tflops=0.001"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # nothing but torchrun's own banner on stderr: no warnings that do not apply on a CPU
     assert "Warning" not in proc.stderr, proc.stderr
@@ -37,6 +40,17 @@ def test_tiny_llama_tp2_trains_and_checkpoints(tmp_path):
     assert (save / "iter_0000003" / "metadata.json").is_file()
     assert (save / "iter_0000006" / "metadata.json").is_file()
     assert not list(save.glob("*.tmp"))
+    # Model FLOPs of the example by hand (per token, multiply-adds of one forward pass):
+    # attention q 128, k/v 64 each, out 128 (x hidden 128) + QK^T and PV over 128/2 positions;
+    # SwiGLU 3 x 128 x 352; output layer 128 x 256. Training: 6 FLOPs per multiply-add.
+    per_token = 6 * (2 * (128 * (128 + 64 + 64 + 128) + 128 * 128 + 3 * 128 * 352) + 128 * 256)
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # 8 rows x 128 positions per step, over 2 ranks
+        achieved = per_token * 8 * 128 / row["step_time_s"] / 2
+        assert row["tflops_per_gpu"] == pytest.approx(achieved / 1e12, rel=1e-9), row
+        assert row["mfu"] == pytest.approx(row["tflops_per_gpu"] / 0.001, rel=1e-9), row
+        assert "mem_peak_gib" not in row  # no device memory to report on a CPU
+    assert re.search(r"\| TFLOP/s/GPU [0-9.e-]+ \| MFU [0-9.]+%$", proc.stdout, re.M), proc.stdout
 
 
 def test_bad_layout_fails_fast_with_the_setting_named(tmp_path):
