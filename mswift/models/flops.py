@@ -10,15 +10,15 @@ three times (forward, and the backward's data and weight gradients), so a token 
 - core attention of a causal sequence of ``seq_length``: ``QK^T`` and ``softmax(.)V``, each
   ``2 x heads x head dim x seq_length / 2`` forward (a query sees half the sequence on average);
 - MLP: two products, three with SwiGLU (gate, up, down); an MoE layer counts only the
-  ``moe_router_topk`` experts a token goes to (no supported family has a shared expert yet;
-  the family that brings one adds its width here, as Megatron-LM counts it);
+  ``moe_router_topk`` experts a token goes to, plus the shared expert where there is one;
 - the output layer over the padded vocabulary (what the GPU multiplies);
 - where mswift differs from Megatron-LM: the MoE router's ``hidden x experts`` product is
   counted (Megatron-LM leaves it out; it is under 1% of a layer for common shapes).
 
 Not counted, as in Megatron-LM: norms, RoPE, softmax, activations, the embedding lookup.
 Packed sequences are counted as ``seq_length`` causal tokens, as Megatron-LM does: samples
-shorter than ``seq_length`` attend over less, so for them this overstates the attention part.
+shorter than ``seq_length`` attend over less, and so do Llama-4's chunked-attention layers
+(``attention_chunk_size``), so for them this overstates the attention part.
 """
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def mlp_macs_per_token(model: ModelConfig, moe: bool) -> float:
         return products * model.hidden_size * ffn
     ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size or \
         default_ffn_hidden_size(model.hidden_size, model.swiglu)
+    shared = model.moe_shared_expert_intermediate_size or 0  # every token goes through it
     router = model.hidden_size * model.num_experts
-    return products * model.hidden_size * model.moe_router_topk * ffn + router
+    return products * model.hidden_size * (model.moe_router_topk * ffn + shared) + router
 
 
 def moe_layers(model: ModelConfig) -> list[bool]:

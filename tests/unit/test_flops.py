@@ -12,14 +12,16 @@ from mswift.testing.hf_models import tiny_hf_config
 
 def test_hand_count_of_a_tiny_gqa_moe_model():
     # 6 query heads of dim 12 in 2 KV groups (3 per group), hidden 72; layer 0 dense SwiGLU of
-    # width 100, layer 1 MoE: 5 experts of width 40, top-2; padded vocabulary 384; seq 50.
+    # width 100, layer 1 MoE: 5 experts of width 40, top-2, and a shared expert of width 56;
+    # padded vocabulary 384; seq 50.
     model = ModelConfig(num_layers=2, hidden_size=72, num_attention_heads=6, num_query_groups=2,
                         kv_channels=12, ffn_hidden_size=100, num_experts=5, moe_router_topk=2,
-                        moe_ffn_hidden_size=40, moe_layer_freq=[0, 1], vocab_size=300)
+                        moe_ffn_hidden_size=40, moe_layer_freq=[0, 1], vocab_size=300,
+                        moe_shared_expert_intermediate_size=56)
     q, kv = 6 * 12, 2 * 12
     attention = 72 * q + 72 * kv + 72 * kv + q * 72 + q * 50  # qkv, out; QK^T + PV over s/2
     dense = 3 * 72 * 100
-    moe = 2 * 3 * 72 * 40 + 72 * 5  # two routed experts, the router
+    moe = 2 * 3 * 72 * 40 + 3 * 72 * 56 + 72 * 5  # two routed experts, the shared, the router
     logits = 72 * 384
     macs = 2 * attention + dense + moe + logits
     assert train_flops_per_token(model, 50, 384) == 6 * macs
