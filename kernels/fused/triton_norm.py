@@ -24,6 +24,11 @@ def _blocks(hidden: int) -> tuple[int, int]:
     return max(1, min(64, budget // block_h)), block_h
 
 
+def _num_warps(block_r: int, block_h: int) -> int:
+    """More warps for wider tiles, so a thread holds at most ~64 fp32 values of a tile."""
+    return min(16, max(4, block_r * block_h // 2048))
+
+
 @triton.jit
 def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, hidden, eps,
                              HAS_WEIGHT: tl.constexpr, W_OFFSET: tl.constexpr,
@@ -86,7 +91,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     _rms_norm_forward_kernel[(triton.cdiv(rows, block_r),)](
         x, weight if weight is not None else x, y, rstd, rows, hidden, eps,
         HAS_WEIGHT=weight is not None, W_OFFSET=1.0 if zero_centered_gamma else 0.0,
-        BLOCK_R=block_r, BLOCK_H=block_h)
+        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=_num_warps(block_r, block_h))
     return y, rstd
 
 
@@ -106,6 +111,6 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor 
             grad, x, weight if weight is not None else x, rstd, dx,
             dw_partial if dw_partial is not None else rstd, rows, hidden,
             HAS_WEIGHT=weight is not None, W_OFFSET=1.0 if zero_centered_gamma else 0.0,
-            BLOCK_R=block_r, BLOCK_H=block_h)
+            BLOCK_R=block_r, BLOCK_H=block_h, num_warps=_num_warps(block_r, block_h))
     dw = dw_partial.sum(dim=0).to(weight.dtype) if weight is not None else None
     return dx, dw
