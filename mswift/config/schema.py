@@ -90,13 +90,31 @@ class ModelConfig(_Section):
     rotary_base: float = positive(10000.0, "RoPE theta")
     # RoPE frequency scaling; None = plain RoPE. "llama3" = Llama-3.1's smooth low/high-frequency
     # interpolation, with the four rope_* numbers below (HF rope_parameters of the same names).
-    rope_scaling_type: Optional[str] = choice(None, (None, "llama3"),
+    # "yarn" = YaRN (DeepSeek-V3; multi-latent attention only): rope_scaling_factor and
+    # rope_original_max_position_embeddings with the yarn_* numbers below.
+    rope_scaling_type: Optional[str] = choice(None, (None, "llama3", "yarn"),
                                            "RoPE frequency scaling; None = plain RoPE")
     rope_scaling_factor: float = positive(8.0, "llama3: factor")
     rope_low_freq_factor: float = positive(1.0, "llama3: low_freq_factor")
     rope_high_freq_factor: float = positive(4.0, "llama3: high_freq_factor")
     rope_original_max_position_embeddings: int = positive(
         8192, "llama3: original_max_position_embeddings (context length before scaling)")
+    # YaRN (HF rope_parameters beta_fast, beta_slow, mscale, mscale_all_dim): the cos/sin are
+    # scaled by mscale(factor, yarn_mscale) / mscale(factor, yarn_mscale_all_dim) and the softmax
+    # scale by mscale(factor, yarn_mscale_all_dim)^2, as DeepSeek-V3 does.
+    yarn_beta_fast: float = positive(32.0, "yarn: beta_fast (extrapolation boundary)")
+    yarn_beta_slow: float = positive(1.0, "yarn: beta_slow (interpolation boundary)")
+    yarn_mscale: float = setting(1.0, "yarn: mscale")
+    yarn_mscale_all_dim: float = setting(0.0, "yarn: mscale_all_dim")
+    # Multi-latent attention (DeepSeek-V2/V3; megatron-core's MLATransformerConfig): q and kv
+    # pass through low-rank latents; heads have qk_head_dim dims without RoPE plus
+    # qk_pos_emb_head_dim with it (shared by all heads in k), values v_head_dim.
+    multi_latent_attention: bool = setting(False, "multi-latent attention (DeepSeek-V3)")
+    q_lora_rank: Optional[int] = setting(None, "MLA: query latent width; None = no q latent")
+    kv_lora_rank: int = positive(512, "MLA: key/value latent width")
+    qk_head_dim: int = positive(128, "MLA: q/k head dims without RoPE (HF qk_nope_head_dim)")
+    qk_pos_emb_head_dim: int = positive(64, "MLA: q/k head dims with RoPE (HF qk_rope_head_dim)")
+    v_head_dim: int = positive(128, "MLA: value head dim")
     untie_embeddings_and_output_weights: bool = setting(
         True, "separate output layer; false = tied to the input embedding")
     add_bias_linear: bool = setting(False, "biases in every linear layer")
@@ -143,6 +161,18 @@ class ModelConfig(_Section):
     moe_layer_freq: Optional[list[int]] = setting(None, "0/1 per layer: which are MoE")
     moe_shared_expert_intermediate_size: Optional[int] = setting(
         None, "width of the shared expert every MoE layer adds; None = no shared expert")
+    # Group-limited routing (DeepSeek-V3's n_group / topk_group): experts form this many equal
+    # groups and each token chooses only among the best moe_router_group_topk groups.
+    moe_router_num_groups: Optional[int] = setting(None, "expert groups; None = no groups")
+    moe_router_group_topk: Optional[int] = setting(None, "groups each token may choose from")
+    # Aux-loss-free balancing (DeepSeek-V3's e_score_correction_bias = megatron-core's
+    # expert_bias): a per-expert bias added to the scores for the choice only, moved by
+    # moe_router_bias_update_rate after each step towards equal load.
+    moe_router_enable_expert_bias: bool = setting(False, "expert bias in the choice of experts")
+    moe_router_bias_update_rate: float = setting(1e-3, "step of the expert-bias update")
+    # mswift's HF-exact router (deepseek_v3 family): divide the top-k weights by their sum
+    # (HF norm_topk_prob); megatron-core's own router decides by moe_router_pre_softmax.
+    moe_router_norm_topk_prob: bool = setting(True, "HF router: renormalise the top-k weights")
     # Llama-4 routing: the router weight scales the expert's input instead of its output.
     moe_apply_probs_on_input: bool = setting(False, "router weight scales the expert input (top-1)")
     # The HF family whose per-layer specs build the model (set from config.json); None = the
@@ -213,6 +243,14 @@ class ModelConfig(_Section):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 problems.append(f"{key}={value!r}: expected a positive number or None")
+        if self.rope_scaling_type == "yarn" and not self.multi_latent_attention:
+            problems.append("rope_scaling_type=yarn: only with multi_latent_attention=true "
+                            "(megatron-core applies YaRN in MLA layers only)")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None) or (
+                groups is not None and not 0 < group_topk <= groups):
+            problems.append(f"moe_router_num_groups={groups}, moe_router_group_topk="
+                            f"{group_topk}: expected both None or 0 < group_topk <= num_groups")
         if self.moe_apply_probs_on_input and self.moe_router_topk != 1:
             problems.append(f"moe_apply_probs_on_input=true: needs moe_router_topk=1, got "
                             f"{self.moe_router_topk}")

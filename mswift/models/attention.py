@@ -62,10 +62,14 @@ class VarlenCoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
         backend: str = "torch",
         chunk_size: int | None = None,
         temperature: tuple[float, float] | None = None,
     ):
+        # k_channels / v_channels: MLA's q/k and v head dims, which megatron-core passes for
+        # DotProductAttention's sake; here the dims come with the tensors.
         super().__init__(config=config)
         self.backend = kernel_backend(backend)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from mswift.config.schema import MswiftConfig
 from mswift.models.impl import layer_choice
@@ -51,8 +51,15 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
             moe_grouped_gemm=False,
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_apply_probs_on_input=m.moe_apply_probs_on_input,
+            moe_router_num_groups=m.moe_router_num_groups,
+            moe_router_group_topk=m.moe_router_group_topk,
+            moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=m.moe_router_bias_update_rate,
         )
-    return TransformerConfig(
+    config_class, mla = TransformerConfig, {}
+    if m.multi_latent_attention:
+        config_class, mla = MLATransformerConfig, mla_fields(m)
+    return config_class(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=ffn,
@@ -101,6 +108,32 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
         # Loss is a sum over tokens; gradients are divided by the global token count.
         calculate_per_token_loss=True,
         **moe,
+        **mla,
+    )
+
+
+def mla_fields(m) -> dict:
+    """MLATransformerConfig's own fields for ``m`` (a ModelConfig with multi-latent attention).
+
+    megatron-core's MLA layers build their own RoPE (``rope``, or ``yarn`` with the model's
+    numbers) and take the softmax scale ``mscale(rotary_scaling_factor, mscale_all_dim)^2 /
+    sqrt(q/k head dim)``: without YaRN the factor must be 1 so that the scale is plain.
+    """
+    yarn = m.rope_scaling_type == "yarn"
+    return dict(
+        q_lora_rank=m.q_lora_rank,
+        kv_lora_rank=m.kv_lora_rank,
+        qk_head_dim=m.qk_head_dim,
+        qk_pos_emb_head_dim=m.qk_pos_emb_head_dim,
+        v_head_dim=m.v_head_dim,
+        rope_type="yarn" if yarn else "rope",
+        rotary_base=m.rotary_base,
+        rotary_scaling_factor=m.rope_scaling_factor if yarn else 1.0,
+        original_max_position_embeddings=m.rope_original_max_position_embeddings,
+        beta_fast=m.yarn_beta_fast,
+        beta_slow=m.yarn_beta_slow,
+        mscale=m.yarn_mscale,
+        mscale_all_dim=m.yarn_mscale_all_dim if yarn else 0.0,
     )
 
 
@@ -136,7 +169,7 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
             rotary_base=m.rotary_base,
             vp_stage=vp_stage,
         )
-        if m.rope_scaling_type is not None:
+        if m.rope_scaling_type == "llama3":
             apply_rope_scaling(chunk.rotary_pos_emb, m)
         # Padded vocabulary rows: zero, and never in a softmax (loss, eval, sampling).
         mask_padded_vocabulary(chunk, m.vocab_size, vocab,

@@ -89,6 +89,8 @@ def decoder_fields(hf: HFConfigReader, tie_default: bool = False) -> dict:
         moe_router_score_function="softmax", moe_shared_expert_intermediate_size=None,
         moe_apply_probs_on_input=False, rotary_interleaved=False, nope_layers=None,
         qk_l2_norm=False, attention_chunk_size=None, attn_temperature_floor_scale=None,
+        multi_latent_attention=False, q_lora_rank=None, moe_router_num_groups=None,
+        moe_router_group_topk=None, moe_router_enable_expert_bias=False,
     )
 
 

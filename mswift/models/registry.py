@@ -16,7 +16,7 @@ from mswift.models.hf_config import read_hf_config
 from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size
 from mswift.models.weight_map import Dims
 
-_FAMILY_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe", "llama4")
+_FAMILY_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe", "llama4", "deepseek_v3")
 
 
 def families() -> list[ModelFamily]:
@@ -100,6 +100,10 @@ def dims_for(model: ModelConfig, padded_vocab: int) -> Dims:
         experts=experts,
         moe_ffn=model.moe_ffn_hidden_size or model.ffn_hidden_size or 0,
         moe_layers=tuple(bool(f) for f in freq) if experts else (),
+        shared_ffn=model.moe_shared_expert_intermediate_size or 0,
+        **(dict(q_lora_rank=model.q_lora_rank or 0, kv_lora_rank=model.kv_lora_rank,
+                qk_nope_dim=model.qk_head_dim, qk_rope_dim=model.qk_pos_emb_head_dim,
+                v_head_dim=model.v_head_dim) if model.multi_latent_attention else {}),
     )
 
 

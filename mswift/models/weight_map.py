@@ -46,7 +46,10 @@ class Dims:
     """The sizes a weight map needs, from the model config (``mswift.models.registry.dims_for``).
 
     Shape symbols: H hidden, Q heads x head_dim, KV groups x head_dim, D head_dim, F dense MLP
-    width, FE expert MLP width (FE2 twice it: fused gate + up), V vocabulary, E experts.
+    width, FE expert MLP width (FE2 twice it: fused gate + up), FS shared-expert width,
+    V vocabulary, E experts. Multi-latent attention: QL / KVL the q / kv latent widths, KVA the
+    kv down projection (KVL + RoPE dims), QH heads x q/k head dim (with RoPE), KVB heads x
+    (q/k dims without RoPE + v dims), VO heads x v dims.
     """
 
     num_layers: int
@@ -61,14 +64,32 @@ class Dims:
     experts: int = 0
     moe_ffn: int = 0
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE (True) or dense MLP
+    shared_ffn: int = 0
+    # multi-latent attention (0: none; q_lora_rank 0 with MLA: q projected directly)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
 
     def size(self, symbol: str) -> int:
         sizes = {
             "H": self.hidden, "Q": self.heads * self.head_dim,
             "KV": self.groups * self.head_dim, "D": self.head_dim, "F": self.ffn,
-            "FE": self.moe_ffn, "FE2": 2 * self.moe_ffn, "V": self.vocab, "E": self.experts,
+            "FE": self.moe_ffn, "FE2": 2 * self.moe_ffn, "FS": self.shared_ffn,
+            "V": self.vocab, "E": self.experts,
+            "QL": self.q_lora_rank, "KVL": self.kv_lora_rank,
+            "KVA": self.kv_lora_rank + self.qk_rope_dim,
+            "QH": self.heads * (self.qk_nope_dim + self.qk_rope_dim),
+            "KVB": self.heads * (self.qk_nope_dim + self.v_head_dim),
+            "VO": self.heads * self.v_head_dim,
         }
         return sizes[symbol]
+
+    def conditions(self) -> tuple[str, ...]:
+        """The :attr:`Rule.when` values that hold for this model."""
+        return ("always", "tied" if self.tied else "untied",
+                "q_lora" if self.q_lora_rank else "no_q_lora")
 
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer]
@@ -202,6 +223,26 @@ class RowParallel(Transform):
         rows, cols = hf_shapes[0]
         start, stop = _rows(cols, tp_rank, tp_size)
         return _stack([(0, 0, start, rows, stop - start)])
+
+
+class ColumnParallel(Transform):
+    """Split on the output dim (rows of the HF matrix): megatron-core's ColumnParallelLinear
+    of one HF tensor (MLA's projections)."""
+
+    tp_dim = 0
+    name = "column_parallel"
+
+    def local(self, src, names, tp_rank, tp_size, d):
+        start, stop = _rows(src.shape(names[0])[0], tp_rank, tp_size)
+        return src.read(names[0], 0, start, stop)
+
+    def local_shape(self, hf_shapes, tp_size, d):
+        return (hf_shapes[0][0] // tp_size,) + tuple(hf_shapes[0][1:])
+
+    def tiles(self, hf_shapes, tp_rank, tp_size, d):
+        rows, cols = matrix_shape(hf_shapes[0])
+        start, stop = _rows(rows, tp_rank, tp_size)
+        return _stack([(0, start, 0, stop - start, cols)])
 
 
 class VocabParallel(Transform):
@@ -419,6 +460,7 @@ class SliceReader:
 
 REPLICATED = Replicated()
 ROW_PARALLEL = RowParallel()
+COLUMN_PARALLEL = ColumnParallel()
 VOCAB_PARALLEL = VocabParallel()
 FUSED_QKV = FusedQKV()
 FUSED_GATE_UP = FusedGateUp()
@@ -452,7 +494,8 @@ class Rule:
     ("all", "dense" or "moe"); ``when`` whether the model has it ("always", or only when the
     embeddings are "tied" / "untied"). ``to_hf=False`` marks a tensor that is read from HF but
     never written back (a tied model's output layer on the last pipeline stage: a copy of the
-    embedding). ``extra_state``: the megatron module also keeps an ``_extra_state`` entry in
+    embedding), or only with / without a q latent ("q_lora" / "no_q_lora", multi-latent
+    attention). ``extra_state``: the megatron module also keeps an ``_extra_state`` entry in
     its state dict (megatron's linear layers do).
     """
 
@@ -493,8 +536,7 @@ class WeightMap:
 
     def __init__(self, rules: tuple[Rule, ...], dims: Dims):
         self.dims = dims
-        tied = "tied" if dims.tied else "untied"
-        self.rules = tuple(r for r in rules if r.when in ("always", tied))
+        self.rules = tuple(r for r in rules if r.when in dims.conditions())
         self._patterns = [(_pattern(r.mcore), r) for r in self.rules]
 
     def lookup(self, mcore_name: str) -> tuple[Rule, list[str]]:

@@ -12,6 +12,11 @@ per-parameter ``step`` tensor that the fused optimizers do not. Found with megat
   each parameter's step in place, so after a resume the shared counter advanced once per
   parameter per step and the bias correction (hence every update) differed from an
   uninterrupted run.
+
+And without a working Transformer Engine, ``multi_latent_attention`` imports placeholder
+(non-class) TE names yet keeps ``HAVE_TE = True``, so building any MLA layer fails in
+``isinstance(self.linear_proj, TELinear)``: TE is marked absent there when ``TELinear`` is not a
+class (a real TE install keeps its classes and is left alone).
 """
 from __future__ import annotations
 
@@ -27,10 +32,13 @@ def apply_mcore_fixes() -> None:
     if _APPLIED:
         return
     from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.transformer import multi_latent_attention
 
     if not distrib_optimizer.HAVE_APEX_OR_TE:
         _skip_step_when_setting_param_state(distrib_optimizer.DistributedOptimizer)
         _unshare_step_after_load(distrib_optimizer.DistributedOptimizer)
+    if not isinstance(multi_latent_attention.TELinear, type):
+        multi_latent_attention.HAVE_TE = False
     _APPLIED = True
 
 

@@ -30,6 +30,12 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             else:
                 values = 0.2 * torch.randn(param.shape, generator=generator)
             param.copy_(values.to(param.dtype))
+        # Saved buffers that are weights (DeepSeek-V3's e_score_correction_bias, zero when
+        # built, which would hide a bias that is not loaded or not used): small, all different.
+        saved = model.state_dict().keys()
+        for name, buffer in model.named_buffers():
+            if name in saved and buffer.is_floating_point():
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
 
 
 def save_tokenizer(path: Path, vocab_size: int) -> None:
