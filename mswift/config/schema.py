@@ -136,6 +136,19 @@ class ModelConfig(_Section):
     attention_backend: str = choice(
         "auto", ("auto", "local", "torch", "triton", "te"),
         "core attention; auto = te (TE layers, bf16/fp16), else triton with CUDA, else torch")
+    # mswift's Triton kernels inside megatron-core's layers (mswift.models.kernel_modules):
+    # triton = the token permutation of the MoE dispatchers on mswift.kernels.permute /
+    # unpermute (mswift.models.moe_dispatch); torch = megatron-core's own permutation;
+    # auto = triton with CUDA, else torch.
+    moe_routing_backend: str = choice(
+        "auto", ("auto", "torch", "triton"),
+        "MoE token permutation; auto = mswift's Triton kernels with CUDA, else torch")
+    # triton = RMSNorm, SwiGLU and the vocab-parallel cross-entropy on mswift's Triton kernels;
+    # torch = mswift's norm on torch, megatron-core's own SwiGLU and cross-entropy; auto =
+    # triton with CUDA, else torch. Rotary embedding stays megatron-core's either way.
+    fused_kernels: str = choice(
+        "auto", ("auto", "torch", "triton"),
+        "RMSNorm, SwiGLU, cross-entropy; auto = mswift's Triton kernels with CUDA, else torch")
     attention_dropout: float = setting(0.0, "dropout on attention probabilities")
     hidden_dropout: float = setting(0.0, "dropout after attention and MLP")
     init_method_std: float = positive(0.02, "std of the random initial weights")

@@ -13,7 +13,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from mswift.config.schema import MswiftConfig
-from mswift.models.impl import layer_choice
+from mswift.models.impl import layer_choice, resolve_kernel_backend
+from mswift.models.kernel_modules import (
+    KernelLossGPTModel,
+    check_activations,
+    uses_fused_swiglu,
+    with_kernels,
+)
+from mswift.models.moe_dispatch import use_kernel_dispatchers
 from mswift.models.registry import family_named
 from mswift.models.rope import apply_rope_scaling
 from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size  # noqa: F401
@@ -70,6 +77,10 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=m.swiglu,
         activation_func=F.silu if m.swiglu else F.gelu,
+        # The MLPs apply the activation module of their spec (mswift's fused SwiGLU) to
+        # linear_fc1's whole output (mswift.models.kernel_modules).
+        use_te_activation_func=uses_fused_swiglu(m.swiglu,
+                                                 resolve_kernel_backend(m.fused_kernels)),
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
@@ -146,6 +157,8 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
     family = family_named(m.family) if m.family is not None else None
     impl, backend = layer_choice(m, cfg.training)
+    moe_kernels = resolve_kernel_backend(m.moe_routing_backend)
+    fused = resolve_kernel_backend(m.fused_kernels)
     chunks = []
     for stage in range(vpp):
         vp_stage = stage if vpp > 1 else None
@@ -155,7 +168,8 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
         else:
             spec = gpt_block_spec(config, vp_stage=vp_stage, attention_backend=backend,
                                   transformer_impl=impl)
-        chunk = GPTModel(
+        spec = with_kernels(spec, config, fused)
+        chunk = (KernelLossGPTModel if fused == "triton" else GPTModel)(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=vocab,
@@ -169,6 +183,12 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
             rotary_base=m.rotary_base,
             vp_stage=vp_stage,
         )
+        if fused == "triton":
+            chunk.real_vocab_size, chunk.loss_backend = m.vocab_size, fused
+        if config.use_te_activation_func:
+            check_activations(chunk)
+        if moe_kernels == "triton":
+            use_kernel_dispatchers(chunk, moe_kernels)
         if m.rope_scaling_type == "llama3":
             apply_rope_scaling(chunk.rotary_pos_emb, m)
         # Padded vocabulary rows: zero, and never in a softmax (loss, eval, sampling).

@@ -54,6 +54,14 @@ def resolve_attention_backend(setting: str, transformer_impl: str, half_precisio
     return "triton" if device.cuda_available() else "torch"
 
 
+def resolve_kernel_backend(setting: str) -> str:
+    """``torch`` or ``triton`` for ``moe_routing_backend`` / ``fused_kernels``: ``auto`` is
+    ``triton`` with CUDA (mswift's kernels), else ``torch``."""
+    if setting == "auto":
+        return "triton" if _device().cuda_available() else "torch"
+    return setting
+
+
 def te_setting_problems(transformer_impl: str, attention_backend: str, fp8: str | None,
                         half_precision: bool, varlen_only: str | None = None) -> list[str]:
     """What the settings ask of Transformer Engine that they cannot have, whatever the machine:
