@@ -2,13 +2,19 @@
 5 steps), and the step-1 loss is transformers' loss on the same samples.
 
 The models come from Hugging Face configs (a tied Llama with 3 query heads per KV group, an
-untied Qwen3-MoE) with a vocabulary of 300, which Megatron pads to 384 at TP=1 and 512 at TP=2:
-the padded rows must stay out of the softmax for the losses to agree. The data is packed SFT
-(chat rows of different lengths, several per THD sequence, loss on the assistant tokens), read
-through mswift's own data pipeline. Layouts sharing a world size run one after another in one
-group of ranks. The data stream depends on the data-parallel size, so each layout is compared
-with a TP=1 reference of the same data-parallel size (EP is carved out of DP: EP=2 on two ranks
-is DP=2), and each reference's step 1 with transformers on every data-parallel rank's samples.
+untied Qwen3-MoE, an untied Scout-like Llama-4: every layer MoE, a RoPE layer with chunked
+attention of 8 tokens and a NoPE layer with temperature tuning from floor_scale 4, attn_scale
+1) with a vocabulary of 300, which Megatron pads to 384 at TP=1 and 512 at TP=2: the padded
+rows must stay out of the softmax for the losses to agree. The data is packed SFT (chat rows
+of 29 to 109 tokens, so every sample crosses several chunks and floor_scale; mostly two per
+THD sequence; loss on the assistant tokens), read through mswift's own data pipeline. A small
+packing window and shuffle buffer keep the 248 rows from filling the first steps with copies
+of the longest one (with the defaults, the buffer of 10,000 holds 40 epochs and every step-1
+row was that one sample). Layouts sharing a world size run one after another in one group of
+ranks. The data stream depends on the data-parallel size, so each layout is compared with a
+TP=1 reference of the same data-parallel size (EP is carved out of DP: EP=2 on two ranks is
+DP=2), and each reference's step 1 with transformers on every data-parallel rank's samples
+(each sample on its own: the packed loss is the per-sample unpacked loss).
 """
 import json
 from pathlib import Path
@@ -29,15 +35,17 @@ BASE = [
     "lr_warmup_iters=1", "seed=7",
 ]
 VOCAB = 300  # not a multiple of 128 x TP
+SHAPE = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2)
 SFT = ["mode=sft", "seq_length=128", "micro_batch_size=1", "global_batch_size=4",
        "train_iters=5", "lr=1e-3", "min_lr=1e-4", "lr_warmup_iters=0", "seed=7",
-       "log_interval=5"]
+       "log_interval=5", "packing_window=8", "shuffle_buffer=16"]
 REL_TOL = 1e-5
 
 TP2 = ["tensor_model_parallel_size=2"]
 SP = ["sequence_parallel=true"]
 # References: TP=1 runs, one per (model, data-parallel size); world size -> runs.
-REFERENCES = {"dense-dp1": ("dense", 1), "moe-dp1": ("moe", 1), "moe-dp2": ("moe", 2)}
+REFERENCES = {"dense-dp1": ("dense", 1), "moe-dp1": ("moe", 1), "moe-dp2": ("moe", 2),
+              "scout-dp1": ("scout", 1), "scout-dp2": ("scout", 2)}
 # name: (model, world size, reference, layout overrides)
 LAYOUTS = {
     "tp2": ("dense", 2, "dense-dp1", TP2),
@@ -47,7 +55,15 @@ LAYOUTS = {
     "moe-ep2": ("moe", 2, "moe-dp2", ["expert_model_parallel_size=2"]),
     "moe-tp2-ep2": ("moe", 4, "moe-dp2", TP2 + SP + ["expert_model_parallel_size=2"]),
     "moe-tp2-sp-pp2": ("moe", 4, "moe-dp1", TP2 + SP + ["pipeline_model_parallel_size=2"]),
+    "scout-ep2": ("scout", 2, "scout-dp2", ["expert_model_parallel_size=2"]),
+    "scout-tp2-sp": ("scout", 2, "scout-dp1", TP2 + SP),
 }
+# The Scout-like model: every layer MoE; layer 0 RoPE with chunks of 8, layer 1 NoPE with
+# temperature tuning (floor_scale 4) on the llama4 family's debug config. attn_scale is 1, not
+# Scout's 0.1: transformers' step-1 loss then moves by ~550x the tolerance without the tuning
+# (~20x at 0.1), by ~700x without the chunks.
+SCOUT = dict(interleave_moe_layer_step=1, no_rope_layer_interval=2, attention_chunk_size=8,
+             floor_scale=4, attn_scale=1.0)
 
 
 def write_short_chats(path: Path) -> Path:
@@ -69,15 +85,17 @@ def hf_dirs(tmp_path_factory):
     from mswift.testing.tokenizers import train_chatml_tokenizer
 
     root = tmp_path_factory.mktemp("layouts")
-    shape = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=6,
-                 num_key_value_heads=2)
     models = {
         "dense": save_tiny_hf_model("llama", root / "llama", hidden_size=96,
-                                    tie_word_embeddings=True, **shape),
+                                    tie_word_embeddings=True, **SHAPE),
         # No load-balancing loss: megatron-core's aux-loss gradient is not the same at TP2xEP2
         # with sequence parallelism as at TP1 (1e-5 apart by step 3 with coefficient 1e-3).
         "moe": save_tiny_hf_model("qwen3_moe", root / "qwen3_moe", head_dim=16,
-                                  router_aux_loss_coef=0.0, **shape),
+                                  router_aux_loss_coef=0.0, **SHAPE),
+        # Llama-4 has no load-balancing loss (the family sets moe_aux_loss_coeff=0), which also
+        # keeps megatron-core's aux loss out: under TP+SP with per-token loss it is scaled by
+        # the local token count.
+        "scout": save_tiny_hf_model("llama4", root / "llama4", **SCOUT, **SHAPE),
     }
     for model in models.values():
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -156,12 +174,12 @@ def transformers_loss(hf_dir: str, batches: list[dict]) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
-    total, count, covered = 0.0, 0, 0
+    total, count, covered, samples = 0.0, 0, 0, 0
     for batch in batches:
         ids = (batch["tokens"] if "tokens" in batch else batch["input_ids"]).reshape(-1)
         mask = batch["loss_mask"].reshape(-1).bool()
         cu = batch["cu_seqlens"].tolist()
-        assert len(cu) > 2, "expected several samples per packed sequence"
+        samples += sum(bool(mask[a:b].any()) for a, b in zip(cu[:-1], cu[1:]))
         for start, end in zip(cu[:-1], cu[1:]):
             sample, targets = ids[start:end], mask[start:end]
             assert not targets[-1], "the last token of a sample predicts nothing"
@@ -172,6 +190,7 @@ def transformers_loss(hf_dir: str, batches: list[dict]) -> float:
             count += int(targets.sum())
         covered += int(mask.sum())
     assert count == covered > 0, "every loss token lies inside a sample"
+    assert samples > len(batches), "expected several samples per packed sequence"
     return total / count
 
 
@@ -189,6 +208,20 @@ def test_step1_loss_is_transformers_loss(hf_dirs, runs, name):
     got = reference[0]["losses"][0]
     assert abs(got - want) <= REL_TOL * want, f"mswift {got!r} vs transformers {want!r}"
     assert reference[0]["losses"][-1] < got, "the loss did not fall"
+
+
+def test_scout_samples_pass_the_chunk_and_floor_scale(hf_dirs, runs, tmp_path):
+    """transformers' loss on the Scout-like reference's step-1 samples changes without chunked
+    attention, and without temperature tuning: the training data really exercises both."""
+    from mswift.testing.hf_models import save_tiny_hf_model
+
+    batches = runs["scout-dp1"][0]["batches"]
+    want = transformers_loss(hf_dirs[0]["scout"], batches)
+    for i, change in enumerate(({"attention_chunk_size": None},
+                                {"attn_temperature_tuning": False})):
+        other = save_tiny_hf_model("llama4", tmp_path / str(i), **{**SCOUT, **SHAPE, **change})
+        loss = transformers_loss(str(other), batches)
+        assert abs(loss - want) > 100 * REL_TOL * want, (change, loss, want)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
