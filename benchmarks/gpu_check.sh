@@ -5,6 +5,8 @@
 #   the tests marked gpu (tests/gpu);
 #   benchmarks/attention.py: varlen attention, bf16, head dim 128, causal, 16k/32k/64k tokens
 #     of mixed lengths: mswift Triton vs SDPA flash per sample vs Transformer Engine (THD);
+#   benchmarks/moe.py: permute+unpermute GB/s vs torch argsort/index_select and HBM, the
+#     DeepSeek-V3 router vs torch, RMSNorm and cross-entropy GB/s vs torch (4k-64k tokens);
 #   benchmarks/train_backends.py: tiny Llama and Qwen3-MoE at TP1 with each attention backend
 #     and layer implementation: tokens/s, MFU, peak memory, losses of steps 1-5 compared.
 # Every step runs under its own `timeout` (and within the total budget); a failing step is
@@ -105,8 +107,10 @@ else
     FAILED=1
 fi
 if [ "$DRY_RUN" -eq 1 ]; then
-    step compile 60 "$PYTHON" -m py_compile benchmarks/attention.py benchmarks/train_backends.py
+    step compile 60 "$PYTHON" -m py_compile benchmarks/attention.py benchmarks/train_backends.py \
+        benchmarks/moe.py
     step attention-help 60 "$PYTHON" benchmarks/attention.py --help
+    step moe-help 60 "$PYTHON" benchmarks/moe.py --help
     step env-help 60 "$PYTHON" -m mswift env --help
     step gpu-tests-collect 120 "$PYTHON" -m pytest -m gpu tests/gpu --collect-only -q
     step train-settings 240 "$PYTHON" benchmarks/train_backends.py --dry-run \
@@ -119,6 +123,7 @@ else
     step gpu-tests 210 "$PYTHON" -m pytest -m gpu tests/gpu -q -rs --tb=short
     step attention 120 "$PYTHON" benchmarks/attention.py --iters 10 \
         --backends sdpa-flash-per-sample te-fused-thd --markdown "$WORK/attention.md"
+    step moe 60 "$PYTHON" benchmarks/moe.py --iters 10
     left=$((BUDGET_S - (SECONDS - START) - 15))
     step train-backends 300 "$PYTHON" benchmarks/train_backends.py --workdir "$WORK/train" \
         --timeout 90 --budget "$left" --markdown "$WORK/train.md"
@@ -163,6 +168,7 @@ section() {  # section TITLE LOG [LINES]: the last LINES lines of a step's outpu
         echo
         cat "$WORK/attention.md" 2> /dev/null || echo "no table: see the steps above"
         echo
+        section "MoE permutation, router, RMSNorm, cross-entropy (benchmarks/moe.py)" moe 40
         echo "## Training, TP1, each backend (benchmarks/train_backends.py)"
         echo
         cat "$WORK/train.md" 2> /dev/null || echo "no table: see the steps above"

@@ -76,6 +76,32 @@ def set_local_device(local_rank: int) -> torch.device:
         torch.cuda.set_device(device)
     return device
 
+# Memory (HBM) bandwidth of one device, bytes/s, from NVIDIA's data sheets; matched in order
+# against the device name like BF16_PEAK_FLOPS. Benchmarks of memory-bound kernels compare with it.
+HBM_BYTES_PER_S = (
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("H200 NVL", 4.8e12),
+    ("H100", 3.35e12),  # SXM5
+    ("H800", 3.35e12),
+    ("GH200", 4.0e12),
+    ("H200", 4.8e12),
+    ("A100", 2.0e12),  # 80 GB SXM4
+    ("B200", 8.0e12),
+)
+
+
+def hbm_bytes_per_s(name: str | None = None) -> float | None:
+    """Memory bandwidth of the device called ``name`` (default: this one), from
+    :data:`HBM_BYTES_PER_S`; None for a CPU or a device not in the table."""
+    name = device_name() if name is None else name
+    if name == "cpu":
+        return None
+    for key, rate in HBM_BYTES_PER_S:
+        if key.lower() in name.lower():
+            return rate
+    return None
+
 
 def local_device() -> torch.device:
     """This process's device: the current CUDA device (set by :func:`set_local_device` when the

@@ -33,6 +33,7 @@ def test_without_cuda_everything_is_the_cpu_and_gloo():
     assert device.device_count() == 0
     assert device.device_name() == "cpu"
     assert device.bf16_peak_flops() is None
+    assert device.hbm_bytes_per_s() is None
     assert device.peak_memory_bytes() is None
     assert device.device_rng_state() is None
     device.set_device_rng_state(torch.zeros(8, dtype=torch.uint8))  # nothing to restore into
@@ -66,6 +67,18 @@ def test_a_launcher_that_shows_each_rank_one_gpu(fake_cuda, monkeypatch):
 ])
 def test_bf16_peak_by_device_name(name, peak):
     assert device.bf16_peak_flops(name) == peak
+
+
+@pytest.mark.parametrize("name, rate", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12),
+    ("NVIDIA H100 PCIe", 2.0e12),
+    ("NVIDIA H200", 4.8e12),
+    ("NVIDIA H200 NVL", 4.8e12),
+    ("Tesla T4", None),
+    ("cpu", None),
+])
+def test_hbm_bandwidth_by_device_name(name, rate):
+    assert device.hbm_bytes_per_s(name) == rate
 
 
 def test_bf16_peak_of_the_current_device(fake_cuda, monkeypatch):
