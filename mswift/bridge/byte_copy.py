@@ -230,8 +230,11 @@ def _gather(files: OpenFiles, b: Block, band: memoryview, r0: int, r1: int,
 
 def hf_copy_applies(ckpt: HFCheckpoint, wmap: WeightMap, kind: dtypes.Dtype) -> bool:
     """Every HF tensor the weight map reads has the checkpoint's dtype ``kind``, or one the
-    copies cast to it (:func:`~mswift.bridge.dtypes.castable`)."""
-    return all(dtypes.castable(ckpt.kind(name), kind) for name in wmap.hf_shapes())
+    copies cast to it (:func:`~mswift.bridge.dtypes.castable`), and none is stored quantized
+    (those are dequantized by the tensor path)."""
+    from mswift.bridge.quantized import DequantizedCheckpoint
+
+    return not isinstance(ckpt, DequantizedCheckpoint) and all(dtypes.castable(ckpt.kind(name), kind) for name in wmap.hf_shapes())
 
 
 class HFBytes:

@@ -2,7 +2,7 @@
 
     python checkpoint_convert/hf_to_mcore.py --hf-dir IN --out OUT [--format torch_dist|legacy]
         [--tp N] [--pp N] [--ep N] [--etp N] [--dtype bf16|fp32]
-    python checkpoint_convert/mcore_to_hf.py --mcore-dir IN --out OUT
+    python checkpoint_convert/mcore_to_hf.py --mcore-dir IN --out OUT [--dtype bf16|fp32]
     python checkpoint_convert/reshard.py --mcore-dir IN --out OUT --tp N --pp N --ep N
     mswift convert hf-to-mcore|mcore-to-hf|reshard ...   (the same options)
 
@@ -78,6 +78,9 @@ def mcore_to_hf_parser(prog: str) -> argparse.ArgumentParser:
                         "(default: the copy a converted checkpoint carries in hf/)")
     parser.add_argument("--max-shard-size", type=_size, default=None,
                         help="largest safetensors shard, e.g. 5GB (default)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                        help="every tensor in this dtype, unquantized (default: the original "
+                        "HF dtypes; an FP8 model as FP8, an AWQ model as bf16)")
     return parser
 
 
@@ -127,7 +130,8 @@ def mcore_to_hf_main(argv: list[str] | None = None, prog: str = "mcore_to_hf") -
     from mswift.bridge.convert import mcore_to_hf
 
     a = mcore_to_hf_parser(prog).parse_args(argv)
-    return _run(prog, lambda: mcore_to_hf(a.mcore_dir, a.out, a.hf_dir, a.max_shard_size))
+    return _run(prog, lambda: mcore_to_hf(a.mcore_dir, a.out, a.hf_dir, a.max_shard_size,
+                                          dtype=a.dtype))
 
 
 def reshard_main(argv: list[str] | None = None, prog: str = "reshard") -> int:

@@ -57,6 +57,7 @@ from mswift.bridge.legacy import (
     write_tracker,
 )
 from mswift.bridge.model_io import HFSource, hf_plan
+from mswift.bridge.quantized import carry_fp8_scales, export_plan, open_checkpoint, plain_config
 from mswift.lazy_import import lazy_module
 
 torch = lazy_module("torch")  # the byte copies never import it
@@ -150,6 +151,7 @@ def write_metadata(out: Path, hf: HFModel, fmt: str, layout: Layout, padded_voca
                    dtype, tensors: list, iteration: int = 0) -> None:
     (out / HF_SUBDIR).mkdir(exist_ok=True)
     copy_aux_files(hf.hf_dir, out / HF_SUBDIR)
+    carry_fp8_scales(hf.hf_dir, out / HF_SUBDIR)  # an FP8 model's scales, for the way back
     meta = {
         "format": fmt, "family": hf.family.name, "iteration": iteration,
         "layout": dataclasses.asdict(layout), "padded_vocab_size": padded_vocab,
@@ -194,7 +196,7 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
     if fmt not in FORMATS:
         raise BridgeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     hf = HFModel.open(hf_dir)
-    ckpt = HFCheckpoint(hf_dir)
+    ckpt = open_checkpoint(hf_dir)  # FP8 / AWQ weights dequantized slice by slice
     layout = conversion_layout(hf, tp, pp, ep, etp, vpp)
     hf.check_layout(layout)
     if fmt == "legacy" and etp not in (None, tp):
@@ -303,14 +305,18 @@ def _hf_dtypes(meta: dict, template: HFModel) -> dict[str, dtypes.Dtype]:
 
 
 def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
-                progress: bool = True) -> Path:
-    """Convert a megatron checkpoint (torch_dist or legacy) into an HF model directory."""
+                progress: bool = True, dtype: str | None = None) -> Path:
+    """Convert a megatron checkpoint (torch_dist or legacy) into an HF model directory.
+    ``dtype``: every tensor in this dtype, unquantized (default: as the original; an FP8
+    model as FP8, :mod:`mswift.bridge.quantized`)."""
     root, out = Path(mcore_dir), Path(out)
     if not root.is_dir():
         raise BridgeError(f"--mcore-dir {root}: not a directory")
     template = _template(root, hf_dir)
     meta = read_metadata(root)
-    kinds = _hf_dtypes(meta, template)
+    names = template.weight_map(template.padded_vocab(1)).hf_shapes()
+    kinds, encoder, plain = export_plan(template.hf_dir, names, _hf_dtypes(meta, template),
+                                        dtype)
     legacy = is_legacy(root)
     if not legacy and not _is_torch_dist(root):
         raise BridgeError(f"--mcore-dir {root}: neither a legacy nor a torch_dist checkpoint")
@@ -319,20 +325,23 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
     if legacy:
         source = LegacySource(root, template.weight_map(template.padded_vocab(1)))
     else:
-        source = _torch_dist_source(template, root, kinds)
+        source = _torch_dist_source(template, root, kinds, copies=encoder is None)
     with staged_output(out) as tmp:
-        _write_hf_from_source(source, tmp, kinds, max_shard_bytes, progress)
+        _write_hf_from_source(source, tmp, kinds, max_shard_bytes, progress, encoder)
         if rank() == 0:
             copy_aux_files(template.hf_dir, tmp)
+            if plain:
+                plain_config(tmp, plain)
         unpad_hf_dir_on_rank0(tmp)  # attention padded for TP: back to the original head counts
     return out
 
 
 def _write_hf_from_source(source, tmp: Path, kinds: dict[str, dtypes.Dtype], max_shard_bytes,
-                          progress: bool) -> None:
+                          progress: bool, encoder=None) -> None:
     """Every rank calls this: the HF shards are shared out (rank r writes shards r, r + world,
     ...), each rank reads the megatron tensors its shards need; rank 0 writes the index.
-    ``kinds``: the dtype of each HF tensor (others keep their megatron tensor's)."""
+    ``kinds``: the dtype of each HF tensor (others keep their megatron tensor's); ``encoder``:
+    writes FP8 weights (:class:`mswift.bridge.quantized.Fp8Encoder`), with tensors."""
     from mswift.bridge.byte_copy import (
         COPY_THREADS,
         LegacyBytes,
@@ -341,16 +350,20 @@ def _write_hf_from_source(source, tmp: Path, kinds: dict[str, dtypes.Dtype], max
     )
     from mswift.bridge.dist_bytes import DistBytes
 
-    if isinstance(source, LegacySource) and legacy_to_hf_applies(source, kinds):
+    if (isinstance(source, LegacySource) and encoder is None
+            and legacy_to_hf_applies(source, kinds)):
         source = LegacyBytes(source)
     copying = isinstance(source, (LegacyBytes, DistBytes))
     plan = hf_plan(source.wmap, kinds, source.kind if copying else
                    lambda name: dtypes.as_kind(source.dtype(name)))
+    stored = plan if encoder is None else encoder.plan(plan)
     max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-    shards = HFShardWriter.plan_shards(plan, max_shard_bytes)
-    writer = HFShardWriter(tmp, plan, max_shard_bytes,
+    shards = HFShardWriter.plan_shards(stored, max_shard_bytes)
+    writer = HFShardWriter(tmp, stored, max_shard_bytes,
                            shards=range(rank(), len(shards), world_size()),
                            copy_threads=COPY_THREADS if copying else 1)
+    if encoder is not None:
+        writer = encoder.wrap(writer, plan)
     if copying:
         write_hf_copying(source, writer, progress and rank() == 0)
     else:
@@ -385,9 +398,11 @@ def _is_torch_dist(root: Path) -> bool:
     return is_torch_dist(root)
 
 
-def _torch_dist_source(template: HFModel, root: Path, kinds: dict[str, dtypes.Dtype]):
+def _torch_dist_source(template: HFModel, root: Path, kinds: dict[str, dtypes.Dtype],
+                       copies: bool = True):
     """The checkpoint's chunks (saved at any layout) as byte blocks of the HF tensors, or, when
-    dtypes change or a chunk is not stored plainly, its tensors read one at a time."""
+    dtypes change, a chunk is not stored plainly or ``copies`` is False (tensors are
+    quantized), its tensors read one at a time."""
     from mswift.bridge.dist_bytes import DistBytes, stored_embedding
 
     padded, _ = stored_embedding(root)
@@ -396,7 +411,7 @@ def _torch_dist_source(template: HFModel, root: Path, kinds: dict[str, dtypes.Dt
                           f"vocab_size {template.model.vocab_size}")
     wmap = _whole_model(template, padded).weight_map(padded)
     source = DistBytes(root, wmap)
-    if source.applies(kinds):
+    if copies and source.applies(kinds):
         return source
     from mswift.bridge.torch_dist import TorchDistSource
 

@@ -9,7 +9,9 @@ The training driver's two calls, for a run whose ``model.hf_model`` names an HF 
     save_hf_checkpoint(chunks, cfg, "out/hf")  # gathered to rank 0, streamed to disk
 
 The saved directory has the original's config, generation config and tokenizer files, and each
-tensor in the original's dtype; attention padded for tensor parallelism
+tensor in the original's dtype (an FP8 original's weights as FP8, each block re-quantized with
+its original scale where that is exact, else with a fresh one; an AWQ original's in bfloat16:
+:mod:`mswift.bridge.quantized`); attention padded for tensor parallelism
 (:mod:`mswift.bridge.head_padding`) is given back with its original head counts.
 """
 from __future__ import annotations
@@ -21,8 +23,10 @@ import torch.distributed as dist
 
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.head_padding import unpad_hf_dir_on_rank0
-from mswift.bridge.hf_io import HFCheckpoint, copy_aux_files
+from mswift.bridge.dtypes import torch_dtype
+from mswift.bridge.hf_io import copy_aux_files, kind_from_name
 from mswift.bridge.model_io import load_hf_into_model, save_model_to_hf
+from mswift.bridge.quantized import export_plan, open_checkpoint, plain_config
 from mswift.config.schema import MswiftConfig
 from mswift.models.hf_config import read_hf_config
 from mswift.models.registry import dims_for, family_for, padded_vocab_for
@@ -58,13 +62,17 @@ def save_hf_checkpoint(chunks, cfg: MswiftConfig, out_dir: str | Path,
     tmp = out.with_name(out.name + ".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
     wmap, _ = weight_map_for(cfg)
-    source = HFCheckpoint(_hf_dir(cfg))
-    dtypes = {name: source.dtype(name) for name in source.names}
+    source = open_checkpoint(_hf_dir(cfg))
+    stored = {name: kind_from_name(kind) for name, kind, _ in source.tensor_records()}
+    kinds, encoder, plain = export_plan(source.dir, wmap.hf_shapes(), stored, None)
+    dtypes = {name: torch_dtype(kind) for name, kind in kinds.items()}
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    save_model_to_hf(chunks, wmap, tmp, dtypes, max_shard_bytes)
+    save_model_to_hf(chunks, wmap, tmp, dtypes, max_shard_bytes, encoder=encoder)
     if rank == 0:
         copy_aux_files(source.dir, tmp)
+        if plain:
+            plain_config(tmp, plain)
     unpad_hf_dir_on_rank0(tmp)  # hf_model's attention padded for TP: back to its head counts
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)

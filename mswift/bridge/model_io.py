@@ -110,9 +110,12 @@ def load_into_model(chunks, source) -> int:
 
 def load_hf_into_model(chunks, hf_dir: str | Path, wmap: WeightMap,
                        ignored: tuple[str, ...] = ()) -> int:
-    """Load an HF checkpoint into this rank's chunks (each rank reads only its slices);
-    ``ignored``: regexes of HF tensors that are not weights (the family's ``ignored_tensors``)."""
-    ckpt = HFCheckpoint(hf_dir)
+    """Load an HF checkpoint into this rank's chunks (each rank reads only its slices, FP8 /
+    AWQ weights dequantized as read); ``ignored``: regexes of HF tensors that are not weights
+    (the family's ``ignored_tensors``)."""
+    from mswift.bridge.quantized import open_checkpoint
+
+    ckpt = open_checkpoint(hf_dir)
     ckpt.check_tensors(wmap.hf_shapes(), "this", ignored)
     return load_into_model(chunks, HFSource(ckpt, wmap))
 
@@ -163,11 +166,13 @@ def hf_plan(wmap: WeightMap, dtypes: dict[str, torch.dtype],
 
 def save_model_to_hf(chunks, wmap: WeightMap, out_dir: str | Path,
                      dtypes: dict[str, torch.dtype] | None = None,
-                     max_shard_bytes: int | None = None, progress: bool = False) -> dict | None:
+                     max_shard_bytes: int | None = None, progress: bool = False,
+                     encoder=None) -> dict | None:
     """Write this model's weights as HF safetensors shards + index into ``out_dir`` (rank 0).
 
     ``dtypes`` gives the dtype of each HF tensor (e.g. the original checkpoint's); others keep
-    the model's. Every rank must call this; returns the index on rank 0, None elsewhere.
+    the model's; ``encoder`` writes FP8 weights (:class:`mswift.bridge.quantized.Fp8Encoder`).
+    Every rank must call this; returns the index on rank 0, None elsewhere.
     """
     from mswift.runtime.device import local_device  # the byte-level tools never import torch
 
@@ -184,7 +189,10 @@ def save_model_to_hf(chunks, wmap: WeightMap, out_dir: str | Path,
     if rank == 0:
         kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
         plan = hf_plan(wmap, dtypes or {}, lambda name: info[name][2])
-        writer = HFShardWriter(out_dir, plan, **kwargs)
+        stored = plan if encoder is None else encoder.plan(plan)
+        writer = HFShardWriter(out_dir, stored, **kwargs)
+        if encoder is not None:
+            writer = encoder.wrap(writer, plan)
     for name in _progress(names, progress and rank == 0):
         size, shape, dtype = info[name]
         shards = []

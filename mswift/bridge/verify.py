@@ -6,7 +6,8 @@
 
 The megatron model's weights come from ``--mcore-dir`` (a torch_dist or legacy checkpoint) if
 given, else straight from ``--hf-dir``; the reference is always ``--hf-dir`` loaded by
-transformers. Both run in fp32. Exit codes: 0 within ``--tol`` (max abs logit difference and
+transformers (a quantized one, FP8 or AWQ, as the model of its dequantized weights, dequantized
+as the bridge loads them: :mod:`mswift.bridge.quantized`). Both run in fp32. Exit codes: 0 within ``--tol`` (max abs logit difference and
 loss difference), 1 past it, 2 bad input.
 """
 from __future__ import annotations
@@ -93,11 +94,39 @@ def compare(logits: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor,
     }
 
 
+def _dequantized_hf_model(hf_dir):
+    """transformers' model of an FP8 / AWQ checkpoint's dequantized weights (fp32), read one
+    tensor at a time; None for a plain checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mswift.bridge.quantized import DequantizedCheckpoint, open_checkpoint
+
+    ckpt = open_checkpoint(hf_dir)
+    if not isinstance(ckpt, DequantizedCheckpoint):
+        return None
+    config = AutoConfig.from_pretrained(hf_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights come dequantized, from ``ckpt``
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                             attn_implementation="eager")
+    params = model.state_dict()
+    missing = sorted(set(params) - set(ckpt.names) - {"lm_head.weight"})
+    if missing:
+        raise BridgeError(f"{hf_dir}: transformers' model needs {missing[:3]}, not stored")
+    with torch.no_grad():
+        for name in ckpt.names:
+            if name in params:
+                params[name].copy_(ckpt.read(name))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
 def hf_reference_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                 attn_implementation="eager")
+    model = _dequantized_hf_model(hf_dir) or AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with torch.no_grad():
         return model(tokens).logits.float()
@@ -117,13 +146,13 @@ def _padded_vocab(hf, mcore_dir, tp: int) -> int:
 
 def _load_weights(chunks, hf, mcore_dir, wmap) -> None:
     from mswift.bridge.dist_bytes import is_torch_dist
-    from mswift.bridge.hf_io import HFCheckpoint
     from mswift.bridge.legacy import LegacySource, is_legacy
     from mswift.bridge.model_io import HFSource, load_into_model
+    from mswift.bridge.quantized import open_checkpoint
     from mswift.bridge.torch_dist import load_torch_dist
 
     if mcore_dir is None:
-        ckpt = HFCheckpoint(hf.hf_dir)
+        ckpt = open_checkpoint(hf.hf_dir)
         ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.family.ignored_tensors)
         load_into_model(chunks, HFSource(ckpt, wmap))
     elif is_torch_dist(mcore_dir):
