@@ -4,7 +4,7 @@ Heavy dependencies (datasets, megatron-core) are imported where they are used.
 """
 from mswift.data.encode import EncodedSample, SampleEncoder, resolve_template
 from mswift.data.formats import BadRowError, Conversation, PlainText, row_to_example
-from mswift.data.options import DataConfig
+from mswift.data.options import PipelineOptions
 from mswift.data.packing import (
     IGNORE_INDEX,
     WindowPacker,
@@ -15,7 +15,7 @@ from mswift.data.packing import (
 from mswift.data.streaming import DataPipeline
 
 __all__ = [
-    "BadRowError", "Conversation", "DataConfig", "DataPipeline", "EncodedSample",
-    "IGNORE_INDEX", "PlainText", "SampleEncoder", "WindowPacker", "block_causal_mask",
+    "BadRowError", "Conversation", "DataPipeline", "EncodedSample", "IGNORE_INDEX",
+    "PipelineOptions", "PlainText", "SampleEncoder", "WindowPacker", "block_causal_mask",
     "collate_rows", "first_fit_decreasing", "resolve_template", "row_to_example",
 ]

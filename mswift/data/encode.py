@@ -81,7 +81,7 @@ class TokenizerTemplate(ChatTemplate):
 
 
 def resolve_template(tokenizer, name: str = "auto") -> ChatTemplate:
-    """The chat template named by DataConfig.template for this tokenizer."""
+    """The chat template named by PipelineOptions.template for this tokenizer."""
     if name == "tokenizer" or (name == "auto" and getattr(tokenizer, "chat_template", None)):
         return TokenizerTemplate(tokenizer)
     if name == "auto":

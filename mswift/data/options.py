@@ -16,7 +16,7 @@ ON_BAD_ROW = ("error", "skip")
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class PipelineOptions:
     # Local dataset paths: .jsonl / .json / .parquet / .csv files, folders of them, or any
     # folder `datasets.load_dataset` reads. Several paths are mixed (see dataset_ratios).
     datasets: list[str] = field(default_factory=list)

@@ -20,7 +20,7 @@ import numpy as np
 
 from mswift.data.encode import EncodedSample, SampleEncoder
 from mswift.data.formats import BadRowError, row_to_example
-from mswift.data.options import DataConfig
+from mswift.data.options import PipelineOptions
 from mswift.data.packing import WindowPacker, collate_rows
 from mswift.data.sources import MixedRows, open_sources
 
@@ -62,7 +62,7 @@ class ShuffleBuffer:
 class DataPipeline:
     """Iterable of micro-batches (see packing.collate_rows) for one data-parallel rank."""
 
-    def __init__(self, config: DataConfig, tokenizer, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, config: PipelineOptions, tokenizer, dp_rank: int = 0, dp_size: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is outside 0..{dp_size - 1} (dp_size={dp_size})")
         self.config = config

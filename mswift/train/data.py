@@ -74,13 +74,13 @@ def load_tokenizer(cfg: MswiftConfig, folder: str):
 
 def _pipeline(cfg: MswiftConfig, tokenizer_dir: str, paths: list[str], dp_rank: int,
               dp_size: int, seed_offset: int):
-    from mswift.data.options import DataConfig as PipelineConfig
+    from mswift.data.options import PipelineOptions
     from mswift.data.streaming import DataPipeline
 
     d = cfg.data
     tokenizer = load_tokenizer(cfg, tokenizer_dir)
     pretrain = cfg.training.mode == "pt"
-    options = PipelineConfig(
+    options = PipelineOptions(
         datasets=list(paths),
         dataset_ratios=d.dataset_ratios if paths == d.dataset else None,
         row_format="text" if pretrain and d.row_format == "auto" else d.row_format,

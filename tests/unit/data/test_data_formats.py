@@ -1,10 +1,16 @@
-"""Row formats, input files of every kind, bad rows, and DataConfig validation."""
+"""Row formats, input files of every kind, bad rows, and PipelineOptions validation."""
 import json
 
 import pandas as pd
 import pytest
 
-from mswift.data import BadRowError, Conversation, DataConfig, DataPipeline, PlainText
+from mswift.data import (
+    BadRowError,
+    Conversation,
+    DataPipeline,
+    PipelineOptions,
+    PlainText,
+)
 from mswift.data import row_to_example
 from mswift.data.sources import SourceRows
 
@@ -55,7 +61,7 @@ def test_bad_row_stops_with_file_and_line(tmp_path, real_tokenizer, index):
     good = json.dumps({"messages": CHAT}).encode()
     path = tmp_path / "rows.jsonl"
     path.write_bytes(good + b"\n\n" + raw + b"\n")  # the blank line 2 is not a row
-    pipeline = DataPipeline(DataConfig(datasets=[str(path)], num_epochs=1, shuffle_buffer=0),
+    pipeline = DataPipeline(PipelineOptions(datasets=[str(path)], num_epochs=1, shuffle_buffer=0),
                             real_tokenizer("qwen2_5"))
     with pytest.raises(ValueError, match=rf"rows.jsonl:3: .*{reason}"):
         list(pipeline)
@@ -63,7 +69,7 @@ def test_bad_row_stops_with_file_and_line(tmp_path, real_tokenizer, index):
 
 def test_bad_rows_are_skipped_and_counted(tmp_path, real_tokenizer):
     path = write_mixed_file(tmp_path / "rows.jsonl")
-    pipeline = DataPipeline(DataConfig(datasets=[path], num_epochs=1, on_bad_row="skip"),
+    pipeline = DataPipeline(PipelineOptions(datasets=[path], num_epochs=1, on_bad_row="skip"),
                             real_tokenizer("qwen2_5"))
     batches = list(pipeline)
     assert pipeline.stats["bad_rows_skipped"] == len(BAD_ROWS)
@@ -74,7 +80,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, real_tokenizer):
 def test_only_bad_rows_is_an_error(tmp_path, real_tokenizer):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"".join(raw + b"\n" for raw, _ in BAD_ROWS))
-    pipeline = DataPipeline(DataConfig(datasets=[str(path)], on_bad_row="skip"),
+    pipeline = DataPipeline(PipelineOptions(datasets=[str(path)], on_bad_row="skip"),
                             real_tokenizer("qwen2_5"))
     with pytest.raises(ValueError, match="no usable samples"):
         next(pipeline)
@@ -96,8 +102,8 @@ def test_json_parquet_csv_and_folders_are_read_in_order(tmp_path):
 
 def test_config_errors_name_field_and_choices():
     with pytest.raises(ValueError) as error:
-        DataConfig(datasets=["a"], loss_on="user", overlong="wrap", dataset_ratios=[1.0, 2.0],
-                   max_length=1)
+        PipelineOptions(datasets=["a"], loss_on="user", overlong="wrap",
+                        dataset_ratios=[1.0, 2.0], max_length=1)
     message = str(error.value)
     assert "data.loss_on='user': expected one of assistant, last_assistant, all" in message
     assert "data.overlong='wrap': expected one of truncate, drop" in message

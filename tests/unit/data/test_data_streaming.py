@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mswift.data import DataConfig, DataPipeline
+from mswift.data import DataPipeline, PipelineOptions
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron".split()
 
@@ -35,7 +35,7 @@ def config(paths, **overrides):
     values = dict(datasets=paths, max_length=160, packing_window=6, shuffle_buffer=8,
                   micro_batch_size=2, seed=7)
     values.update(overrides)
-    return DataConfig(**values)
+    return PipelineOptions(**values)
 
 
 @pytest.fixture(scope="module")
