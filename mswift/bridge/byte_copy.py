@@ -24,10 +24,12 @@ from pathlib import Path
 
 from mswift.bridge import dtypes
 from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter
-from mswift.bridge.legacy import FILE, LegacyLayout, LegacySource, chunk_entries
+from mswift.bridge.layout import Layout
+from mswift.bridge.legacy import FILE, LegacySource, chunk_entries
 from mswift.bridge.safetensors_file import preadv_all
 from mswift.bridge.torch_file import TensorRecord, run_parallel, write_torch_file
 from mswift.bridge.torch_zip import PAGE, best_phase
+from mswift.bridge.tracker import iteration_dir
 from mswift.models.weight_map import Tile, WeightMap, matrix_shape
 
 BUFFER_BYTES = 32 * 2**20  # column slices are gathered this many bytes at a time
@@ -303,7 +305,7 @@ class LegacyBytes:
         return blocks
 
 
-def write_legacy_copying(source, wmap: WeightMap, layout: LegacyLayout, root: str | Path,
+def write_legacy_copying(source, wmap: WeightMap, layout: Layout, root: str | Path,
                          args, iteration: int = 0,
                          ranks: list[tuple[int, int, int]] | None = None,
                          progress: bool = False, kind: dtypes.Dtype | None = None) -> None:
@@ -313,7 +315,7 @@ def write_legacy_copying(source, wmap: WeightMap, layout: LegacyLayout, root: st
     into one file take turns on its lock: a second thread there only doubled the kernel
     time), or, when casting, with COPY_THREADS tensors at once in each."""
     d = wmap.dims
-    iter_dir = Path(root) / f"iter_{iteration:07d}"
+    iter_dir = iteration_dir(root, iteration)
     todo = layout.ranks() if ranks is None else ranks
     with OpenFiles() as files:
         jobs = []

@@ -48,22 +48,20 @@ from mswift.bridge.hf_io import (
 )
 from mswift.bridge.layout import HFModel, Layout
 from mswift.bridge.legacy import (
-    LegacyLayout,
     LegacySource,
     is_legacy,
     megatron_args,
-    read_layout,
     write_legacy,
-    write_tracker,
 )
 from mswift.bridge.model_io import HFSource, hf_plan
 from mswift.bridge.quantized import carry_fp8_scales, export_plan, open_checkpoint, plain_config
+from mswift.bridge.tracker import write_tracker
 from mswift.lazy_import import lazy_module
 
 torch = lazy_module("torch")  # the byte copies never import it
 dist = lazy_module("torch.distributed")
 
-METADATA = "mswift_bridge.json"
+BRIDGE_METADATA = "mswift_bridge.json"
 HF_SUBDIR = "hf"
 FORMATS = ("torch_dist", "legacy")
 
@@ -147,8 +145,9 @@ def ensure_process_group() -> None:
                                 rank=env.rank, world_size=env.world_size)
 
 
-def write_metadata(out: Path, hf: HFModel, fmt: str, layout: Layout, padded_vocab: int,
-                   dtype, tensors: list, iteration: int = 0) -> None:
+def write_bridge_metadata(out: Path, hf: HFModel, fmt: str, layout: Layout,
+                          padded_vocab: int, dtype, tensors: list, iteration: int = 0) -> None:
+    """``OUT/hf/`` and ``OUT/mswift_bridge.json``: what the way back to HF needs."""
     (out / HF_SUBDIR).mkdir(exist_ok=True)
     copy_aux_files(hf.hf_dir, out / HF_SUBDIR)
     carry_fp8_scales(hf.hf_dir, out / HF_SUBDIR)  # an FP8 model's scales, for the way back
@@ -157,11 +156,12 @@ def write_metadata(out: Path, hf: HFModel, fmt: str, layout: Layout, padded_voca
         "layout": dataclasses.asdict(layout), "padded_vocab_size": padded_vocab,
         "dtype": dtypes.as_kind(dtype).name, "hf_tensors": tensors,
     }
-    (out / METADATA).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    (out / BRIDGE_METADATA).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
 
-def read_metadata(root: Path) -> dict:
-    path = root / METADATA
+def read_bridge_metadata(root: Path) -> dict:
+    """``mswift_bridge.json`` of a converted checkpoint; empty for one mswift did not convert."""
+    path = root / BRIDGE_METADATA
     if not path.is_file():
         return {}
     try:
@@ -213,7 +213,7 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
         else:
             _write_torch_dist_from_hf(hf, ckpt, wmap, padded, tmp, kind, progress)
         if rank() == 0:
-            write_metadata(tmp, hf, fmt, layout, padded, kind, ckpt.tensor_records())
+            write_bridge_metadata(tmp, hf, fmt, layout, padded, kind, ckpt.tensor_records())
     return out
 
 
@@ -221,17 +221,16 @@ def _write_legacy_from_hf(hf, ckpt, wmap, layout: Layout, tmp: Path, kind: dtype
                           progress) -> None:
     from mswift.bridge.byte_copy import HFBytes, hf_copy_applies, write_legacy_copying
 
-    legacy = LegacyLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=layout.vpp)
-    mine = legacy.ranks()[rank()::world_size()]
+    mine = layout.ranks()[rank()::world_size()]
     progress = progress and rank() == 0
     if hf_copy_applies(ckpt, wmap, kind):
-        args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, kind, iteration=0)
-        write_legacy_copying(HFBytes(ckpt, wmap), wmap, legacy, tmp, args, ranks=mine,
+        args = megatron_args(hf.model, layout, wmap.dims.padded_vocab, kind, iteration=0)
+        write_legacy_copying(HFBytes(ckpt, wmap), wmap, layout, tmp, args, ranks=mine,
                              progress=progress, kind=kind)
     else:
         dtype = dtypes.torch_dtype(kind)
-        args = megatron_args(hf.model, legacy, wmap.dims.padded_vocab, dtype, iteration=0)
-        write_legacy(HFSource(ckpt, wmap), wmap, legacy, tmp, dtype, args, ranks=mine,
+        args = megatron_args(hf.model, layout, wmap.dims.padded_vocab, dtype, iteration=0)
+        write_legacy(HFSource(ckpt, wmap), wmap, layout, tmp, dtype, args, ranks=mine,
                      progress=progress)
     barrier()
     if rank() == 0:
@@ -313,7 +312,7 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
     if not root.is_dir():
         raise BridgeError(f"--mcore-dir {root}: not a directory")
     template = _template(root, hf_dir)
-    meta = read_metadata(root)
+    meta = read_bridge_metadata(root)
     names = template.weight_map(template.padded_vocab(1)).hf_shapes()
     kinds, encoder, plain = export_plan(template.hf_dir, names, _hf_dtypes(meta, template),
                                         dtype)
@@ -438,27 +437,22 @@ def reshard(mcore_dir, out, tp: int, pp: int, ep: int, vpp: int | None = None, h
     from mswift.bridge.byte_copy import LegacyBytes, reshard_applies, write_legacy_copying
 
     source = LegacySource(root, wmap)
-    target = LegacyLayout(tp=tp, pp=pp, ep=ep, vpp=vpp)
     kind = next(iter(source.pieces.values())).kind
     copying = reshard_applies(source)
-    args = megatron_args(template.model, target, padded,
+    args = megatron_args(template.model, layout, padded,
                          kind if copying else dtypes.torch_dtype(kind), source.iteration)
-    mine, progress = target.ranks()[rank()::world_size()], progress and rank() == 0
+    mine, progress = layout.ranks()[rank()::world_size()], progress and rank() == 0
     with staged_output(out) as tmp:
         if copying:
-            write_legacy_copying(LegacyBytes(source), wmap, target, tmp, args,
+            write_legacy_copying(LegacyBytes(source), wmap, layout, tmp, args,
                                  iteration=source.iteration, ranks=mine, progress=progress)
         else:
-            write_legacy(source, wmap, target, tmp, None, args, iteration=source.iteration,
+            write_legacy(source, wmap, layout, tmp, None, args, iteration=source.iteration,
                          ranks=mine, progress=progress)
         barrier()
         if rank() == 0:
             write_tracker(tmp, source.iteration)
-            meta = read_metadata(root)
-            write_metadata(tmp, template, "legacy", layout, padded, kind,
+            meta = read_bridge_metadata(root)
+            write_bridge_metadata(tmp, template, "legacy", layout, padded, kind,
                            meta.get("hf_tensors", []), source.iteration)
     return out
-
-
-def legacy_layout(root) -> LegacyLayout:
-    return read_layout(root)[0]

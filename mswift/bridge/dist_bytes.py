@@ -21,7 +21,7 @@ tensor in other chunks. :func:`stored_pieces` derives those keys and chunks from
 :func:`write_torch_dist_copying` writes a checkpoint whose items are copies of rectangles of the
 HF files (what :mod:`mswift.bridge.byte_copy` does for the legacy format); every rank lays out
 all files the same way (an item's length depends only on its shape and dtype), writes its own
-and rank 0 writes ``.metadata``. :func:`read_metadata` reads ``.metadata`` without torch
+and rank 0 writes ``.metadata``. :func:`stored_tensors` reads ``.metadata`` without torch
 (:func:`mswift.bridge.torch_file.unpickle_inert`: nothing of any class runs), and
 :class:`DistBytes` reads each item's index the same way and gives the blocks of an HF tensor in
 the stored chunks, for a checkpoint saved at any layout (training's own, with or without
@@ -47,7 +47,6 @@ from mswift.bridge.byte_copy import (
     copy_fill,
 )
 from mswift.bridge.errors import BridgeError
-from mswift.bridge.legacy import read_iteration_dir
 from mswift.bridge.safe_pickle import UnsafeCheckpointError, check_metadata_global
 from mswift.bridge.torch_file import (
     DRY_RUN,
@@ -63,6 +62,7 @@ from mswift.bridge.torch_file import (
     unpickle_inert,
     write_torch_file,
 )
+from mswift.bridge.tracker import iteration_dir, read_iteration_dir
 from mswift.models.weight_map import TE_FUSED_NORMS, FusedGateUp, WeightMap
 
 METADATA, COMMON, BACKENDS = ".metadata", "common.pt", "metadata.json"
@@ -249,7 +249,7 @@ def write_torch_dist_copying(source: HFBytes, wmap: WeightMap, root: str | Path,
     its share of the files; the caller waits for all ranks before using the checkpoint.
     Returns the iteration dir."""
     kind = kind or source.kind(wmap.mcore_names(to_hf_only=True)[0])
-    ckpt = Path(root) / f"iter_{iteration:07d}"
+    ckpt = iteration_dir(root, iteration)
     ckpt.mkdir(parents=True, exist_ok=True)
     items = _items(wmap)
     with OpenFiles() as opened:
@@ -387,7 +387,7 @@ def _tuple(obj) -> tuple[int, ...]:
     return tuple(int(v) for v in obj)
 
 
-def read_metadata(ckpt: Path) -> dict[str, KeyInfo]:
+def stored_tensors(ckpt: Path) -> dict[str, KeyInfo]:
     """The tensors a torch_dist checkpoint holds, read from ``.metadata`` without torch."""
     path = ckpt / METADATA
     try:
@@ -432,7 +432,7 @@ def read_metadata(ckpt: Path) -> dict[str, KeyInfo]:
 def stored_embedding(root: str | Path) -> tuple[int, dtypes.Dtype]:
     """Rows (the vocabulary as padded when saved) and dtype of the stored embedding."""
     ckpt = torch_dist_dir(root)
-    info = read_metadata(ckpt).get(EMBEDDING_KEY)
+    info = stored_tensors(ckpt).get(EMBEDDING_KEY)
     if info is None:
         raise BridgeError(f"{ckpt}: holds no {EMBEDDING_KEY} (not a GPT model checkpoint?)")
     if info.kind is None:
@@ -448,7 +448,7 @@ class DistBytes:
     def __init__(self, root: str | Path, wmap: WeightMap):
         self.ckpt = torch_dist_dir(root)
         self.wmap = wmap
-        self.keys = read_metadata(self.ckpt)
+        self.keys = stored_tensors(self.ckpt)
         self._stored: dict[Chunk, object] = {}
         self.pieces = {name: stored_pieces(wmap, name)
                        for name in wmap.mcore_names(to_hf_only=True)}

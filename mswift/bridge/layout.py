@@ -26,7 +26,8 @@ torch = lazy_module("torch")  # opening and checking a model does not need it
 
 @dataclass(frozen=True)
 class Layout:
-    """How the model is split: Megatron-LM's sizes (etp None = tp; vpp None = no interleaving)."""
+    """How a model is split: Megatron-LM's sizes (etp None = tp; vpp None = no interleaving),
+    for a run, a conversion, or the rank files of a legacy checkpoint (whose expert TP is TP)."""
 
     tp: int = 1
     pp: int = 1
@@ -38,6 +39,20 @@ class Layout:
     @property
     def expert_tp(self) -> int:
         return self.etp or self.tp
+
+    @property
+    def chunks(self) -> int:
+        """Model chunks per pipeline rank (virtual pipeline stages)."""
+        return self.vpp or 1
+
+    def ranks(self) -> list[tuple[int, int, int]]:
+        """(tp, pp, ep) rank of every legacy rank file."""
+        return [(t, p, e) for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]
+
+    def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
+        """The legacy rank file's folder: ``mp_rank_TT[_PPP][_EEE]``."""
+        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
+        return name + (f"_{ep_rank:03d}" if self.ep > 1 else "")
 
     def describe(self) -> str:
         text = f"TP{self.tp} PP{self.pp} EP{self.ep}"

@@ -1,8 +1,9 @@
 """Megatron-LM's legacy per-rank checkpoint layout (``--ckpt-format torch``), written and read
 without building a model, so one process can write or read any TP/PP/EP layout.
 
-``ROOT/latest_checkpointed_iteration.txt`` names the iteration; ``ROOT/iter_0000000/
-mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` holds one rank's ``{"model": state_dict,
+``ROOT/latest_checkpointed_iteration.txt`` (:mod:`mswift.bridge.tracker`) names the iteration;
+``ROOT/iter_0000000/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` (folders named by
+:meth:`mswift.bridge.layout.Layout.rank_dir`) holds one rank's ``{"model": state_dict,
 "checkpoint_version": 3.0, "iteration": N, "args": Namespace}`` (``model0``, ``model1``, ...
 with virtual pipeline stages). ``_PPP`` appears when PP > 1, ``_EEE`` when EP > 1. The state
 dict is that of megatron-core's GPTModel with the *local* layer spec (Megatron-LM's
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from mswift.bridge import dtypes
 from mswift.bridge.errors import BridgeError
+from mswift.bridge.layout import Layout
 from mswift.bridge.torch_file import (
     LazyTensor,
     StoredTensor,
@@ -28,37 +29,17 @@ from mswift.bridge.torch_file import (
     load_index,
     save_streaming,
 )
+from mswift.bridge.tracker import iteration_dir, read_iteration_dir
 from mswift.lazy_import import lazy_module
 from mswift.models.weight_map import WeightMap
 
 torch = lazy_module("torch")  # layouts, indexes and byte copies do without it
 
-TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
-@dataclass(frozen=True)
-class LegacyLayout:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    vpp: int | None = None
-
-    @property
-    def chunks(self) -> int:
-        return self.vpp or 1
-
-    def ranks(self) -> list[tuple[int, int, int]]:
-        """(tp, pp, ep) rank of every file."""
-        return [(t, p, e) for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]
-
-    def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
-        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
-        return name + (f"_{ep_rank:03d}" if self.ep > 1 else "")
-
-
-def chunk_layers(layout: LegacyLayout, pp_rank: int, vp_stage: int, num_layers: int) -> range:
+def chunk_layers(layout: Layout, pp_rank: int, vp_stage: int, num_layers: int) -> range:
     """Global layers of one (virtual) pipeline stage: megatron-core's even split, in which
     virtual stage v of rank p holds block ``v * pp + p``."""
     per_chunk = num_layers // (layout.pp * layout.chunks)
@@ -70,7 +51,7 @@ def _module(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def chunk_entries(wmap: WeightMap, layout: LegacyLayout, pp_rank: int, vp_stage: int,
+def chunk_entries(wmap: WeightMap, layout: Layout, pp_rank: int, vp_stage: int,
                   ep_rank: int) -> list[tuple[str, str | None]]:
     """(local name, global name) of every state-dict entry of one model chunk of one rank;
     the global name is None for ``_extra_state`` entries."""
@@ -115,7 +96,7 @@ def _lazy_local(source, wmap: WeightMap, name: str, tp_rank: int, tp_size: int,
                       lambda: _owned(source.local(name, tp_rank, tp_size), dtype))
 
 
-def megatron_args(model, layout: LegacyLayout, padded_vocab: int, dtype,
+def megatron_args(model, layout: Layout, padded_vocab: int, dtype,
                   iteration: int) -> argparse.Namespace:
     """The ``args`` Megatron-LM stores and checks on load (model shape and layout); ``dtype`` a
     torch dtype or (for :func:`~mswift.bridge.torch_file.write_torch_file`, without torch) a
@@ -143,7 +124,7 @@ def megatron_args(model, layout: LegacyLayout, padded_vocab: int, dtype,
     )
 
 
-def write_legacy(source, wmap: WeightMap, layout: LegacyLayout, root: str | Path,
+def write_legacy(source, wmap: WeightMap, layout: Layout, root: str | Path,
                  dtype: torch.dtype | None, args: argparse.Namespace, iteration: int = 0,
                  ranks: list[tuple[int, int, int]] | None = None, progress: bool = False) -> None:
     """Write the rank files ``ranks`` (default: all) of ``layout`` under ``root`` from
@@ -151,7 +132,7 @@ def write_legacy(source, wmap: WeightMap, layout: LegacyLayout, root: str | Path
     tensor in memory at a time, in
     ``dtype`` (None: as the source has them).
     The tracker is written by :func:`write_tracker` once every rank's files are complete."""
-    iter_dir = Path(root) / f"iter_{iteration:07d}"
+    iter_dir = iteration_dir(root, iteration)
     todo = layout.ranks() if ranks is None else ranks
     if progress:
         from tqdm import tqdm
@@ -168,28 +149,6 @@ def write_legacy(source, wmap: WeightMap, layout: LegacyLayout, root: str | Path
         path = iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         save_streaming(path, state)
-
-
-def write_tracker(root: str | Path, iteration: int) -> None:
-    (Path(root) / TRACKER).write_text(f"{iteration}\n")
-
-
-def read_iteration_dir(root: str | Path) -> tuple[Path, int]:
-    """The checkpoint dir the tracker names (``iter_NNNNNNN`` or ``release``)."""
-    root = Path(root)
-    tracker = root / TRACKER
-    if not tracker.is_file():
-        raise BridgeError(f"{tracker}: not found (expected a Megatron checkpoint directory)")
-    text = tracker.read_text().strip()
-    if text == "release":
-        return root / "release", 0
-    if not text.isdigit():
-        raise BridgeError(f"{tracker}: expected an iteration number or 'release', found "
-                          f"{text[:40]!r}")
-    iter_dir = root / f"iter_{int(text):07d}"
-    if not iter_dir.is_dir():
-        raise BridgeError(f"{tracker}: names iteration {int(text)}, but {iter_dir} is missing")
-    return iter_dir, int(text)
 
 
 def is_legacy(root: str | Path) -> bool:
@@ -214,7 +173,7 @@ def _load(path: Path) -> dict:
     return state
 
 
-def read_layout(root: str | Path) -> tuple[LegacyLayout, int]:
+def read_layout(root: str | Path) -> tuple[Layout, int]:
     """The layout of a legacy checkpoint, from Megatron-LM's ``args`` in its first rank file."""
     iter_dir, iteration = read_iteration_dir(root)
     dirs = sorted(p for p in iter_dir.iterdir() if _RANK_DIR.match(p.name))
@@ -225,7 +184,7 @@ def read_layout(root: str | Path) -> tuple[LegacyLayout, int]:
     if args is None:
         raise BridgeError(f"{dirs[0] / FILE}: no 'args' (Megatron-LM stores the layout there)")
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
-    layout = LegacyLayout(tp=args.tensor_model_parallel_size,
+    layout = Layout(tp=args.tensor_model_parallel_size,
                           pp=args.pipeline_model_parallel_size,
                           ep=getattr(args, "expert_model_parallel_size", 1) or 1,
                           vpp=vpp if vpp and vpp > 1 else None)

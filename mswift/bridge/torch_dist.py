@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from mswift.bridge.dist_bytes import StoredPiece, torch_dist_dir
 from mswift.bridge.errors import BridgeError
-from mswift.bridge.legacy import TRACKER
+from mswift.bridge.tracker import iteration_dir, write_tracker
 
 WRITER_THREADS = 2
 
@@ -65,7 +65,7 @@ def save_torch_dist(chunks, root: str | Path, iteration: int = 0) -> Path:
 
 
 def _iter_dir(root: str | Path, iteration: int) -> Path:
-    ckpt = Path(root) / f"iter_{iteration:07d}"
+    ckpt = iteration_dir(root, iteration)
     if _rank_world()[0] == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
     _barrier()
@@ -76,7 +76,7 @@ def _finish(root: str | Path, iteration: int) -> None:
     """The tracker, once every rank has saved; no rank returns before it is written."""
     _barrier()
     if _rank_world()[0] == 0:
-        (Path(root) / TRACKER).write_text(f"{iteration}\n")
+        write_tracker(root, iteration)
     _barrier()
 
 

@@ -21,16 +21,17 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from mswift.bridge.safe_load import load_common, load_sharded
+from mswift.bridge.tracker import (
+    TRACKER,
+    TrackerError,
+    iteration_dir,
+    read_tracker,
+    write_tracker,
+)
 from mswift.runtime.device import device_rng_state, set_device_rng_state
 from mswift.runtime.mcore_fixes import init_empty_optimizer_state
 from mswift.train.builder import TrainState
-from mswift.train.save_dir import (
-    TRACKER,
-    SaveLedger,
-    complete_checkpoints,
-    iteration_dir,
-    temp_dir,
-)
+from mswift.train.save_dir import SaveLedger, complete_checkpoints, temp_dir
 
 # The distributed optimizer's state is saved in a canonical per-parameter form (gathered over
 # data-parallel ranks), so it can be loaded at another TP/PP/EP/DP layout.
@@ -110,17 +111,11 @@ def save_checkpoint(state: TrainState, root: str | Path, extra: dict | None = No
     return final
 
 
-def write_tracker(root: Path, iteration: int) -> None:
-    tmp = root / (TRACKER + ".tmp")
-    tmp.write_text(f"{iteration}\n")
-    os.replace(tmp, root / TRACKER)
-
-
 def checkpoint_exists(root: str | Path) -> bool:
     """Whether ``root`` holds anything to load: a tracker, checkpoint dirs, or is one.
 
     A missing or empty directory holds nothing (a first run with ``load`` = ``save``); a
-    directory with checkpoints but a missing tracker is an error for :func:`read_tracker`.
+    directory with checkpoints but a missing tracker is an error for :func:`checkpoint_to_load`.
     """
     root = Path(root)
     if not root.is_dir():
@@ -129,24 +124,28 @@ def checkpoint_exists(root: str | Path) -> bool:
             or any(p.is_dir() and not p.name.endswith(".tmp") for p in root.glob("iter_*")))
 
 
-def read_tracker(root: str | Path) -> Path:
-    """The checkpoint dir the tracker names; CheckpointError for any inconsistency."""
+def checkpoint_to_load(root: str | Path) -> Path:
+    """The checkpoint dir the tracker names (or ``root`` itself, a checkpoint dir given
+    directly); CheckpointError for any inconsistency."""
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"load={root}: directory not found")
     tracker = root / TRACKER
-    if not tracker.is_file():
+    try:
+        named = read_tracker(root)
+    except TrackerError as err:
+        raise CheckpointError(str(err)) from None
+    if named is None:
         if (root / "metadata.json").is_file():  # a checkpoint dir given directly
             return root
         found = ", ".join(p.name for _, p in complete_checkpoints(root)) or "none complete"
         raise CheckpointError(f"load={root}: no {TRACKER} and not a torch_dist checkpoint "
                               f"(checkpoints there: {found}); pass one iter_* dir as load")
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
-    ckpt = iteration_dir(root, int(text))
+    if not isinstance(named, int):
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {named!r}")
+    ckpt = iteration_dir(root, named)
     if not (ckpt / "metadata.json").is_file():
-        raise CheckpointError(f"{tracker}: names iteration {int(text)}, but {ckpt} is missing "
+        raise CheckpointError(f"{tracker}: names iteration {named}, but {ckpt} is missing "
                               "or incomplete")
     return ckpt
 
@@ -159,7 +158,7 @@ def load_checkpoint(state: TrainState, root: str | Path, load_optim: bool = True
     iteration then stays 0. Returns the ``extra`` dict saved with it (e.g. data position).
     RNG states are per rank: they are restored only when the world size is the one saved.
     """
-    ckpt = read_tracker(root)
+    ckpt = checkpoint_to_load(root)
     common = load_common(ckpt)  # torch.load(weights_only=True)
     extra = common.get("extra", {}) if isinstance(common, dict) else {}
     has_optim = isinstance(common, dict) and "opt_param_scheduler" in common

@@ -19,18 +19,20 @@ import os
 import shutil
 from pathlib import Path
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from mswift.bridge.tracker import (
+    ITER_PREFIX,
+    TRACKER,
+    TrackerError,
+    iteration_dir,
+    read_tracker,
+)
+
 LEDGER = "mswift_checkpoints.json"
 METRICS_FILE = "metrics.jsonl"  # one JSON object per step (mswift.train.metrics)
-ITER_PREFIX = "iter_"
 
 
 class SaveDirError(ValueError):
     """``save`` would write over, or delete, what another run left there."""
-
-
-def iteration_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"{ITER_PREFIX}{iteration:07d}"
 
 
 def temp_dir(root: str | Path, iteration: int) -> Path:
@@ -73,10 +75,10 @@ def run_files(save: Path, save_hf: bool = False) -> list[str]:
 
 def _tracker_iteration(save: Path) -> int | None:
     try:
-        text = (save / TRACKER).read_text().strip()
-    except OSError:
+        named = read_tracker(save)
+    except (OSError, TrackerError):
         return None
-    return int(text) if text.isdigit() else None
+    return named if isinstance(named, int) else None
 
 
 def read_ledger(save: Path) -> set[int]:

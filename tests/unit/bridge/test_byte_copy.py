@@ -17,8 +17,8 @@ import torch
 from mswift.bridge import byte_copy, dtypes
 from mswift.bridge.convert import hf_to_mcore, mcore_to_hf, reshard
 from mswift.bridge.hf_io import HFCheckpoint
-from mswift.bridge.layout import HFModel
-from mswift.bridge.legacy import FILE, LegacyLayout, megatron_args, write_legacy
+from mswift.bridge.layout import HFModel, Layout
+from mswift.bridge.legacy import FILE, megatron_args, write_legacy
 from mswift.bridge.model_io import HFSource
 from mswift.bridge.torch_file import load_index
 from mswift.bridge.torch_zip import PAGE
@@ -27,8 +27,8 @@ from mswift.testing.hf_models import save_tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[3]
 FAMILIES = [f.name for f in families()]
-LAYOUTS = {"tp1": LegacyLayout(), "tp2_pp2": LegacyLayout(tp=2, pp=2),
-           "pp2_vpp2": LegacyLayout(pp=2, vpp=2)}
+LAYOUTS = {"tp1": Layout(), "tp2_pp2": Layout(tp=2, pp=2),
+           "pp2_vpp2": Layout(pp=2, vpp=2)}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def assert_same_files(a: Path, b: Path) -> None:
             assert x[key] == y[key], key
 
 
-def write_both(src: Path, tmp_path: Path, layout: LegacyLayout) -> tuple[Path, Path]:
+def write_both(src: Path, tmp_path: Path, layout: Layout) -> tuple[Path, Path]:
     """Rank files of ``layout`` written by copying bytes and by making tensors."""
     model = HFModel.open(src)
     ckpt = HFCheckpoint(src)
@@ -84,7 +84,7 @@ def rank_files(root: Path) -> list[Path]:
 def test_copied_rank_files_equal_made_ones(hf, tmp_path, family, dtype):
     layouts = dict(LAYOUTS)
     if family == "qwen3_moe":
-        layouts["ep2_tp2"] = LegacyLayout(tp=2, ep=2)
+        layouts["ep2_tp2"] = Layout(tp=2, ep=2)
     for name, layout in layouts.items():
         copied, made = write_both(hf[(family, dtype)], tmp_path / name, layout)
         files = rank_files(made)
@@ -185,7 +185,7 @@ def test_small_bands_and_refused_copy_file_range(hf, tmp_path, monkeypatch):
     """Column slices gathered a few rows at a time, and copies through a buffer where the
     kernel refuses ``copy_file_range`` (another file system), give the same files."""
     src = hf[("qwen2", "float32")]
-    layout = LegacyLayout(tp=2)
+    layout = Layout(tp=2)
     expected, _ = write_both(src, tmp_path / "plain", layout)
 
     def refuse(*args, **kwargs):

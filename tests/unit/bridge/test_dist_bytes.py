@@ -177,7 +177,7 @@ def test_metadata_read_without_torch(hf, tmp_path):
     root = hf_to_mcore(hf[("qwen3_moe", "bfloat16")], tmp_path / "ckpt", "torch_dist", tp=2,
                        progress=False)
     ckpt = root / "iter_0000000"
-    keys = dist_bytes.read_metadata(ckpt)
+    keys = dist_bytes.stored_tensors(ckpt)
     meta = FileSystemReader(str(ckpt)).read_metadata()
     tensors = {k: v for k, v in meta.state_dict_metadata.items() if hasattr(v, "chunks")}
     assert set(keys) == set(tensors)
