@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "preprocess": ("mswift.data.preprocess", "main",
                    "tokenize text into megatron-core's indexed .bin/.idx pre-training format"),
     "plot": ("mswift.train.plot", "main", "draw a run's loss / lr / throughput curves to a PNG"),
-    "env": ("mswift.runtime.report", "main", "print versions, devices and the CPU-layer state"),
+    "env": ("mswift.train.env_check", "main", "print versions, devices and the CPU-layer state"),
     "convert": ("mswift.bridge.cli", "convert_main",
                 "convert checkpoints: hf-to-mcore, mcore-to-hf, reshard (legacy layouts)"),
     "verify": ("mswift.bridge.verify", "main",
