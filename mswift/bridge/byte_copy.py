@@ -8,17 +8,24 @@ rectangles file to file: whole-row runs with ``os.copy_file_range`` (the kernel 
 passes through this process: what ``cp`` does), column slices (row-parallel weights at TP > 1)
 through a bounded buffer, and every band through a buffer and a cast
 (:mod:`mswift.bridge.dtype_cast`) when the dtype changes between float32, bfloat16 and
-float16. No tensor is ever built and torch is not imported
+float16. No tensor is built and torch is not imported
 (its import alone takes longer than such a conversion of a few GB); everything else (the checks,
-the metadata, the files' formats) is what the tensor path does. :mod:`mswift.bridge.convert`
+the metadata, the files' formats) is what the tensor path does. The exception: a tensor that is
+no rectangle of its source's bytes (Llama-4's input-major experts, a transpose:
+``Transform.tiled`` is False) is made with torch, one tensor (one expert) at a time, and written
+where the copies go (:func:`made_fill`). Tensors that megatron does not hold (a vision tower)
+are copied whole, file to file (:class:`CarriedTensors`). :mod:`mswift.bridge.convert`
 takes this path when it applies (:func:`hf_copy_applies`, :func:`legacy_to_hf_applies`,
 :func:`reshard_applies`).
 """
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +37,7 @@ from mswift.bridge.safetensors_file import preadv_all
 from mswift.bridge.torch_file import TensorRecord, run_parallel, write_torch_file
 from mswift.bridge.torch_zip import PAGE, best_phase
 from mswift.bridge.tracker import iteration_dir
-from mswift.models.weight_map import Tile, WeightMap, matrix_shape
+from mswift.models.weight_map import Tile, WeightMap, matrix_shape, stacked_slice
 
 BUFFER_BYTES = 32 * 2**20  # column slices are gathered this many bytes at a time
 # Bands that are cast: smaller, for numpy's temporaries (0.25-32 MB made no clear difference
@@ -247,7 +254,16 @@ class HFBytes:
         self.ckpt, self.wmap = ckpt, wmap
 
     def kind(self, name: str) -> dtypes.Dtype:
-        return self.ckpt.kind(self.wmap.lookup(name)[1][0])
+        hf_name = self.wmap.lookup(name)[1][0]
+        sliced = stacked_slice(hf_name)  # one expert of a stacked tensor: that tensor's
+        return self.ckpt.kind(hf_name if sliced is None else sliced[0])
+
+    def local(self, name: str, tp_rank: int, tp_size: int):
+        """The TP slice made with torch (a tensor that is not :attr:`~mswift.models.weight_map.
+        Transform.tiled`)."""
+        from mswift.bridge.model_io import HFSource
+
+        return HFSource(self.ckpt, self.wmap).local(name, tp_rank, tp_size)
 
     def blocks(self, name: str, tiles: list[Tile]) -> list[Block]:
         _, hf_names = self.wmap.lookup(name)
@@ -280,6 +296,14 @@ class LegacyBytes:
 
     def kind(self, name: str) -> dtypes.Dtype:
         return self.source.kind(name)
+
+    def local(self, name: str, tp_rank: int, tp_size: int):
+        """The TP slice made with torch (a tensor that is not tiled)."""
+        return self.source.local(name, tp_rank, tp_size)
+
+    def full(self, name: str):
+        """The whole megatron tensor, made with torch (for a stacked HF tensor)."""
+        return self.source.full(name)
 
     def hf_blocks(self, name: str, part: int) -> list[Block]:
         """HF tensor ``part`` of megatron tensor ``name`` as blocks of the stored pieces."""
@@ -330,6 +354,11 @@ def write_legacy_copying(source, wmap: WeightMap, layout: Layout, root: str | Pa
                     rule, _ = wmap.lookup(name)
                     shapes = rule.hf_shapes(d)
                     shape = rule.transform.local_shape(shapes, layout.tp, d)
+                    if not rule.transform.tiled:
+                        make = (lambda n=name, r=tp_rank: source.local(n, r, layout.tp))
+                        sd[local] = TensorRecord(tuple(shape), kind or source.kind(name),
+                                                 made_fill([make], kind or source.kind(name)))
+                        continue
                     tiles = rule.transform.tiles(shapes, tp_rank, layout.tp, d)
                     sd[local] = _record(files, shape, kind or source.kind(name),
                                         source.blocks(name, tiles), source.kind(name))
@@ -417,26 +446,30 @@ def _legacy_blocks(source: LegacySource, name: str, part: int) -> list[Block]:
     return blocks
 
 
-def write_hf_copying(source, writer: HFShardWriter, progress: bool = False) -> None:
+def write_hf_copying(source, writer: HFShardWriter, progress: bool = False,
+                     carried: CarriedTensors | None = None) -> None:
     """The HF tensors ``writer`` expects, copied from the checkpoint's stored pieces (cast
     where the writer's dtype differs): ``source`` gives each HF tensor's blocks
     (``hf_blocks(name, part)``: :class:`LegacyBytes`, or
     :class:`~mswift.bridge.dist_bytes.DistBytes` for torch_dist) and stored dtype
-    (``kind(name)``); the caller closes the writer."""
+    (``kind(name)``); a stacked HF tensor (Llama-4's transposed experts) is made from
+    ``source.full(name)`` with torch, one expert at a time; ``carried``: the tensors megatron
+    does not hold, copied whole from their HF file. The caller closes the writer."""
     wmap = source.wmap
-    wanted = set(writer.names)
-    parts = {}
-    for name in wmap.mcore_names(to_hf_only=True):
-        _, hf_names = wmap.lookup(name)
-        for part, hf_name in enumerate(hf_names):
-            if hf_name in wanted:
-                parts[hf_name] = (name, part)
+    tensors = {t.name: t for t in wmap.hf_tensors()}
     with OpenFiles() as files:
         entries = []
         for hf_name, kind, shape in writer.plan_entries():
-            name, part = parts[hf_name]
-            fill, phase = copy_fill(files, source.hf_blocks(name, part), shape,
-                                    source.kind(name), dtypes.as_kind(kind))
+            kind = dtypes.as_kind(kind)
+            if carried is not None and hf_name in carried.names:
+                fill, phase = copy_fill(files, carried.blocks(hf_name), shape, kind, kind)
+            elif tensors[hf_name].stacked:
+                fill, phase = made_fill([functools.partial(hf_part, source, name, part)
+                                         for name, part in tensors[hf_name].sources], kind), None
+            else:
+                name, part = tensors[hf_name].sources[0]
+                fill, phase = copy_fill(files, source.hf_blocks(name, part), shape,
+                                        source.kind(name), kind)
             entries.append((hf_name, kind, shape, fill, phase))
         writer.want_phases({hf_name: phase for hf_name, _, _, _, phase in entries
                             if phase is not None})
@@ -449,3 +482,70 @@ def write_hf_copying(source, writer: HFShardWriter, progress: bool = False) -> N
                 writer.add_copied(hf_name, kind, shape, fill, shared=phase is None)
         finally:
             writer.wait()  # the fills read ``files``: done before they are closed
+
+
+# -- tensors made with torch where the others are copied ------------------------------------------
+
+_MAKING = threading.Lock()  # fills run on threads; the sources read one tensor at a time
+
+
+def hf_part(source, name: str, part: int):
+    """HF tensor ``part`` of megatron tensor ``name`` (for a stacked tensor: one expert's
+    slice), made with torch from ``source.full(name)``."""
+    rule, _ = source.wmap.lookup(name)
+    return rule.transform.to_hf(source.full(name), source.wmap.dims)[part]
+
+
+def made_fill(makers: list[Callable], kind: dtypes.Dtype):
+    """``fill(fd, offset)`` writing the tensors the ``makers`` return (torch), one after the
+    other, each cast to ``kind``: for a tensor that is no rectangle of its source's bytes (a
+    transpose), or a stacked HF tensor made expert by expert, among copied ones."""
+    def fill(fd: int, offset: int) -> None:
+        import torch
+
+        for make in makers:
+            with _MAKING:
+                tensor = make().to(dtypes.torch_dtype(kind)).contiguous()
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            while data:
+                done = os.pwrite(fd, data, offset)
+                data, offset = data[done:], offset + done
+
+    return fill
+
+
+class CarriedTensors:
+    """The tensors of an HF checkpoint that megatron holds no part of (``HFLayout.carried``:
+    Llama-4's vision tower and projector), copied whole, byte for byte, into other shards:
+    same names, dtypes and shapes."""
+
+    def __init__(self, ckpt: HFCheckpoint, patterns: tuple[str, ...]):
+        self.ckpt = ckpt
+        self.names = [n for n in ckpt.names if any(re.fullmatch(p, n) for p in patterns)]
+
+    def plan(self) -> list:
+        """Plan entries (:class:`~mswift.bridge.hf_io.HFShardWriter`), in the checkpoint's
+        order."""
+        return [(n, self.ckpt.kind(n), self.ckpt.shape(n)) for n in self.names]
+
+    def blocks(self, name: str) -> list[Block]:
+        path, offset = self.ckpt.location(name)
+        rows, cols = matrix_shape(self.ckpt.shape(name))
+        width = cols * self.ckpt.kind(name).itemsize
+        return [Block(Matrix(str(path), offset, width), 0, 0, 0, 0, rows, width)]
+
+    def add_to(self, writer: HFShardWriter, files: OpenFiles) -> None:
+        """Copy the carried tensors ``writer`` expects (its plan's last); its fills read
+        ``files``: close them after the writer."""
+        for name, kind, shape in writer.plan_entries():
+            if name in self.names:
+                kind = dtypes.as_kind(kind)
+                fill, _ = copy_fill(files, self.blocks(name), shape, kind, kind)
+                writer.add_copied(name, kind, shape, fill)
+
+    def write(self, directory: Path) -> None:
+        """The carried tensors as a safetensors checkpoint of their own in ``directory``."""
+        writer = HFShardWriter(directory, self.plan())
+        with OpenFiles() as files:
+            self.add_to(writer, files)
+            writer.close()

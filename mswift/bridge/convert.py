@@ -146,11 +146,16 @@ def ensure_process_group() -> None:
 
 
 def write_bridge_metadata(out: Path, hf: HFModel, fmt: str, layout: Layout,
-                          padded_vocab: int, dtype, tensors: list, iteration: int = 0) -> None:
-    """``OUT/hf/`` and ``OUT/mswift_bridge.json``: what the way back to HF needs."""
+                          padded_vocab: int, dtype, tensors: list, iteration: int = 0,
+                          carried=None) -> None:
+    """``OUT/hf/`` and ``OUT/mswift_bridge.json``: what the way back to HF needs; the
+    ``carried`` tensors (megatron holds no part of them: a vision tower) go into ``OUT/hf/`` as
+    a safetensors checkpoint of their own."""
     (out / HF_SUBDIR).mkdir(exist_ok=True)
     copy_aux_files(hf.hf_dir, out / HF_SUBDIR)
     carry_fp8_scales(hf.hf_dir, out / HF_SUBDIR)  # an FP8 model's scales, for the way back
+    if carried is not None:
+        carried.write(out / HF_SUBDIR)
     meta = {
         "format": fmt, "family": hf.family.name, "iteration": iteration,
         "layout": dataclasses.asdict(layout), "padded_vocab_size": padded_vocab,
@@ -203,7 +208,8 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
         raise BridgeError(f"--etp {etp}: the legacy format needs expert TP equal to --tp {tp}")
     padded = hf.padded_vocab(tp)
     wmap = hf.weight_map(padded)
-    ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.family.ignored_tensors)
+    ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.ignored_tensors)
+    carried = hf.carried_tensors()
     kind = _dtype_arg(dtype, ckpt)
     check_new_output(out, [hf_dir])
     ensure_process_group()
@@ -213,7 +219,8 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
         else:
             _write_torch_dist_from_hf(hf, ckpt, wmap, padded, tmp, kind, progress)
         if rank() == 0:
-            write_bridge_metadata(tmp, hf, fmt, layout, padded, kind, ckpt.tensor_records())
+            write_bridge_metadata(tmp, hf, fmt, layout, padded, kind, ckpt.tensor_records(),
+                                  carried=carried)
     return out
 
 
@@ -312,6 +319,7 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
     if not root.is_dir():
         raise BridgeError(f"--mcore-dir {root}: not a directory")
     template = _template(root, hf_dir)
+    carried = template.carried_tensors()
     meta = read_bridge_metadata(root)
     names = template.weight_map(template.padded_vocab(1)).hf_shapes()
     kinds, encoder, plain = export_plan(template.hf_dir, names, _hf_dtypes(meta, template),
@@ -326,7 +334,7 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
     else:
         source = _torch_dist_source(template, root, kinds, copies=encoder is None)
     with staged_output(out) as tmp:
-        _write_hf_from_source(source, tmp, kinds, max_shard_bytes, progress, encoder)
+        _write_hf_from_source(source, tmp, kinds, max_shard_bytes, progress, encoder, carried)
         if rank() == 0:
             copy_aux_files(template.hf_dir, tmp)
             if plain:
@@ -336,14 +344,16 @@ def mcore_to_hf(mcore_dir, out, hf_dir=None, max_shard_bytes: int | None = None,
 
 
 def _write_hf_from_source(source, tmp: Path, kinds: dict[str, dtypes.Dtype], max_shard_bytes,
-                          progress: bool, encoder=None) -> None:
+                          progress: bool, encoder=None, carried=None) -> None:
     """Every rank calls this: the HF shards are shared out (rank r writes shards r, r + world,
     ...), each rank reads the megatron tensors its shards need; rank 0 writes the index.
     ``kinds``: the dtype of each HF tensor (others keep their megatron tensor's); ``encoder``:
-    writes FP8 weights (:class:`mswift.bridge.quantized.Fp8Encoder`), with tensors."""
+    writes FP8 weights (:class:`mswift.bridge.quantized.Fp8Encoder`), with tensors;
+    ``carried``: the tensors megatron does not hold, copied after the others."""
     from mswift.bridge.byte_copy import (
         COPY_THREADS,
         LegacyBytes,
+        OpenFiles,
         legacy_to_hf_applies,
         write_hf_copying,
     )
@@ -356,39 +366,51 @@ def _write_hf_from_source(source, tmp: Path, kinds: dict[str, dtypes.Dtype], max
     plan = hf_plan(source.wmap, kinds, source.kind if copying else
                    lambda name: dtypes.as_kind(source.dtype(name)))
     stored = plan if encoder is None else encoder.plan(plan)
+    stored += carried.plan() if carried is not None else []
     max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     shards = HFShardWriter.plan_shards(stored, max_shard_bytes)
     writer = HFShardWriter(tmp, stored, max_shard_bytes,
                            shards=range(rank(), len(shards), world_size()),
                            copy_threads=COPY_THREADS if copying else 1)
+    shard_writer = writer
     if encoder is not None:
         writer = encoder.wrap(writer, plan)
-    if copying:
-        write_hf_copying(source, writer, progress and rank() == 0)
-    else:
-        _write_hf_tensors(source, writer, progress)
-    writer.close()
+    with OpenFiles() as files:
+        if copying:
+            write_hf_copying(source, writer, progress and rank() == 0, carried)
+        else:
+            _write_hf_tensors(source, writer, progress)
+            if carried is not None:
+                carried.add_to(shard_writer, files)
+        writer.close()
     barrier()
     if rank() == 0:
         write_index(tmp, shards)
 
 
 def _write_hf_tensors(source, writer: HFShardWriter, progress: bool) -> None:
-    """The tensors ``writer`` expects, made from ``source``'s megatron tensors."""
-    wmap = source.wmap
+    """The tensors ``writer`` expects, made from ``source``'s megatron tensors (a stacked
+    HF tensor expert by expert)."""
+    from mswift.bridge.byte_copy import hf_part
+
     todtype = {name: dtypes.torch_dtype(kind) for name, kind, _ in writer.plan_entries()}
-    wanted = set(writer.names)
-    names = [n for n in wmap.mcore_names(to_hf_only=True)
-             if wanted.intersection(wmap.lookup(n)[1])]
+    tensors = [t for t in source.wmap.hf_tensors() if t.name in todtype]
     if progress and rank() == 0:
         from tqdm import tqdm
 
-        names = tqdm(names, desc="writing HF tensors", unit="tensor")
-    for name in names:
-        rule, hf_names = wmap.lookup(name)
-        for hf_name, tensor in zip(hf_names, rule.transform.to_hf(source.full(name), wmap.dims)):
-            if hf_name in wanted:
-                writer.add(hf_name, tensor.to(todtype[hf_name]))
+        tensors = tqdm(tensors, desc="writing HF tensors", unit="tensor")
+    last = (None, None)  # the previous megatron tensor's HF tensors (q, k, v: one read)
+    for t in tensors:
+        dtype = todtype[t.name]
+        if t.stacked:
+            writer.add_stacked(t.name, (hf_part(source, name, part).to(dtype)
+                                        for name, part in t.sources))
+            continue
+        name, part = t.sources[0]
+        if last[0] != name:
+            rule, _ = source.wmap.lookup(name)
+            last = (name, rule.transform.to_hf(source.full(name), source.wmap.dims))
+        writer.add(t.name, last[1][part].to(dtype))
 
 
 def _is_torch_dist(root: Path) -> bool:
@@ -428,6 +450,7 @@ def reshard(mcore_dir, out, tp: int, pp: int, ep: int, vpp: int | None = None, h
         raise BridgeError(f"--mcore-dir {root}: not a legacy (per-rank) checkpoint; torch_dist "
                           "checkpoints are resharded by megatron-core when loaded")
     template = _template(root, hf_dir)
+    carried = template.carried_tensors()
     layout = conversion_layout(template, tp, pp, ep, vpp=vpp)
     template.check_layout(layout)
     padded = template.padded_vocab(tp)
@@ -454,5 +477,5 @@ def reshard(mcore_dir, out, tp: int, pp: int, ep: int, vpp: int | None = None, h
             write_tracker(tmp, source.iteration)
             meta = read_bridge_metadata(root)
             write_bridge_metadata(tmp, template, "legacy", layout, padded, kind,
-                           meta.get("hf_tensors", []), source.iteration)
+                                  meta.get("hf_tensors", []), source.iteration, carried)
     return out

@@ -45,6 +45,7 @@ from mswift.bridge.byte_copy import (
     Matrix,
     OpenFiles,
     copy_fill,
+    made_fill,
 )
 from mswift.bridge.errors import BridgeError
 from mswift.bridge.safe_pickle import UnsafeCheckpointError, check_metadata_global
@@ -215,6 +216,11 @@ def _item_object(source: HFBytes, wmap: WeightMap, item: _Item, kind: dtypes.Dty
     if item.piece is None:
         return [None]
     rule, _ = wmap.lookup(item.name)
+    if not rule.transform.tiled:  # a transpose: made with torch
+        def make(piece=item.piece, name=item.name):
+            return piece.view_of(source.local(name, 0, 1))
+
+        return TensorRecord(item.piece.shape, kind, made_fill([make], kind))
     d = wmap.dims
     tiles = rule.transform.tiles(rule.hf_shapes(d), 0, 1, d)
     start, length = item.piece.region[0]
@@ -450,6 +456,7 @@ class DistBytes:
         self.wmap = wmap
         self.keys = stored_tensors(self.ckpt)
         self._stored: dict[Chunk, object] = {}
+        self._tensors = None  # the tensor reader, for tensors made with torch
         self.pieces = {name: stored_pieces(wmap, name)
                        for name in wmap.mcore_names(to_hf_only=True)}
         self._check()
@@ -473,6 +480,15 @@ class DistBytes:
 
     def kind(self, name: str) -> dtypes.Dtype | None:
         return self.keys[self.pieces[name][0].key].kind
+
+    def full(self, name: str):
+        """The whole megatron tensor, read with torch (for a stacked HF tensor, whose experts
+        are transposed: no byte copy)."""
+        if self._tensors is None:
+            from mswift.bridge.torch_dist import TorchDistSource
+
+            self._tensors = TorchDistSource(self)
+        return self._tensors.full(name)
 
     def applies(self, kinds: dict[str, dtypes.Dtype]) -> bool:
         """Every chunk the HF tensors need is stored plainly, contiguous, in the dtype its HF

@@ -11,7 +11,8 @@ The training driver's two calls, for a run whose ``model.hf_model`` names an HF 
 The saved directory has the original's config, generation config and tokenizer files, and each
 tensor in the original's dtype (an FP8 original's weights as FP8, each block re-quantized with
 its original scale where that is exact, else with a fresh one; an AWQ original's in bfloat16:
-:mod:`mswift.bridge.quantized`); attention padded for tensor parallelism
+:mod:`mswift.bridge.quantized`), with the original's tensors that megatron does not hold (a
+vision tower) copied as they are; attention padded for tensor parallelism
 (:mod:`mswift.bridge.head_padding`) is given back with its original head counts.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mswift.bridge.errors import BridgeError
 from mswift.bridge.head_padding import unpad_hf_dir_on_rank0
 from mswift.bridge.dtypes import torch_dtype
 from mswift.bridge.hf_io import copy_aux_files, kind_from_name
+from mswift.bridge.layout import carried_tensors
 from mswift.bridge.model_io import load_hf_into_model, save_model_to_hf
 from mswift.bridge.quantized import export_plan, open_checkpoint, plain_config
 from mswift.config.schema import MswiftConfig
@@ -41,11 +43,14 @@ def _hf_dir(cfg: MswiftConfig) -> Path:
 
 
 def weight_map_for(cfg: MswiftConfig) -> tuple[WeightMap, tuple[str, ...]]:
-    """The weight map of ``cfg``'s model at its TP size, and the family's ignored HF tensors."""
+    """The weight map of ``cfg``'s model at its TP size, and the HF tensors it does not read
+    (the family's ignored ones, and those carried through untouched)."""
     hf_dir = _hf_dir(cfg)
-    family = family_for(read_hf_config(hf_dir), where=str(hf_dir / "config.json"))
+    config = read_hf_config(hf_dir)
+    family = family_for(config, where=str(hf_dir / "config.json"))
     padded = padded_vocab_for(cfg.model, cfg.parallel.tensor_model_parallel_size)
-    return WeightMap(family.weight_rules, dims_for(cfg.model, padded)), family.ignored_tensors
+    return (family.weight_map(config, dims_for(cfg.model, padded)),
+            family.ignored_tensors + family.hf_layout(config).carried)
 
 
 def load_hf_checkpoint(chunks, cfg: MswiftConfig) -> int:
@@ -66,9 +71,13 @@ def save_hf_checkpoint(chunks, cfg: MswiftConfig, out_dir: str | Path,
     stored = {name: kind_from_name(kind) for name, kind, _ in source.tensor_records()}
     kinds, encoder, plain = export_plan(source.dir, wmap.hf_shapes(), stored, None)
     dtypes = {name: torch_dtype(kind) for name, kind in kinds.items()}
+    config = read_hf_config(source.dir)
+    # hf_model's tensors that megatron does not hold (a vision tower): copied as they are.
+    carried = carried_tensors(source.dir, config, family_for(config))
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    save_model_to_hf(chunks, wmap, tmp, dtypes, max_shard_bytes, encoder=encoder)
+    save_model_to_hf(chunks, wmap, tmp, dtypes, max_shard_bytes, encoder=encoder,
+                     carried=carried)
     if rank == 0:
         copy_aux_files(source.dir, tmp)
         if plain:

@@ -333,18 +333,47 @@ class HFShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor``'s bytes, which must be the plan's next tensor (name, dtype, shape)."""
-        if self._next == len(self._queue):
-            raise ValueError(f"{name}: added after every tensor of the plan")
-        shard, (want, dtype, shape) = self._queue[self._next]
+        shard, (want, dtype, shape) = self._expect(name)
         if (name, dtypes.as_kind(tensor.dtype), tuple(tensor.shape)) != (
                 want, dtypes.as_kind(dtype), shape):
             raise ValueError(f"{name} {tensor.dtype} {list(tensor.shape)} added where the plan "
                              f"expects {want} {dtype} {list(shape)}")
+        self._write(shard, tensor)
+        self._advance(shard)
+
+    def add_stacked(self, name: str, slices) -> None:
+        """Like :meth:`add` for a tensor given as its slices along dim 0, in order (the
+        experts of a stacked tensor): each is written as it comes, so the writer holds one
+        slice, never the whole tensor."""
+        shard, (want, dtype, shape) = self._expect(name)
+        count = 0
+        for piece in slices:
+            if name != want or count == shape[0] or (
+                    dtypes.as_kind(piece.dtype), tuple(piece.shape)) != (
+                    dtypes.as_kind(dtype), shape[1:]):
+                raise ValueError(f"{name}: slice {count} {piece.dtype} {list(piece.shape)} "
+                                 f"added where the plan expects {want}, {shape[0]} slices "
+                                 f"{dtype} {list(shape[1:])}")
+            self._write(shard, piece)
+            count += 1
+        if count != shape[0]:
+            raise ValueError(f"{name}: {count} slices added, the plan expects {shape[0]}")
+        self._advance(shard)
+
+    def _expect(self, name: str):
+        """(shard, plan entry) of the tensor the next add must give."""
+        if self._next == len(self._queue):
+            raise ValueError(f"{name}: added after every tensor of the plan")
+        return self._queue[self._next]
+
+    def _write(self, shard: int, tensor: torch.Tensor) -> None:
         if shard != self._file_shard:
             self._start_shard(shard)
         data = tensor.detach().cpu().contiguous()
         if data.numel():
             self._file.write(data.reshape(-1).view(torch.uint8).numpy())
+
+    def _advance(self, shard: int) -> None:
         self._next += 1
         if self._next == len(self._queue) or self._queue[self._next][0] != shard:
             self._end_shard()
@@ -361,9 +390,7 @@ class HFShardWriter:
         thread of their own while the next shards are laid out (``copy_threads`` shards at
         once; :meth:`close` waits for them). ``shared`` fills (those that do most of their
         work outside the file, such as casts) then run ``copy_threads`` at once."""
-        if self._next == len(self._queue):
-            raise ValueError(f"{name}: added after every tensor of the plan")
-        shard, (want, dtype, want_shape) = self._queue[self._next]
+        shard, (want, dtype, want_shape) = self._expect(name)
         if (name, kind, tuple(shape)) != (want, dtypes.as_kind(dtype), want_shape):
             raise ValueError(f"{name} {kind.name} {list(shape)} added where the plan expects "
                              f"{want} {dtype} {list(want_shape)}")
@@ -375,9 +402,7 @@ class HFShardWriter:
         if nbytes:
             self._fills.append((lambda fd=self._file.fileno(): fill(fd, offset), shared))
             self._file.seek(offset + nbytes)
-        self._next += 1
-        if self._next == len(self._queue) or self._queue[self._next][0] != shard:
-            self._end_shard()
+        self._advance(shard)
 
     def _start_shard(self, shard: int) -> None:
         self._end_shard()

@@ -79,7 +79,19 @@ class HFModel:
         return cls(hf_dir, config, family, model)
 
     def weight_map(self, padded_vocab: int) -> WeightMap:
-        return WeightMap(self.family.weight_rules, dims_for(self.model, padded_vocab))
+        return self.family.weight_map(self.config, dims_for(self.model, padded_vocab))
+
+    @property
+    def ignored_tensors(self) -> tuple[str, ...]:
+        """Regexes of the checkpoint's tensors that the weight map does not read: buffers that
+        hold no weights and the tensors carried through untouched (a vision tower)."""
+        return self.family.ignored_tensors + self.family.hf_layout(self.config).carried
+
+    def carried_tensors(self):
+        """The tensors of this folder's checkpoint that megatron does not hold (a vision
+        tower), which conversions carry through: :func:`carried_tensors`."""
+        return carried_tensors(self.hf_dir, self.config, self.family)
+
 
     def padded_vocab(self, tp: int) -> int:
         return padded_vocab_for(self.model, tp)
@@ -174,3 +186,25 @@ def build_chunks(cfg: MswiftConfig):
 
     start_groups(cfg)
     return build_model(cfg)
+
+
+def carried_tensors(hf_dir: Path, config: dict, family: ModelFamily):
+    """The tensors of ``hf_dir``'s checkpoint that megatron does not hold
+    (:class:`~mswift.bridge.byte_copy.CarriedTensors`), None for an architecture that has
+    none; refused when the architecture has them and the folder holds none."""
+    from mswift.bridge.byte_copy import CarriedTensors
+    from mswift.bridge.hf_io import HFCheckpoint
+
+    patterns = family.hf_layout(config).carried
+    if not patterns:
+        return None
+    try:
+        carried = CarriedTensors(HFCheckpoint(hf_dir), patterns)
+    except BridgeError:
+        carried = None
+    if carried is None or not carried.names:
+        raise BridgeError(f"{hf_dir}: holds no tensors named like {' or '.join(patterns)}; "
+                          f"a {'/'.join(config.get('architectures') or [])} checkpoint keeps "
+                          "them beside the text model and mswift carries them through "
+                          "untouched (pass --hf-dir with the original model's folder)")
+    return carried

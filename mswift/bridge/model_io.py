@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from mswift.bridge.errors import BridgeError
 from mswift.bridge.hf_io import HFCheckpoint, HFShardWriter, PlanEntry
 from mswift.lazy_import import lazy_module
 from mswift.models.weight_map import SliceReader, WeightMap, local_spec_name
@@ -149,32 +148,27 @@ def _piece_owners(pieces: dict, wmap: WeightMap) -> tuple[dict, dict]:
 
 def hf_plan(wmap: WeightMap, dtypes: dict[str, torch.dtype],
             model_dtype: Callable[[str], torch.dtype]) -> list[PlanEntry]:
-    """``(HF name, dtype, shape)`` of every HF tensor, in the order a save writes them (each
-    megatron tensor of ``wmap.mcore_names(to_hf_only=True)``, then its rule's HF tensors), for
-    :class:`HFShardWriter`. ``dtypes``: HF name -> dtype to write; the others keep their
-    megatron tensor's, ``model_dtype(megatron name)``."""
-    if wmap.has_stacked_tensors():
-        raise BridgeError("writing HF checkpoints whose experts are stacked in one tensor "
-                          "(Llama-4) is not implemented yet")
-    plan = []
-    for name in wmap.mcore_names(to_hf_only=True):
-        rule, hf_names = wmap.lookup(name)
-        for hf_name, shape in zip(hf_names, rule.hf_shapes(wmap.dims)):
-            plan.append((hf_name, dtypes.get(hf_name) or model_dtype(name), shape))
-    return plan
+    """``(HF name, dtype, shape)`` of every HF tensor, in the order a save writes them
+    (:meth:`~mswift.models.weight_map.WeightMap.hf_tensors`), for :class:`HFShardWriter`.
+    ``dtypes``: HF name -> dtype to write; the others keep their megatron tensor's,
+    ``model_dtype(megatron name)``."""
+    return [(t.name, dtypes.get(t.name) or model_dtype(t.sources[0][0]), t.shape)
+            for t in wmap.hf_tensors()]
 
 
 def save_model_to_hf(chunks, wmap: WeightMap, out_dir: str | Path,
                      dtypes: dict[str, torch.dtype] | None = None,
                      max_shard_bytes: int | None = None, progress: bool = False,
-                     encoder=None) -> dict | None:
+                     encoder=None, carried=None) -> dict | None:
     """Write this model's weights as HF safetensors shards + index into ``out_dir`` (rank 0).
 
     ``dtypes`` gives the dtype of each HF tensor (e.g. the original checkpoint's); others keep
     the model's; ``encoder`` writes FP8 weights (:class:`mswift.bridge.quantized.Fp8Encoder`).
-    Every rank must call this; returns the index on rank 0, None elsewhere.
+    ``carried``: tensors megatron does not hold (:class:`~mswift.bridge.byte_copy.
+    CarriedTensors`, a vision tower), copied after the model's. Every rank must call this;
+    returns the index on rank 0, None elsewhere.
     """
-    from mswift.runtime.device import local_device  # the byte-level tools never import torch
+    from mswift.bridge.byte_copy import OpenFiles
 
     rank, _ = _rank_and_world()
     pieces = {}
@@ -184,38 +178,70 @@ def save_model_to_hf(chunks, wmap: WeightMap, out_dir: str | Path,
             r, size = tp_coords(name)
             pieces[(name, r)] = (tensor.detach(), size)
     owners, info = _piece_owners(pieces, wmap)
-    names = wmap.mcore_names(to_hf_only=True)
+    dtypes = dtypes or {}
     writer = None
     if rank == 0:
         kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-        plan = hf_plan(wmap, dtypes or {}, lambda name: info[name][2])
+        plan = hf_plan(wmap, dtypes, lambda name: info[name][2])
         stored = plan if encoder is None else encoder.plan(plan)
-        writer = HFShardWriter(out_dir, stored, **kwargs)
-        if encoder is not None:
-            writer = encoder.wrap(writer, plan)
-    for name in _progress(names, progress and rank == 0):
-        size, shape, dtype = info[name]
+        shards = HFShardWriter(out_dir, stored + (carried.plan() if carried else []), **kwargs)
+        writer = shards if encoder is None else encoder.wrap(shards, plan)
+    gathered = _Gathered(wmap, pieces, owners, info, rank)
+    for t in _progress(wmap.hf_tensors(), progress and rank == 0):
+        parts = (gathered.hf_part(name, part) for name, part in t.sources)
+        if writer is None:  # the other ranks send their pieces
+            for _ in parts:
+                pass
+            continue
+        parts = (p.to(dtypes.get(t.name, p.dtype)) for p in parts)
+        if t.stacked:  # one expert at a time
+            writer.add_stacked(t.name, parts)
+        else:
+            writer.add(t.name, next(parts))
+    if writer is None:
+        return None
+    with OpenFiles() as files:
+        if carried is not None:
+            carried.add_to(shards, files)
+        return writer.close()
+
+
+class _Gathered:
+    """Whole megatron tensors on rank 0, each gathered from the ranks that own its TP pieces
+    (every rank calls :meth:`hf_part` in the same order); the last one is kept for the next
+    HF tensors made of it (q, k, v of one ``linear_qkv``)."""
+
+    def __init__(self, wmap: WeightMap, pieces: dict, owners: dict, info: dict, rank: int):
+        self.wmap, self.pieces, self.owners, self.info, self.rank = (
+            wmap, pieces, owners, info, rank)
+        self.last: tuple[str, list | None] = ("", None)
+
+    def hf_part(self, name: str, part: int) -> torch.Tensor | None:
+        """HF tensor ``part`` of megatron tensor ``name`` on rank 0 (None elsewhere)."""
+        if self.last[0] != name:
+            self.last = (name, self._gather(name))
+        return None if self.last[1] is None else self.last[1][part]
+
+    def _gather(self, name: str) -> list | None:
+        from mswift.runtime.device import local_device  # the byte-level tools never import torch
+
+        size, shape, dtype = self.info[name]
         shards = []
         for r in range(size):
-            src = owners[(name, r)]
-            if src == rank == 0:
-                shards.append(pieces[(name, r)][0].cpu())
-            elif src == rank:
-                dist.send(pieces[(name, r)][0].contiguous(), dst=0)
-            elif rank == 0:
+            src = self.owners[(name, r)]
+            if src == self.rank == 0:
+                shards.append(self.pieces[(name, r)][0].cpu())
+            elif src == self.rank:
+                dist.send(self.pieces[(name, r)][0].contiguous(), dst=0)
+            elif self.rank == 0:
                 buf = torch.empty(shape, dtype=dtype, device=local_device())
                 dist.recv(buf, src=src)
                 shards.append(buf.cpu())
-        if rank == 0:
-            _write_hf(writer, wmap, name, shards, dtypes or {})
-    return writer.close() if writer is not None else None
-
-
-def _write_hf(writer: HFShardWriter, wmap: WeightMap, name: str, shards, dtypes) -> None:
-    rule, hf_names = wmap.lookup(name)
-    full = rule.transform.merge(shards, wmap.dims)
-    for hf_name, tensor in zip(hf_names, rule.transform.to_hf(full, wmap.dims)):
-        writer.add(hf_name, tensor.to(dtypes.get(hf_name, tensor.dtype)))
+        if self.rank != 0:
+            return None
+        rule, _ = self.wmap.lookup(name)
+        full = rule.transform.merge(shards, self.wmap.dims)
+        return rule.transform.to_hf(full, self.wmap.dims)
 
 
 def _progress(items, enabled: bool):

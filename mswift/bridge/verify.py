@@ -153,7 +153,7 @@ def _load_weights(chunks, hf, mcore_dir, wmap) -> None:
 
     if mcore_dir is None:
         ckpt = open_checkpoint(hf.hf_dir)
-        ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.family.ignored_tensors)
+        ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.ignored_tensors)
         load_into_model(chunks, HFSource(ckpt, wmap))
     elif is_torch_dist(mcore_dir):
         load_torch_dist(chunks, mcore_dir)

@@ -19,6 +19,7 @@ from mswift.models.weight_map import (
     ROW_PARALLEL,
     VOCAB_PARALLEL,
     Rule,
+    WeightMap,
 )
 
 
@@ -95,6 +96,16 @@ def decoder_fields(hf: HFConfigReader, tie_default: bool = False) -> dict:
 
 
 @dataclass(frozen=True)
+class HFLayout:
+    """Where one architecture's checkpoint keeps the text model."""
+
+    prefix: str = ""  # before every HF name of the weight map
+    # Regexes of the checkpoint's other tensors (a vision tower), which megatron does not hold:
+    # conversions and exports carry them through byte for byte.
+    carried: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """One HF architecture family, as the registry and the bridge see it."""
 
@@ -114,6 +125,20 @@ class ModelFamily:
     # for that layer, with mswift's modules) -> that layer's spec. None: megatron-core's spec
     # for every layer (MoE or dense by moe_layer_freq; qk-norm and biases by the config).
     layer_spec: Callable[[Any, int, Any], Any] | None = None
+    # Architectures whose checkpoints hold more than the text model, by name (the others keep
+    # it at the top level, alone).
+    hf_layouts: dict[str, HFLayout] = field(default_factory=dict)
+
+    def hf_layout(self, config: dict) -> HFLayout:
+        """The checkpoint layout of config.json's ``architectures``."""
+        for arch in config.get("architectures") or []:
+            if arch in self.hf_layouts:
+                return self.hf_layouts[arch]
+        return HFLayout()
+
+    def weight_map(self, config: dict, dims) -> WeightMap:
+        """The weight map of a checkpoint with this config.json, for a model of ``dims``."""
+        return WeightMap(self.weight_rules, dims, self.hf_layout(config).prefix)
 
     def block_spec(self, config, model, vp_stage: int | None = None,
                    attention_backend: str = "auto", transformer_impl: str = "auto"):

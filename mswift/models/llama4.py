@@ -23,6 +23,7 @@ from mswift.models.family import (
     ATTENTION_RULES,
     EMBEDDING_RULES,
     OUTPUT_RULES,
+    HFLayout,
     ModelFamily,
     decoder_fields,
     rope_fields,
@@ -104,7 +105,9 @@ def config_fields(hf: HFConfigReader) -> dict:
         moe_router_score_function="sigmoid",
         moe_apply_probs_on_input=True,
         moe_aux_loss_coeff=0.0,  # transformers' Llama4ForCausalLM adds no load-balancing loss
-        moe_layer_freq=moe,
+        # Every layer MoE (Scout): None, megatron-core's default, as for Qwen3-MoE; a list makes
+        # megatron-core key each layer apart in torch_dist checkpoints (non-homogeneous layers).
+        moe_layer_freq=None if all(moe) else moe,
         rotary_interleaved=True,
         nope_layers=nope if any(nope) else None,
         qk_l2_norm=bool(text.get("use_qk_norm")),
@@ -180,10 +183,17 @@ MLP_RULES = (
 FAMILY = ModelFamily(
     name="llama4",
     model_types=("llama4_text", "llama4"),
-    architectures=("Llama4ForCausalLM",),
+    architectures=("Llama4ForCausalLM", "Llama4ForConditionalGeneration"),
     config_fields=config_fields,
     weight_rules=EMBEDDING_RULES + ATTENTION_RULES + MLP_RULES + OUTPUT_RULES,
     layer_spec=layer_spec,
+    # The released checkpoints (Scout, Maverick): the text model under ``language_model.``
+    # (``language_model.model.*``, ``language_model.lm_head.weight``), beside the vision tower
+    # and its projector, which mswift does not train and carries through untouched. Key names
+    # as transformers 5.25's Llama4ForConditionalGeneration saves and loads them (no renaming
+    # on load), the same as in the released safetensors.
+    hf_layouts={"Llama4ForConditionalGeneration": HFLayout(
+        prefix="language_model.", carried=(r"vision_model\..+", r"multi_modal_projector\..+"))},
     # Every feature on at small sizes: chunks of 8 and floor_scale 4 are passed by a 40-token
     # sequence; layers 1, 3 MoE (Maverick-like step 2), layer 3 NoPE; 3 query heads per group.
     debug_config=dict(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Protocol
+from typing import Iterator, NamedTuple, Optional, Protocol
 
 from mswift.lazy_import import lazy_module
 
@@ -154,6 +154,9 @@ class Transform(ABC):
 
     tp_dim: Optional[int] = None
     pads = False  # rows past the HF size are padding (which depends on the TP size)
+    # :meth:`tiles` describes the slice: conversions copy its bytes. A transpose is no
+    # rectangle of bytes: such tensors are made with torch (:meth:`local`, :meth:`to_hf`).
+    tiled = True
     name = "transform"
 
     @abstractmethod
@@ -383,6 +386,7 @@ class InputMajorGateUp(FusedGateUp):
     A transpose: no byte copies."""
 
     name = "input_major_gate_up"
+    tiled = False
 
     def local(self, src, names, tp_rank, tp_size, d):
         width = src.shape(names[0])[1] // 2
@@ -407,6 +411,7 @@ class InputMajorRowParallel(RowParallel):
     ``linear_fc2`` ``[H, F]``, split over TP on F. A transpose: no byte copies."""
 
     name = "input_major_row_parallel"
+    tiled = False
 
     def local(self, src, names, tp_rank, tp_size, d):
         start, stop = _rows(src.shape(names[0])[0], tp_rank, tp_size)
@@ -531,12 +536,27 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(text + "$")
 
 
-class WeightMap:
-    """A family's rules for one model: look up megatron names, list every tensor of each side."""
+class HFTensor(NamedTuple):
+    """One HF tensor an export writes: its name, shape and the (megatron name, index into the
+    rule's HF names) it is made of; ``stacked``: one per expert, in order, each giving one
+    slice of dim 0 (Llama-4's fused experts)."""
 
-    def __init__(self, rules: tuple[Rule, ...], dims: Dims):
+    name: str
+    shape: tuple[int, ...]
+    sources: list[tuple[str, int]]
+    stacked: bool
+
+
+class WeightMap:
+    """A family's rules for one model: look up megatron names, list every tensor of each side.
+
+    ``hf_prefix`` goes before every HF name: a checkpoint that holds more than the text model
+    keeps it under a prefix (Llama-4's multimodal ``language_model.``)."""
+
+    def __init__(self, rules: tuple[Rule, ...], dims: Dims, hf_prefix: str = ""):
         self.dims = dims
-        self.rules = tuple(r for r in rules if r.when in dims.conditions())
+        self.rules = tuple(replace(r, hf=tuple(hf_prefix + h for h in r.hf))
+                           for r in rules if r.when in dims.conditions())
         self._patterns = [(_pattern(r.mcore), r) for r in self.rules]
 
     def lookup(self, mcore_name: str) -> tuple[Rule, list[str]]:
@@ -582,8 +602,24 @@ class WeightMap:
                         shapes[sliced[0]] = (self.dims.experts,) + shape
         return shapes
 
-    def has_stacked_tensors(self) -> bool:
-        return any(h.endswith("[{expert}]") for rule in self.rules for h in rule.hf)
+    def hf_tensors(self) -> list[HFTensor]:
+        """Every HF tensor written back, in the order an export writes them: each megatron
+        tensor's HF tensors in model order, a stacked one where its first expert comes."""
+        out, stacked = [], {}
+        for name in self.mcore_names(to_hf_only=True):
+            rule, hf_names = self.lookup(name)
+            for part, (hf_name, shape) in enumerate(zip(hf_names, rule.hf_shapes(self.dims))):
+                sliced = stacked_slice(hf_name)
+                if sliced is None:
+                    out.append(HFTensor(hf_name, shape, [(name, part)], False))
+                    continue
+                base, index = sliced
+                if base not in stacked:
+                    stacked[base] = HFTensor(base, (self.dims.experts,) + shape, [], True)
+                    out.append(stacked[base])
+                assert index == len(stacked[base].sources), f"{name}: expert out of order"
+                stacked[base].sources.append((name, part))
+        return out
 
 
 def _model_order(name: str):

@@ -35,7 +35,8 @@ def test_released_configs_translate_as_transformers_reads_them(config):
     fields = llama4.FAMILY.model_config_fields(config)
     layers = hf.num_hidden_layers
     assert fields["num_layers"] == layers == 48
-    assert fields["moe_layer_freq"] == [int(i in hf.moe_layers) for i in range(layers)]
+    freq = fields["moe_layer_freq"] or [1] * layers  # None: every layer (megatron's default)
+    assert freq == [int(i in hf.moe_layers) for i in range(layers)]
     assert fields["nope_layers"] == [1 - r for r in hf.no_rope_layers]
     assert fields["num_experts"] == hf.num_local_experts
     assert fields["ffn_hidden_size"] == hf.intermediate_size_mlp == 16384
@@ -56,7 +57,8 @@ def test_released_configs_translate_as_transformers_reads_them(config):
 def test_scout_and_maverick_differences():
     scout = llama4.FAMILY.model_config_fields(SCOUT)
     maverick = llama4.FAMILY.model_config_fields(MAVERICK)
-    assert scout["moe_layer_freq"] == [1] * 48 and scout["num_experts"] == 16
+    # Every layer MoE: megatron-core's default (None), whose torch_dist keys stack the layers.
+    assert scout["moe_layer_freq"] is None and scout["num_experts"] == 16
     assert maverick["moe_layer_freq"] == [0, 1] * 24 and maverick["num_experts"] == 128
     assert scout["nope_layers"] == [0, 0, 0, 1] * 12
     assert scout["qk_l2_norm"] and not maverick["qk_l2_norm"]
