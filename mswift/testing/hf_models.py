@@ -86,3 +86,28 @@ def read_safetensors_dir(folder: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+# A vision tower small enough for tests: two layers, 28x28 images in 14x14 patches.
+TINY_LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, image_size=28, patch_size=14,
+                          vision_output_dim=48, projector_input_dim=48,
+                          projector_output_dim=48, pixel_shuffle_ratio=0.5)
+
+
+def save_tiny_llama4_multimodal(path: str | Path, dtype: torch.dtype = torch.float32,
+                                seed: int = 0, **text_overrides) -> Path:
+    """A random tiny ``Llama4ForConditionalGeneration`` (the layout of the released Scout and
+    Maverick checkpoints: the text model under ``language_model.``, a vision tower and its
+    projector beside it), the llama4 family's debug config as its text model."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    path = Path(path)
+    text = tiny_hf_config("llama4", **text_overrides).to_dict()
+    config = Llama4Config(text_config=text, vision_config=TINY_LLAMA4_VISION)
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(config)
+    randomize_(model, seed)
+    model.to(dtype).save_pretrained(str(path))
+    save_tokenizer(path, text["vocab_size"])
+    return path
