@@ -18,6 +18,15 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
 
 
+# megatron-core 0.16.1's selective recompute modules that mswift's layers have.
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts", "layernorm")
+# The rest of megatron-core's list, and why mswift refuses them.
+NOT_RECOMPUTED = {
+    "moe_act": "needs megatron-core's grouped-GEMM experts, which mswift does not build",
+    "mla_up_proj": "needs multi-latent attention, which mswift does not build",
+}
+
+
 def choice(default, choices, doc=""):
     return field(default=default, metadata={"choices": tuple(choices), "doc": doc})
 
@@ -416,6 +425,28 @@ class TrainingConfig(_Section):
     # mxfp8 (Blackwell).
     fp8_recipe: str = choice("delayed", ("delayed", "tensorwise", "blockwise", "mxfp8"),
                              "FP8 scaling recipe (with fp8 set)")
+    # Activation recompute (Megatron-LM's --recompute-*, passed to megatron-core's
+    # TransformerConfig): keep less for backward and compute it again there. full = only each
+    # recomputed layer's input is kept and the whole layer runs again in backward; which layers
+    # by recompute_method: uniform = every layer, in groups of recompute_num_layers (one
+    # checkpoint per group), block = the first recompute_num_layers layers of each (virtual)
+    # pipeline stage only. selective = every layer, only the parts in recompute_modules.
+    recompute_granularity: Optional[str] = choice(
+        None, (None, "full", "selective"), "activation recompute; None = keep all activations")
+    recompute_method: Optional[str] = choice(
+        None, (None, "uniform", "block"),
+        "full recompute: uniform = all layers in groups, block = first N layers per stage")
+    recompute_num_layers: Optional[int] = setting(
+        None, "full recompute: layers per group (uniform) or per stage (block)")
+    # selective: core_attn = the attention over q, k, v (mswift's varlen attention or
+    # megatron-core's); mlp = dense MLPs; moe = whole MoE layers (router, dispatch, experts);
+    # shared_experts = MoE shared experts; layernorm = the input and pre-MLP norms (their output
+    # is dropped and recomputed when the next module's gradient arrives). None = [core_attn]
+    # (megatron-core's default). moe_act (needs grouped GEMM) and mla_up_proj (needs MLA) are
+    # not offered: mswift builds neither.
+    recompute_modules: Optional[list[str]] = setting(
+        None, "selective recompute: of core_attn, mlp, moe, shared_experts, layernorm; "
+        "None = [core_attn]")
     seed: int = setting(1234, "random seed (model init, data order)")
     log_interval: int = positive(1, "print a progress line every N steps")
     # MFU's denominator; None = the device's dense bf16 peak from mswift's table of NVIDIA GPUs
@@ -456,6 +487,37 @@ class TrainingConfig(_Section):
             problems.append(f"min_lr={self.min_lr}: expected at most lr={self.lr}")
         if self.lr_warmup_iters < 0:
             problems.append(f"lr_warmup_iters={self.lr_warmup_iters}: expected >= 0")
+        return problems + self.recompute_problems()
+
+    def recompute_problems(self) -> list[str]:
+        """The recompute settings among themselves (against the model and pipeline stages:
+        mswift.runtime.layout_checks)."""
+        granularity, method = self.recompute_granularity, self.recompute_method
+        layers, modules = self.recompute_num_layers, self.recompute_modules
+        problems = []
+        if granularity == "full":
+            if method is None:
+                problems.append("recompute_granularity=full: needs recompute_method=uniform or "
+                                "block")
+            if layers is None or layers < 1:
+                problems.append(f"recompute_num_layers={layers}: recompute_granularity=full "
+                                "needs a positive number of layers")
+        else:
+            for key, value in (("recompute_method", method), ("recompute_num_layers", layers)):
+                if value is not None:
+                    problems.append(f"{key}={value!r}: only for recompute_granularity=full "
+                                    f"(it is {granularity!r})")
+        if modules is not None:
+            if granularity != "selective":
+                problems.append(f"recompute_modules={modules}: only for recompute_granularity="
+                                f"selective (it is {granularity!r})")
+            for module in modules:
+                if module in NOT_RECOMPUTED:
+                    problems.append(f"recompute_modules: {module} {NOT_RECOMPUTED[module]}")
+            unknown = [m for m in modules if m not in RECOMPUTE_MODULES + tuple(NOT_RECOMPUTED)]
+            if unknown or not modules:
+                problems.append(f"recompute_modules={modules}: expected a non-empty list of "
+                                f"{', '.join(RECOMPUTE_MODULES)}")
         return problems
 
 

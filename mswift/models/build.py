@@ -110,6 +110,7 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
         # gpt_block_spec); megatron-core wraps each layer's forward in TE's fp8 autocast.
         fp8=cfg.training.fp8,
         fp8_recipe=cfg.training.fp8_recipe,
+        **recompute_settings(cfg),
         # With CUDA, megatron-core's GPU initialisation (Megatron-LM's default): each rank
         # creates and draws its own slices on its device, from the model-parallel RNG streams,
         # so a random start differs between tensor-parallel sizes (a start from HF weights or a
@@ -146,6 +147,22 @@ def mla_fields(m) -> dict:
         mscale=m.yarn_mscale,
         mscale_all_dim=m.yarn_mscale_all_dim if yarn else 0.0,
     )
+
+
+def recompute_settings(cfg: MswiftConfig) -> dict:
+    """TransformerConfig's activation-recompute fields from the training section (checked
+    there and in mswift.runtime.layout_checks). Full recompute wraps each group of layers in
+    megatron-core's tensor_parallel.checkpoint, selective the chosen submodules; both restore
+    the RNG states (CPU layer: the CPU generator) before the forward runs again."""
+    tr = cfg.training
+    if tr.recompute_granularity is None:
+        return {}
+    settings = dict(recompute_granularity=tr.recompute_granularity,
+                    recompute_method=tr.recompute_method,
+                    recompute_num_layers=tr.recompute_num_layers)
+    if tr.recompute_modules is not None:
+        settings["recompute_modules"] = list(tr.recompute_modules)
+    return settings
 
 
 def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> list[GPTModel]:

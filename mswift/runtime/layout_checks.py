@@ -84,6 +84,37 @@ def model_fit_problems(cfg: MswiftConfig) -> list[str]:
             f"seq_length={cfg.data.seq_length}: must be divisible by "
             f"tensor_model_parallel_size={tp} with sequence_parallel"
         )
+    if not model.num_layers % (pp * vpp):
+        problems += recompute_fit_problems(cfg, model.num_layers // (pp * vpp))
+    return problems
+
+
+def recompute_fit_problems(cfg: MswiftConfig, stage_layers: int) -> list[str]:
+    """Recompute settings against the model and its ``stage_layers`` layers per (virtual)
+    pipeline stage: megatron-core would fail inside the first forward (uniform groups that do
+    not divide a stage) or silently recompute nothing (a module the model lacks)."""
+    tr, model = cfg.training, cfg.model
+    n = tr.recompute_num_layers
+    problems = []
+    if tr.recompute_granularity == "full" and n is not None and n > 0:
+        if tr.recompute_method == "uniform" and stage_layers % n:
+            problems.append(f"recompute_num_layers={n}: recompute_method=uniform needs it to "
+                            f"divide the {stage_layers} layers of each pipeline stage")
+        if tr.recompute_method == "block" and n > stage_layers:
+            problems.append(f"recompute_num_layers={n}: recompute_method=block recomputes at "
+                            f"most the {stage_layers} layers of each pipeline stage")
+    if tr.recompute_granularity == "selective":
+        modules = tr.recompute_modules or []
+        moe = model.moe_layer_freq or ([1] * model.num_layers if model.num_experts else [])
+        lacking = {"moe": (model.num_experts is None, "MoE layers"),
+                   "shared_experts": (model.moe_shared_expert_intermediate_size is None,
+                                      "shared experts"),
+                   "mlp": (len(moe) == model.num_layers and all(moe), "dense MLP layers")}
+        for module in modules:
+            absent, what = lacking.get(module, (False, ""))
+            if absent:
+                problems.append(f"recompute_modules: {module}: the model has no {what} to "
+                                "recompute")
     return problems
 
 

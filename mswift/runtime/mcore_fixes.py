@@ -17,6 +17,11 @@ And without a working Transformer Engine, ``multi_latent_attention`` imports pla
 (non-class) TE names yet keeps ``HAVE_TE = True``, so building any MLA layer fails in
 ``isinstance(self.linear_proj, TELinear)``: TE is marked absent there when ``TELinear`` is not a
 class (a real TE install keeps its classes and is left alone).
+
+Without Transformer Engine, selective recompute of ``layernorm`` fails at its first forward:
+``CheckpointWithoutOutput(fp8=False)`` (every caller's default) sets ``self.fp8 = fp8 is not
+None``, i.e. True, and its forward then asks TE's ``FP8GlobalStateManager`` (never imported:
+``NameError``). Without TE there is no FP8, so the flag is cleared.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ def apply_mcore_fixes() -> None:
     if _APPLIED:
         return
     from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer import multi_latent_attention
 
     if not distrib_optimizer.HAVE_APEX_OR_TE:
@@ -39,7 +45,20 @@ def apply_mcore_fixes() -> None:
         _unshare_step_after_load(distrib_optimizer.DistributedOptimizer)
     if not isinstance(multi_latent_attention.TELinear, type):
         multi_latent_attention.HAVE_TE = False
+    if not mrandom.HAVE_TE:
+        _no_fp8_without_te(mrandom.CheckpointWithoutOutput)
     _APPLIED = True
+
+
+def _no_fp8_without_te(cls) -> None:
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.fp8 = False
+
+    cls.__init__ = init
 
 
 def _unshare_step_after_load(cls) -> None:

@@ -53,3 +53,43 @@ def test_init_fails_before_any_process_group(monkeypatch):
     with pytest.raises(ConfigError, match="world size 3"):
         init_distributed(cfg)
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["recompute_granularity=full"], ["recompute_granularity=full: needs recompute_method",
+                                      "recompute_num_layers=None: recompute_granularity=full"]),
+    (["recompute_granularity=selective", "recompute_num_layers=2", "recompute_method=block"],
+     ["recompute_method='block': only for recompute_granularity=full (it is 'selective')",
+      "recompute_num_layers=2: only for recompute_granularity=full"]),
+    (["recompute_modules=[mlp]"], ["recompute_modules=['mlp']: only for recompute_granularity="
+                                   "selective (it is None)"]),
+    (["recompute_granularity=selective", "recompute_modules=[moe_act,attn]"],
+     ["recompute_modules: moe_act needs megatron-core's grouped-GEMM experts",
+      "recompute_modules=['moe_act', 'attn']: expected a non-empty list of core_attn, mlp, moe"]),
+    (["recompute_granularity=everything"], ["recompute_granularity='everything': expected one"]),
+])
+def test_recompute_settings_are_checked_together(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, DENSE + overrides)
+    assert len(err.value.problems) == len(expected), err.value.problems
+    for problem, want in zip(err.value.problems, expected):
+        assert want in problem, err.value.problems
+
+
+def test_recompute_against_the_model_and_stages():
+    full = ["recompute_granularity=full", "pipeline_model_parallel_size=2"]
+    assert problems(DENSE + full + ["recompute_method=uniform", "recompute_num_layers=2"], 2) == []
+    assert problems(DENSE + full + ["recompute_method=uniform", "recompute_num_layers=3"], 2) == [
+        "recompute_num_layers=3: recompute_method=uniform needs it to divide the 2 layers of "
+        "each pipeline stage"]
+    assert problems(DENSE + full + ["recompute_method=block", "recompute_num_layers=3"], 2) == [
+        "recompute_num_layers=3: recompute_method=block recomputes at most the 2 layers of each "
+        "pipeline stage"]
+    selective = ["recompute_granularity=selective"]
+    assert problems(DENSE + selective + ["recompute_modules=[moe,shared_experts]"], 1) == [
+        "recompute_modules: moe: the model has no MoE layers to recompute",
+        "recompute_modules: shared_experts: the model has no shared experts to recompute"]
+    assert problems(MOE + selective + ["recompute_modules=[mlp]"], 1) == [
+        "recompute_modules: mlp: the model has no dense MLP layers to recompute"]
+    assert problems(MOE + selective + ["recompute_modules=[mlp]",
+                                       "moe_layer_freq=[0,1,1,1]"], 1) == []
