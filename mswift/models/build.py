@@ -214,6 +214,9 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
                                cfg.parallel.tensor_model_parallel_size)
         # Modules of mswift's own (norms) are created on the CPU; megatron-core's are already on
         # the device. megatron-core's rotary frequencies are not a buffer and stay where GPU
-        # initialisation put them. (In a meta-device build this is a move to meta.)
-        chunks.append(chunk.to(local_device()))
+        # initialisation put them. A build under ``torch.device("meta")`` (mswift plan) stays
+        # there: meta tensors have no data to move.
+        if torch.get_default_device().type != "meta":
+            chunk = chunk.to(local_device())
+        chunks.append(chunk)
     return chunks
