@@ -19,11 +19,10 @@ class ConfigError(ValueError):
 
 
 # megatron-core 0.16.1's selective recompute modules that mswift's layers have.
-RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts", "layernorm")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts", "layernorm", "mla_up_proj")
 # The rest of megatron-core's list, and why mswift refuses them.
 NOT_RECOMPUTED = {
     "moe_act": "needs megatron-core's grouped-GEMM experts, which mswift does not build",
-    "mla_up_proj": "needs multi-latent attention, which mswift does not build",
 }
 
 
@@ -441,12 +440,13 @@ class TrainingConfig(_Section):
     # selective: core_attn = the attention over q, k, v (mswift's varlen attention or
     # megatron-core's); mlp = dense MLPs; moe = whole MoE layers (router, dispatch, experts);
     # shared_experts = MoE shared experts; layernorm = the input and pre-MLP norms (their output
-    # is dropped and recomputed when the next module's gradient arrives). None = [core_attn]
-    # (megatron-core's default). moe_act (needs grouped GEMM) and mla_up_proj (needs MLA) are
-    # not offered: mswift builds neither.
+    # is dropped and recomputed when the next module's gradient arrives); mla_up_proj = MLA's
+    # up projections and RoPE (multi_latent_attention models). None = [core_attn]
+    # (megatron-core's default). moe_act is not offered: it needs grouped-GEMM experts, which
+    # mswift does not build.
     recompute_modules: Optional[list[str]] = setting(
-        None, "selective recompute: of core_attn, mlp, moe, shared_experts, layernorm; "
-        "None = [core_attn]")
+        None, "selective recompute: of core_attn, mlp, moe, shared_experts, layernorm, "
+        "mla_up_proj; None = [core_attn]")
     seed: int = setting(1234, "random seed (model init, data order)")
     log_interval: int = positive(1, "print a progress line every N steps")
     # MFU's denominator; None = the device's dense bf16 peak from mswift's table of NVIDIA GPUs

@@ -109,7 +109,9 @@ def recompute_fit_problems(cfg: MswiftConfig, stage_layers: int) -> list[str]:
         lacking = {"moe": (model.num_experts is None, "MoE layers"),
                    "shared_experts": (model.moe_shared_expert_intermediate_size is None,
                                       "shared experts"),
-                   "mlp": (len(moe) == model.num_layers and all(moe), "dense MLP layers")}
+                   "mlp": (len(moe) == model.num_layers and all(moe), "dense MLP layers"),
+                   "mla_up_proj": (not model.multi_latent_attention,
+                                   "multi-latent attention")}
         for module in modules:
             absent, what = lacking.get(module, (False, ""))
             if absent:

@@ -17,7 +17,9 @@ distinct place. Parameters are counted from those chunks, and memory per GPU fol
   dense parameters and over the expert-data-parallel ranks for expert parameters (unsharded
   with ``use_distributed_optimizer=false``);
 * activations: see :func:`layer_activation_bytes`, times the micro-batches a stage holds at
-  once under megatron-core's 1F1B (or interleaved) schedule;
+  once under megatron-core's 1F1B (or interleaved) schedule, for the recompute setting of the
+  config (:func:`held_activation_bytes`), and for comparison without recompute and with full
+  recompute of every layer;
 * a fixed reserve (``--reserve-gb``) for the CUDA context, NCCL buffers and allocator
   fragmentation, which no formula here predicts.
 
@@ -82,9 +84,9 @@ class Chunk:
     layers: list[int]  # global layer numbers, from 0
     moe_layers: int
     params: Counter  # kind -> parameters on this rank
-    activation_bytes: int  # one micro-batch, no recompute, all layers of the chunk
-    max_layer_bytes: int  # the largest layer's share of that
-    layer_input_bytes: int  # what full recompute keeps per layer (its input)
+    layer_bytes: list[int]  # per layer, one micro-batch, no recompute
+    selective_bytes: list[int]  # the same with the config's selective recompute modules
+    layer_input_bytes: int  # what full recompute keeps of a group of layers (its input)
 
 
 @dataclass
@@ -123,7 +125,7 @@ class Plan:
 
 
 def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: bool, etp: int,
-                           topk: int) -> tuple[int, int]:
+                           topk: int, recomputed: frozenset = frozenset()) -> tuple[int, int]:
     """Bytes one transformer layer keeps for backward for one micro-batch, and its input.
 
     ``tokens`` = seq_length x micro_batch_size / context_parallel_size; ``shapes`` are this
@@ -152,9 +154,20 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
       shared expert keeps ``T*4Fs/t``.
 
     Routing is assumed balanced: a skewed router puts more token copies on some ranks.
+
+    ``recomputed``: the selective recompute modules (``training.recompute_modules``). A
+    recomputed part keeps only its input, which is a tensor counted above already (the norms'
+    outputs, the layer input), except ``layernorm``: a norm then keeps its input (``T*h/t_sp``)
+    instead of its three tensors, and the next module's copy of its output is dropped with it.
+    ``mlp``, ``moe`` (everything of the MoE MLP above) and ``shared_experts`` drop their terms;
+    with ``layernorm`` too, a recomputed ``mlp`` / ``moe`` keeps an input of its own
+    (``T*h/t_sp``, measured: it outlives the norm output that is dropped);
+    ``core_attn`` changes nothing here (the flash-style kernel's q, k, v and output are kept by
+    the projections around it; its per-row log-sum-exp is not counted).
     """
     t_sp = tp if sp else 1
-    norm = 4 * tokens * hidden // t_sp  # mswift's Norm: fp32 input, normalised x, output
+    # mswift's Norm: fp32 input, normalised x, output; recomputed: its input only
+    norm = (1 if "layernorm" in recomputed else 4) * tokens * hidden // t_sp
     elems = norm
     qkv = shapes.get("self_attention.linear_qkv.weight")
     proj = shapes.get("self_attention.linear_proj.weight")
@@ -166,11 +179,16 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
             elems += 3 * tokens * (q + kv)  # the same Norm on q and k heads
     elems += norm  # the MLP's norm
     fc1, fc2 = shapes.get("mlp.linear_fc1.weight"), shapes.get("mlp.linear_fc2.weight")
-    if fc1 is not None:
+    if fc1 is not None and "mlp" not in recomputed:
         elems += tokens * _mlp_elements(fc1, fc2)
+    own_input = tokens * hidden // t_sp if "layernorm" in recomputed else 0
+    if fc1 is not None and "mlp" in recomputed:
+        elems += own_input
     extra = 0
     router = shapes.get("mlp.router.weight")
-    if router is not None:
+    if router is not None and "moe" in recomputed:
+        elems += own_input
+    elif router is not None:
         local_tokens = tokens // t_sp
         extra += 8 * local_tokens * router[0]
         e1 = shapes.get("mlp.experts.local_experts.0.linear_fc1.weight")
@@ -179,7 +197,7 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
             elems += local_tokens * topk * etp * (2 * hidden + _mlp_elements(e1, e2))
         s1 = shapes.get("mlp.shared_experts.linear_fc1.weight")
         s2 = shapes.get("mlp.shared_experts.linear_fc2.weight")
-        if s1 is not None:
+        if s1 is not None and "shared_experts" not in recomputed:
             elems += tokens * _mlp_elements(s1, s2)
     return 2 * elems + extra, 2 * tokens * hidden // t_sp
 
@@ -208,6 +226,25 @@ def in_flight_micro_batches(pp: int, vpp: int, stage: int, micro_batches: int) -
     return min((pp - stage - 1) * 2 + (vpp - 1) * pp + 1, total)
 
 
+def held_activation_bytes(chunk: "Chunk", granularity: str | None, method: str | None,
+                          num_layers: int | None) -> tuple[int, int]:
+    """(bytes a chunk holds per micro-batch in flight, bytes of the recompute working set) under
+    megatron-core's recompute of a TransformerBlock: full uniform checkpoints each group of
+    ``num_layers`` layers (keeps one input per group; backward runs one group again at a time),
+    full block checkpoints each of the first ``num_layers`` layers alone and keeps the rest."""
+    layers = chunk.layer_bytes
+    if granularity == "selective":
+        return sum(chunk.selective_bytes), 0
+    if granularity != "full" or not layers:
+        return sum(layers), 0
+    if method == "uniform":
+        groups = [layers[i:i + num_layers] for i in range(0, len(layers), num_layers)]
+        return len(groups) * chunk.layer_input_bytes, max(sum(g) for g in groups)
+    recomputed = min(num_layers, len(layers))
+    return (recomputed * chunk.layer_input_bytes + sum(layers[recomputed:]),
+            max(layers[:recomputed], default=0))
+
+
 def _layer_shapes(layer) -> dict:
     return {name: tuple(p.shape) for name, p in layer.named_parameters()}
 
@@ -224,17 +261,19 @@ def _chunk(chunk_model, cfg, tokens: int) -> tuple[Chunk, int, int]:
             dense += p.numel()
         else:
             expert += p.numel()
-    layers, moe, acts, largest, inputs = [], 0, 0, 0, 0
+    tr = cfg.training
+    selective = frozenset(tr.recompute_modules or ["core_attn"]
+                          if tr.recompute_granularity == "selective" else [])
+    layers, moe, plain, reduced, layer_input = [], 0, [], [], 0
     for layer in chunk_model.decoder.layers:
         layers.append(layer.layer_number - 1)
         shapes = _layer_shapes(layer)
         moe += "mlp.router.weight" in shapes
-        act, layer_input = layer_activation_bytes(
-            shapes, tokens, m.hidden_size, tp, par.sequence_parallel, etp, m.moe_router_topk)
-        acts += act
-        largest = max(largest, act)
-        inputs += layer_input
-    return Chunk(layers, moe, params, acts, largest, inputs), dense, expert
+        args = (shapes, tokens, m.hidden_size, tp, par.sequence_parallel, etp, m.moe_router_topk)
+        act, layer_input = layer_activation_bytes(*args)
+        plain.append(act)
+        reduced.append(layer_activation_bytes(*args, recomputed=selective)[0])
+    return Chunk(layers, moe, params, plain, reduced, layer_input), dense, expert
 
 
 def _output_bytes(cfg, tokens: int, padded_vocab: int) -> int:
@@ -286,6 +325,8 @@ def build_places(cfg, world_size: int) -> tuple[list[tuple[int, list[Chunk], int
             stage = parallel_state.get_pipeline_model_parallel_rank()
             with warnings.catch_warnings():  # advice on training numerics, not on sizes
                 warnings.filterwarnings("ignore", message=".*without fp32 routing")
+                # expert layers at expert_tensor_parallel_size 1 run without SP, as they should
+                warnings.filterwarnings("ignore", message=".*tensor model parallel size is 1")
                 config = transformer_config(cfg)
             config.perform_initialization = False  # shapes only
             with torch.device("meta"):
@@ -361,7 +402,7 @@ def make_plan(cfg, nnodes: int, nproc_per_node: int) -> Plan:
     places: dict[tuple, Place] = {}
     for stage, chunks, dense, expert, last in built:
         in_flight = in_flight_micro_batches(pp, vpp, stage, micro_batches)
-        key = (tuple((tuple(sorted(c.params.items())), c.moe_layers, c.activation_bytes)
+        key = (tuple((tuple(sorted(c.params.items())), c.moe_layers, tuple(c.layer_bytes))
                      for c in chunks), dense, expert, last)
         place = places.get(key)
         if place is None:
@@ -370,36 +411,41 @@ def make_plan(cfg, nnodes: int, nproc_per_node: int) -> Plan:
         place.stages.append(stage)
         place.in_flight.append(in_flight)
     for place in places.values():
-        place.memory = _memory(place, par, weight_bytes, state_bytes, dp_cp, expert_dp)
+        place.memory = _memory(place, cfg, weight_bytes, state_bytes, dp_cp, expert_dp)
     return Plan(cfg, world, nnodes, nproc_per_node, list(places.values()), totals, padded_rows,
                 total, active, seconds)
 
 
-def _memory(place: Place, par, weight_bytes: int, state_bytes: int, dp_cp: int,
+def _memory(place: Place, cfg, weight_bytes: int, state_bytes: int, dp_cp: int,
             expert_dp: int) -> dict:
+    par, tr = cfg.parallel, cfg.training
     params = place.dense_params + place.expert_params
     if par.use_distributed_optimizer:
         optimizer = state_bytes * (place.dense_params / dp_cp + place.expert_params / expert_dp)
     else:
         optimizer = state_bytes * params
-    vpp = len(place.chunks)
     in_flight = max(place.in_flight)  # the first stage of a group holds the most
-    largest_chunk = max(c.activation_bytes for c in place.chunks)
-    largest_inputs = max(c.layer_input_bytes for c in place.chunks)
-    largest_layer = max(c.max_layer_bytes for c in place.chunks)
-    # Without interleaving a "chunk micro-batch" is a whole micro-batch of the rank's layers.
-    no_recompute = in_flight * largest_chunk + place.output_bytes
-    full_recompute = in_flight * largest_inputs + largest_layer + place.output_bytes
+
+    def activations(*setting) -> int:
+        # Without interleaving a "chunk micro-batch" is a whole micro-batch of the rank's
+        # layers; backward recomputes one group of one chunk at a time.
+        held = [held_activation_bytes(c, *setting) for c in place.chunks]
+        return (in_flight * max(h for h, _ in held) + max(w for _, w in held)
+                + place.output_bytes)
+
     memory = {
         "weights": params * weight_bytes,
         "grads": params * 4,
         "optimizer": int(optimizer),
-        "activations": no_recompute,
-        "activations_full_recompute": full_recompute,
+        "activations": activations(tr.recompute_granularity, tr.recompute_method,
+                                   tr.recompute_num_layers),
+        "activations_no_recompute": activations(None, None, None),
+        "activations_full_recompute": activations("full", "uniform", 1),
     }
-    memory["total"] = sum(memory[k] for k in ("weights", "grads", "optimizer", "activations"))
-    memory["total_full_recompute"] = memory["total"] - no_recompute + full_recompute
-    memory["chunks"] = vpp
+    states = memory["weights"] + memory["grads"] + memory["optimizer"]
+    for key in ("", "_no_recompute", "_full_recompute"):
+        memory["total" + key] = states + memory["activations" + key]
+    memory["chunks"] = len(place.chunks)
     return memory
 
 
@@ -421,6 +467,17 @@ def _ranges(numbers: list[int]) -> str:
     if numbers == list(range(numbers[0], numbers[-1] + 1)):
         return f"{numbers[0]}-{numbers[-1]}"
     return ",".join(map(str, numbers))
+
+
+def recompute_name(tr) -> str:
+    """The training section's recompute setting, in words."""
+    if tr.recompute_granularity == "full":
+        n = tr.recompute_num_layers
+        return (f"full recompute, {tr.recompute_method}, {n} layer{'s' if n > 1 else ''}"
+                + (" per stage" if tr.recompute_method == "block" else " per group"))
+    if tr.recompute_granularity == "selective":
+        return f"selective recompute of {', '.join(tr.recompute_modules or ['core_attn'])}"
+    return "no recompute"
 
 
 def format_plan(plan: Plan, gpus_gb: tuple[float, ...], reserve_gb: float) -> str:
@@ -486,10 +543,15 @@ def format_plan(plan: Plan, gpus_gb: tuple[float, ...], reserve_gb: float) -> st
         unit = "chunk micro-batch(es)" if len(place.chunks) > 1 else "micro-batch(es)"
         lines.append(
             f"  weights {_g(mem['weights'])} + grads {_g(mem['grads'])} + optimizer "
-            f"{_g(mem['optimizer'])} + activations ({in_flight} {unit} in flight) "
-            f"{_g(mem['activations'])} = {_g(mem['total'])} GiB; with full recompute: "
-            f"activations {_g(mem['activations_full_recompute'])}, total "
-            f"{_g(mem['total_full_recompute'])} GiB")
+            f"{_g(mem['optimizer'])} + activations ({in_flight} {unit} in flight, "
+            f"{recompute_name(tr)}: the config's) {_g(mem['activations'])} = "
+            f"{_g(mem['total'])} GiB")
+        lines.append(
+            "  for comparison: " + "; ".join(
+                f"{name}: activations {_g(mem['activations' + key])}, total "
+                f"{_g(mem['total' + key])} GiB"
+                for name, key in (("no recompute", "_no_recompute"),
+                                  ("full recompute, uniform, 1 layer", "_full_recompute"))))
         fits = []
         for gb in gpus_gb:
             room = gb * GIB - reserve_gb * GIB

@@ -86,9 +86,11 @@ def test_recompute_against_the_model_and_stages():
         "recompute_num_layers=3: recompute_method=block recomputes at most the 2 layers of each "
         "pipeline stage"]
     selective = ["recompute_granularity=selective"]
-    assert problems(DENSE + selective + ["recompute_modules=[moe,shared_experts]"], 1) == [
+    assert problems(DENSE + selective + ["recompute_modules=[moe,shared_experts,mla_up_proj]"],
+                    1) == [
         "recompute_modules: moe: the model has no MoE layers to recompute",
-        "recompute_modules: shared_experts: the model has no shared experts to recompute"]
+        "recompute_modules: shared_experts: the model has no shared experts to recompute",
+        "recompute_modules: mla_up_proj: the model has no multi-latent attention to recompute"]
     assert problems(MOE + selective + ["recompute_modules=[mlp]"], 1) == [
         "recompute_modules: mlp: the model has no dense MLP layers to recompute"]
     assert problems(MOE + selective + ["recompute_modules=[mlp]",

@@ -123,3 +123,28 @@ def test_help():
                           "plan", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "--nproc-per-node" in run.stdout
+
+
+def test_recompute_setting_of_the_config_decides(tmp_path):
+    """The config's recompute setting gives the activations the verdict uses; full recompute
+    (uniform, 1 layer) keeps one input per layer (T x h / TP with SP, bf16) plus one layer."""
+    layout = dict(tensor_model_parallel_size=2, sequence_parallel="true",
+                  pipeline_model_parallel_size=2, expert_model_parallel_size=8,
+                  seq_length=4096, global_batch_size=64)
+    plain = plan_of("qwen3_30b_a3b", 4, **layout)
+    full = plan_of("qwen3_30b_a3b", 4, recompute_granularity="full",
+                   recompute_method="uniform", recompute_num_layers=1, **layout)
+    selective = plan_of("qwen3_30b_a3b", 4, recompute_granularity="selective",
+                        recompute_modules="[moe]", **layout)
+    for a, b, c in zip(plain.places, full.places, selective.places):
+        mem = a.memory
+        assert mem["activations"] == mem["activations_no_recompute"] == \
+            b.memory["activations_no_recompute"] == c.memory["activations_no_recompute"]
+        assert b.memory["activations"] == mem["activations_full_recompute"]
+        assert b.memory["total"] == b.memory["total_full_recompute"] < mem["total"]
+        assert mem["activations_full_recompute"] < c.memory["activations"] < mem["activations"]
+    first = next(p for p in full.places if 0 in p.stages)
+    chunk = first.chunks[0]
+    assert chunk.layer_input_bytes == 2 * 4096 * 2048 // 2  # hidden 2048, TP2 + SP
+    assert first.memory["activations"] == (2 * len(chunk.layers) * chunk.layer_input_bytes
+                                           + max(chunk.layer_bytes))  # 2 in flight, stage 0
