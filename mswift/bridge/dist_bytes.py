@@ -13,7 +13,9 @@ checkpoint, DCP) is a folder ``iter_NNNNNNN/`` of
 megatron stores the tensors of all layers under one key with the layer (and expert) index as
 prepended dimensions (``decoder.layers.self_attention.linear_qkv.weight`` is [layers, rows,
 cols]), renames the norms fused into the next linear layer (``input_layernorm`` ->
-``self_attention.linear_qkv.layer_norm_weight``) and stores a fused gate/up weight as two
+``self_attention.linear_qkv.layer_norm_weight``; not in multi-latent attention models, whose
+local spec keeps ``input_layernorm`` / ``pre_mlp_layernorm``), keeps the router's
+``expert_bias`` in fp32 whatever the model's dtype and stores a fused gate/up weight as two
 chunks. Every other coordinate is the TP1 parameter's: a tensor saved at TP2 is the same global
 tensor in other chunks. :func:`stored_pieces` derives those keys and chunks from the weight map
 (the tests check them against megatron-core's own ``sharded_state_dict`` for every family).
@@ -140,7 +142,16 @@ def stored_key(name: str, dims) -> tuple[str, tuple[tuple[int, int], ...]]:
     if expert is not None:
         axes.append((int(expert.group(1)), dims.experts))
         rest = "mlp.experts.experts." + expert.group(2)
-    return prefix + _FUSED_NORMS.get(rest, rest), tuple(axes)
+    # megatron-core's MLA layer spec has no sharded_state_dict_keys_map: norms keep their names.
+    if not dims.kv_lora_rank:
+        rest = _FUSED_NORMS.get(rest, rest)
+    return prefix + rest, tuple(axes)
+
+
+def stored_kind(wmap: WeightMap, name: str, kind: dtypes.Dtype) -> dtypes.Dtype:
+    """The dtype a save of a model in ``kind`` stores parameter ``name`` in."""
+    rule, _ = wmap.lookup(name)
+    return dtypes.BY_NAME["float32"] if rule.fp32 else kind
 
 
 def param_shape(wmap: WeightMap, name: str) -> tuple[int, ...]:
@@ -230,6 +241,7 @@ def _item_object(source: HFBytes, wmap: WeightMap, item: _Item, kind: dtypes.Dty
         if r0 < r1:
             blocks.append(Block(b.src, b.src_row + r0 - b.dst_row, b.src_col, r0 - start,
                                 b.dst_col, r1 - r0, b.width))
+    kind = stored_kind(wmap, item.name, kind)
     fill, phase = copy_fill(opened, blocks, param_shape(wmap, item.name),
                             source.kind(item.name), kind)
     return TensorRecord(item.piece.shape, kind, fill, phase or 0)
@@ -250,8 +262,8 @@ def write_torch_dist_copying(source: HFBytes, wmap: WeightMap, root: str | Path,
                              threads: int = COPY_THREADS, progress: bool = False,
                              kind: dtypes.Dtype | None = None) -> Path:
     """A model-only torch_dist checkpoint at TP1 (megatron-core reshards it on load) of the
-    HF tensors in ``source``, cast to ``kind`` (None: the first tensor's dtype, which all
-    share), under ``root/iter_NNNNNNN``. Under several ranks each rank calls this and writes
+    HF tensors in ``source``, cast to ``kind`` (None: the first tensor's dtype; tensors megatron
+    keeps in fp32 in fp32), under ``root/iter_NNNNNNN``. Under several ranks each rank calls this and writes
     its share of the files; the caller waits for all ranks before using the checkpoint.
     Returns the iteration dir."""
     kind = kind or source.kind(wmap.mcore_names(to_hf_only=True)[0])
@@ -314,10 +326,12 @@ def _write_metadata(ckpt: Path, wmap: WeightMap, kind: dtypes.Dtype, items: list
     def dcp(name: str) -> TorchGlobal:
         return TorchGlobal(_DCP, name)
 
-    properties = Built(dcp("TensorProperties"), (
-        TorchGlobal("torch", kind.name),
-        Reduced(TorchGlobal("torch.serialization", "_get_layout"), ("torch.strided",)),
-        False, Reduced(dcp("_MEM_FORMAT_ENCODING"), (0,)), False))
+    def properties(name: str) -> Built:
+        return Built(dcp("TensorProperties"), (
+            TorchGlobal("torch", stored_kind(wmap, name, kind).name),
+            Reduced(TorchGlobal("torch.serialization", "_get_layout"), ("torch.strided",)),
+            False, Reduced(dcp("_MEM_FORMAT_ENCODING"), (0,)), False))
+
     tensors: dict[str, tuple[tuple[int, ...], list]] = {}
     for item in items:
         if item.piece is not None:
@@ -334,7 +348,7 @@ def _write_metadata(ckpt: Path, wmap: WeightMap, kind: dtypes.Dtype, items: list
         pieces = sorted(pieces, key=lambda p: p.offset)
         chunk_index.update({(item.key, p.offset): i for i, p in enumerate(pieces)})
         state[item.key] = Built(dcp("TensorStorageMetadata"), {
-            "properties": properties, "size": _size(shape),
+            "properties": properties(item.name), "size": _size(shape),
             "chunks": [Built(dcp("ChunkStorageMetadata"),
                              {"offsets": _size(p.offset), "sizes": _size(p.shape)})
                        for p in pieces]})

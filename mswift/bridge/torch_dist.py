@@ -197,7 +197,8 @@ def _lazy_strategy(lookup: dict, produce: Callable[[str], torch.Tensor]):
             if last[0] != name:  # the halves of a fused weight come one after the other
                 self.recent.value = None
                 last = self.recent.value = (name, produce(name))
-            data = piece.view_of(last[1])
+            # In the stored dtype: megatron keeps some tensors in fp32 in any model (expert_bias).
+            data = piece.view_of(last[1]).to(write_item.tensor_data.properties.dtype)
             assert tuple(data.shape) == tuple(write_item.tensor_data.chunk.sizes), (
                 f"{name}: made {tuple(data.shape)}, the checkpoint stores "
                 f"{tuple(write_item.tensor_data.chunk.sizes)}")

@@ -186,7 +186,7 @@ LAYER_RULES = (
     Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), REPLICATED,
          (("H",),)),
     Rule(_L + "mlp.router.expert_bias", (_H + "mlp.gate.e_score_correction_bias",), REPLICATED,
-         (("E",),), layers="moe"),
+         (("E",),), layers="moe", fp32=True),
     Rule(_SHARED + "linear_fc1.weight", (_HS + "gate_proj.weight", _HS + "up_proj.weight"),
          FUSED_GATE_UP, (("FS", "H"), ("FS", "H")), layers="moe", extra_state=True),
     Rule(_SHARED + "linear_fc2.weight", (_HS + "down_proj.weight",), ROW_PARALLEL,

@@ -501,7 +501,8 @@ class Rule:
     never written back (a tied model's output layer on the last pipeline stage: a copy of the
     embedding), or only with / without a q latent ("q_lora" / "no_q_lora", multi-latent
     attention). ``extra_state``: the megatron module also keeps an ``_extra_state`` entry in
-    its state dict (megatron's linear layers do).
+    its state dict (megatron's linear layers do). ``fp32``: megatron keeps the tensor in fp32
+    whatever the model's dtype (the router's ``expert_bias``), so checkpoints store it so.
     """
 
     mcore: str
@@ -512,6 +513,7 @@ class Rule:
     when: str = "always"
     to_hf: bool = True
     extra_state: bool = False
+    fp32: bool = False
 
     @property
     def per_layer(self) -> bool:

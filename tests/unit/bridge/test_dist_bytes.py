@@ -21,10 +21,8 @@ from mswift.models.registry import families
 from mswift.testing import run_ranks
 from mswift.testing.hf_models import save_tiny_hf_model
 
-# Not yet deepseek_v3: the byte writer names its norms as the non-MLA local spec does
-# (linear_qkv.layer_norm_weight, ...) and writes the expert bias, which megatron-core keeps in
-# fp32, in the model's dtype (issue 17).
-CASES = {f.name: {} for f in families() if f.name != "deepseek_v3"}
+# deepseek_v3: MLA norms keep their local-spec names, the expert bias is stored in fp32.
+CASES = {f.name: {} for f in families()}
 CASES["qwen3_moe_mixed"] = {"mlp_only_layers": [0]}  # layers not stacked in the checkpoint
 
 
