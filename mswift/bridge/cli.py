@@ -64,6 +64,7 @@ def hf_to_mcore_parser(prog: str) -> argparse.ArgumentParser:
                         help="expert tensor-parallel size (default: --tp)")
     parser.add_argument("--vpp", type=positive_int, default=None,
                         help="legacy: virtual pipeline stages per rank (model0, model1, ...)")
+    _uneven_options(parser)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                         help="weights' dtype in the checkpoint (default: the HF checkpoint's)")
     return parser
@@ -92,8 +93,16 @@ def reshard_parser(prog: str) -> argparse.ArgumentParser:
     _layout_options(parser, required=True)
     parser.add_argument("--vpp", type=positive_int, default=None,
                         help="virtual pipeline stages per rank in the output")
+    _uneven_options(parser)
     parser.add_argument("--hf-dir", default=None, help="HF config dir, if the input carries none")
     return parser
+
+
+def _uneven_options(parser: argparse.ArgumentParser) -> None:
+    for end in ("first", "last"):
+        parser.add_argument(f"--decoder-{end}-pipeline-num-layers", type=positive_int,
+                            default=None, help=f"legacy: layers of the {end} pipeline stage "
+                            "(Megatron-LM's option; default: an even split)")
 
 
 def _run(prog: str, work) -> int:
@@ -122,8 +131,9 @@ def hf_to_mcore_main(argv: list[str] | None = None, prog: str = "hf_to_mcore") -
     from mswift.bridge.convert import hf_to_mcore
 
     a = hf_to_mcore_parser(prog).parse_args(argv)
-    return _run(prog, lambda: hf_to_mcore(a.hf_dir, a.out, a.format, a.tp, a.pp, a.ep, a.etp,
-                                          a.vpp, a.dtype))
+    return _run(prog, lambda: hf_to_mcore(
+        a.hf_dir, a.out, a.format, a.tp, a.pp, a.ep, a.etp, a.vpp, a.dtype,
+        first=a.decoder_first_pipeline_num_layers, last=a.decoder_last_pipeline_num_layers))
 
 
 def mcore_to_hf_main(argv: list[str] | None = None, prog: str = "mcore_to_hf") -> int:
@@ -138,7 +148,9 @@ def reshard_main(argv: list[str] | None = None, prog: str = "reshard") -> int:
     from mswift.bridge.convert import reshard
 
     a = reshard_parser(prog).parse_args(argv)
-    return _run(prog, lambda: reshard(a.mcore_dir, a.out, a.tp, a.pp, a.ep, a.vpp, a.hf_dir))
+    return _run(prog, lambda: reshard(a.mcore_dir, a.out, a.tp, a.pp, a.ep, a.vpp, a.hf_dir,
+                                      first=a.decoder_first_pipeline_num_layers,
+                                      last=a.decoder_last_pipeline_num_layers))
 
 
 TOOLS = {

@@ -184,10 +184,12 @@ def _dtype_arg(dtype: str | None, ckpt: HFCheckpoint) -> dtypes.Dtype:
     return source
 
 
-def conversion_layout(hf: HFModel, tp=1, pp=1, ep=1, etp=None, vpp=None) -> Layout:
+def conversion_layout(hf: HFModel, tp=1, pp=1, ep=1, etp=None, vpp=None, first=None,
+                      last=None) -> Layout:
     # megatron-core runs MoE with TP only with sequence parallelism; it changes no weights.
     moe_tp = hf.model.num_experts is not None and tp > 1
-    return Layout(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, sequence_parallel=moe_tp)
+    return Layout(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, sequence_parallel=moe_tp,
+                  first=first, last=last)
 
 
 # -- HF -> megatron -------------------------------------------------------------------------------
@@ -195,14 +197,16 @@ def conversion_layout(hf: HFModel, tp=1, pp=1, ep=1, etp=None, vpp=None) -> Layo
 
 def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, ep: int = 1,
                 etp: int | None = None, vpp: int | None = None, dtype: str | None = None,
-                progress: bool = True) -> Path:
-    """Convert an HF model directory into a megatron checkpoint at ``out``."""
+                progress: bool = True, first: int | None = None,
+                last: int | None = None) -> Path:
+    """Convert an HF model directory into a megatron checkpoint at ``out`` (``first`` /
+    ``last``: an uneven pipeline's first / last stage layers, for the legacy format)."""
     hf_dir, out = Path(hf_dir), Path(out)
     if fmt not in FORMATS:
         raise BridgeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     hf = HFModel.open(hf_dir)
     ckpt = open_checkpoint(hf_dir)  # FP8 / AWQ weights dequantized slice by slice
-    layout = conversion_layout(hf, tp, pp, ep, etp, vpp)
+    layout = conversion_layout(hf, tp, pp, ep, etp, vpp, first, last)
     hf.check_layout(layout)
     if fmt == "legacy" and etp not in (None, tp):
         raise BridgeError(f"--etp {etp}: the legacy format needs expert TP equal to --tp {tp}")
@@ -443,7 +447,7 @@ def _torch_dist_source(template: HFModel, root: Path, kinds: dict[str, dtypes.Dt
 
 
 def reshard(mcore_dir, out, tp: int, pp: int, ep: int, vpp: int | None = None, hf_dir=None,
-            progress: bool = True) -> Path:
+            progress: bool = True, first: int | None = None, last: int | None = None) -> Path:
     """Rewrite a legacy checkpoint at another TP/PP/EP (+ virtual PP) layout."""
     root, out = Path(mcore_dir), Path(out)
     if not is_legacy(root):
@@ -451,7 +455,7 @@ def reshard(mcore_dir, out, tp: int, pp: int, ep: int, vpp: int | None = None, h
                           "checkpoints are resharded by megatron-core when loaded")
     template = _template(root, hf_dir)
     carried = template.carried_tensors()
-    layout = conversion_layout(template, tp, pp, ep, vpp=vpp)
+    layout = conversion_layout(template, tp, pp, ep, vpp=vpp, first=first, last=last)
     template.check_layout(layout)
     padded = template.padded_vocab(tp)
     wmap = template.weight_map(padded)

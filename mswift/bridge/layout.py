@@ -26,8 +26,9 @@ torch = lazy_module("torch")  # opening and checking a model does not need it
 
 @dataclass(frozen=True)
 class Layout:
-    """How a model is split: Megatron-LM's sizes (etp None = tp; vpp None = no interleaving),
-    for a run, a conversion, or the rank files of a legacy checkpoint (whose expert TP is TP)."""
+    """How a model is split: Megatron-LM's sizes (etp None = tp; vpp None = no interleaving;
+    first / last: the first / last pipeline stage's layers, None = an even split), for a run,
+    a conversion, or the rank files of a legacy checkpoint (whose expert TP is TP)."""
 
     tp: int = 1
     pp: int = 1
@@ -35,6 +36,8 @@ class Layout:
     etp: int | None = None
     vpp: int | None = None
     sequence_parallel: bool = False
+    first: int | None = None
+    last: int | None = None
 
     @property
     def expert_tp(self) -> int:
@@ -58,6 +61,8 @@ class Layout:
         text = f"TP{self.tp} PP{self.pp} EP{self.ep}"
         text += f" ETP{self.etp}" if self.etp else ""
         text += f" VPP{self.vpp}" if self.vpp else ""
+        text += f" first stage {self.first}" if self.first is not None else ""
+        text += f" last stage {self.last}" if self.last is not None else ""
         return text + (" SP" if self.sequence_parallel else "")
 
 
@@ -107,6 +112,8 @@ class HFModel:
                 tensor_model_parallel_size=layout.tp,
                 pipeline_model_parallel_size=layout.pp,
                 virtual_pipeline_model_parallel_size=layout.vpp,
+                decoder_first_pipeline_num_layers=layout.first,
+                decoder_last_pipeline_num_layers=layout.last,
                 expert_model_parallel_size=layout.ep,
                 expert_tensor_parallel_size=layout.etp,
                 sequence_parallel=layout.sequence_parallel,

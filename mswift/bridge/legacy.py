@@ -39,12 +39,25 @@ FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
+def chunk_sizes(layout: Layout, num_layers: int) -> list[int]:
+    """Layers of each pipeline rank's virtual stage, as megatron-core splits them
+    (``get_num_layers_to_build``): the first / last stage's given counts, the other layers
+    evenly over the other stages, each stage's evenly over its virtual stages."""
+    fixed = {0: layout.first, layout.pp - 1: layout.last} if layout.pp > 1 else {}
+    fixed = {rank: n for rank, n in fixed.items() if n is not None}
+    others = layout.pp - len(fixed)
+    each = (num_layers - sum(fixed.values())) // (others * layout.chunks) if others else 0
+    return [fixed[rank] // layout.chunks if rank in fixed else each
+            for rank in range(layout.pp)]
+
+
 def chunk_layers(layout: Layout, pp_rank: int, vp_stage: int, num_layers: int) -> range:
-    """Global layers of one (virtual) pipeline stage: megatron-core's even split, in which
-    virtual stage v of rank p holds block ``v * pp + p``."""
-    per_chunk = num_layers // (layout.pp * layout.chunks)
-    start = (vp_stage * layout.pp + pp_rank) * per_chunk
-    return range(start, start + per_chunk)
+    """Global layers of one (virtual) pipeline stage (megatron-core's
+    ``get_transformer_layer_offset``): virtual stage v of every rank comes after all ranks'
+    virtual stage v - 1, ranks in order."""
+    sizes = chunk_sizes(layout, num_layers)
+    start = vp_stage * sum(sizes) + sum(sizes[:pp_rank])
+    return range(start, start + sizes[pp_rank])
 
 
 def _module(name: str) -> str:
@@ -118,6 +131,8 @@ def megatron_args(model, layout: Layout, padded_vocab: int, dtype,
         moe_router_topk=model.moe_router_topk, moe_ffn_hidden_size=model.moe_ffn_hidden_size,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp, expert_model_parallel_size=layout.ep,
+        decoder_first_pipeline_num_layers=layout.first,
+        decoder_last_pipeline_num_layers=layout.last,
         expert_tensor_parallel_size=layout.tp, transformer_impl="local", ckpt_format="torch",
         bf16=name == "bfloat16", fp16=name == "float16", params_dtype=params_dtype,
         iteration=iteration,
@@ -185,9 +200,11 @@ def read_layout(root: str | Path) -> tuple[Layout, int]:
         raise BridgeError(f"{dirs[0] / FILE}: no 'args' (Megatron-LM stores the layout there)")
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
     layout = Layout(tp=args.tensor_model_parallel_size,
-                          pp=args.pipeline_model_parallel_size,
-                          ep=getattr(args, "expert_model_parallel_size", 1) or 1,
-                          vpp=vpp if vpp and vpp > 1 else None)
+                    pp=args.pipeline_model_parallel_size,
+                    ep=getattr(args, "expert_model_parallel_size", 1) or 1,
+                    vpp=vpp if vpp and vpp > 1 else None,
+                    first=getattr(args, "decoder_first_pipeline_num_layers", None),
+                    last=getattr(args, "decoder_last_pipeline_num_layers", None))
     etp = getattr(args, "expert_tensor_parallel_size", None)
     if etp not in (None, layout.tp):
         raise BridgeError(f"{dirs[0] / FILE}: expert_tensor_parallel_size={etp} differs from "

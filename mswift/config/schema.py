@@ -287,6 +287,13 @@ class ParallelConfig(_Section):
     # Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B.
     virtual_pipeline_model_parallel_size: Optional[int] = setting(
         None, "virtual pipeline stages per rank (interleaved 1F1B)")
+    # Uneven pipelines (Megatron-LM's names; megatron-core's num_layers_in_first/last_
+    # pipeline_stage): the first / last stage's layer count, the other layers split evenly
+    # among the stages between.
+    decoder_first_pipeline_num_layers: Optional[int] = setting(
+        None, "layers of the first pipeline stage; None = an even split")
+    decoder_last_pipeline_num_layers: Optional[int] = setting(
+        None, "layers of the last pipeline stage; None = an even split")
     expert_model_parallel_size: int = positive(1, "EP: split the experts")
     expert_tensor_parallel_size: Optional[int] = setting(
         None, "TP inside experts; None = same as TP")
@@ -304,6 +311,11 @@ class ParallelConfig(_Section):
                 f"virtual_pipeline_model_parallel_size={vpp}: expected a positive number, "
                 "with pipeline_model_parallel_size > 1"
             )
+        for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+            value = getattr(self, name)
+            if value is not None and (value < 1 or self.pipeline_model_parallel_size < 2):
+                problems.append(f"{name}={value}: expected a positive number, with "
+                                "pipeline_model_parallel_size > 1")
         etp = self.expert_tensor_parallel_size
         if etp is not None and etp < 1:
             problems.append(f"expert_tensor_parallel_size={etp}: expected a positive number")

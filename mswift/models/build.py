@@ -98,6 +98,8 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=par.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=par.decoder_last_pipeline_num_layers,
         expert_model_parallel_size=par.expert_model_parallel_size,
         expert_tensor_parallel_size=par.expert_tensor_parallel_size,
         context_parallel_size=par.context_parallel_size,

@@ -60,12 +60,9 @@ def model_fit_problems(cfg: MswiftConfig) -> list[str]:
     groups = model.num_query_groups or model.num_attention_heads
     if groups % tp:
         problems.append(f"tensor_model_parallel_size={tp}: must divide num_query_groups={groups}")
-    if model.num_layers % (pp * vpp):
-        what = "pipeline_model_parallel_size" + (" x virtual_pipeline_model_parallel_size"
-                                                 if vpp > 1 else "")
-        problems.append(
-            f"{what}={pp * vpp}: must divide num_layers={model.num_layers}"
-        )
+    problems += pipeline_split_problems(model.num_layers, pp, vpp,
+                                        par.decoder_first_pipeline_num_layers,
+                                        par.decoder_last_pipeline_num_layers)
     if model.num_experts is None:
         if ep > 1:
             problems.append(f"expert_model_parallel_size={ep}: needs an MoE model (num_experts)")
@@ -117,6 +114,37 @@ def recompute_fit_problems(cfg: MswiftConfig, stage_layers: int) -> list[str]:
             if absent:
                 problems.append(f"recompute_modules: {module}: the model has no {what} to "
                                 "recompute")
+    return problems
+
+
+def pipeline_split_problems(num_layers: int, pp: int, vpp: int, first: int | None,
+                            last: int | None) -> list[str]:
+    """How ``num_layers`` layers do not split over ``pp`` stages of ``vpp`` virtual stages,
+    the first / last stage holding ``first`` / ``last`` layers when set (megatron-core's
+    uneven split: the rest evenly over the stages between, each stage's layers evenly over
+    its virtual stages)."""
+    vp = " x virtual_pipeline_model_parallel_size" if vpp > 1 else ""
+    if first is None and last is None:
+        if num_layers % (pp * vpp):
+            return [f"pipeline_model_parallel_size{vp}={pp * vpp}: must divide "
+                    f"num_layers={num_layers}"]
+        return []
+    problems = []
+    given = {"decoder_first_pipeline_num_layers": first, "decoder_last_pipeline_num_layers": last}
+    for name, value in given.items():
+        if value is not None and vpp > 1 and value % vpp:
+            problems.append(f"{name}={value}: must be divisible by "
+                            f"virtual_pipeline_model_parallel_size={vpp}")
+    middle = pp - sum(value is not None for value in given.values())
+    rest = num_layers - (first or 0) - (last or 0)
+    split = ", ".join(f"{name}={value}" for name, value in given.items() if value is not None)
+    if middle == 0 and rest:
+        problems.append(f"{split}: must add up to num_layers={num_layers} (no pipeline stage "
+                        "lies between the first and the last)")
+    elif middle and (rest < 0 or rest % (middle * vpp)):
+        problems.append(f"{split}: the other {rest} of num_layers={num_layers} layers must "
+                        f"split evenly over the {middle} other pipeline stage(s)"
+                        + (f" x {vpp} virtual stages" if vpp > 1 else ""))
     return problems
 
 

@@ -480,6 +480,14 @@ def recompute_name(tr) -> str:
     return "no recompute"
 
 
+def _uneven(par) -> str:
+    """An uneven pipeline split, as the layout line names it ('' for an even one)."""
+    ends = [f"{end} stage {n} layers" for end, n in (
+        ("first", par.decoder_first_pipeline_num_layers),
+        ("last", par.decoder_last_pipeline_num_layers)) if n is not None]
+    return f" ({', '.join(ends)})" if ends else ""
+
+
 def format_plan(plan: Plan, gpus_gb: tuple[float, ...], reserve_gb: float) -> str:
     cfg = plan.cfg
     par, m, tr = cfg.parallel, cfg.model, cfg.training
@@ -504,7 +512,7 @@ def format_plan(plan: Plan, gpus_gb: tuple[float, ...], reserve_gb: float) -> st
         f"  padded vocabulary rows (not counted above): {_b(plan.padded_rows_params)}",
         f"layout: {plan.world_size} GPUs = {plan.nnodes} node(s) x {plan.nproc_per_node}; TP {tp}"
         f"{' (SP)' if par.sequence_parallel else ''} x PP {pp}"
-        f"{f' (VPP {vpp})' if vpp else ''} x CP {cp} x DP {dp}"
+        f"{f' (VPP {vpp})' if vpp else ''}{_uneven(par)} x CP {cp} x DP {dp}"
         + (f"; experts: EP {ep} x expert-TP {etp} x expert-DP {expert_dp}"
            if m.num_experts else ""),
         f"batch: seq_length {cfg.data.seq_length} x micro_batch_size {tr.micro_batch_size}, "

@@ -1,6 +1,7 @@
 """Tiny DeepSeek-V3 models loaded into megatron-core give transformers' ``DeepseekV3ForCausalLM``
-logits (fp32, max abs diff <= 1e-4) at TP1, TP2+SP, PP2 and EP2, and packed (each sample of a
-THD batch equals transformers on that sample alone).
+logits (fp32, max abs diff <= 1e-4) at TP1, TP2+SP, PP2, EP2 and an uneven PP2 (5 layers: 2 on
+the first stage, 3 on the last), and packed (each sample of a THD batch equals transformers on
+that sample alone).
 
 Two models from the family's debug config: with a q latent (``q_lora_rank`` 48) and without
 (``q_proj``). Both have YaRN (factor 4 over 16 original positions: 40-token sequences run past
@@ -18,9 +19,13 @@ from mswift.testing.hf_models import hf_logits, save_tiny_hf_model
 
 TOL = 1e-4
 SEQ = 40
-MODELS = {"q_lora": {}, "no_q_lora": {"q_lora_rank": None}}
+MODELS = {"q_lora": {}, "no_q_lora": {"q_lora_rank": None},
+          "five_layers": {"num_hidden_layers": 5}}
 LAYOUTS = {"tp1": {}, "tp2": {"tp": 2, "sequence_parallel": True}, "pp2": {"pp": 2},
-           "ep2": {"ep": 2}}
+           "ep2": {"ep": 2}, "pp2_uneven": {"pp": 2, "first": 2, "last": 3}}
+# (model, layout) pairs run: both 4-layer models at every even layout, the 5-layer one uneven
+CASES = [(m, lay) for lay in LAYOUTS if lay != "pp2_uneven" for m in ("q_lora", "no_q_lora")]
+CASES.append(("five_layers", "pp2_uneven"))
 PACKED = {"q_lora": "tp1", "no_q_lora": "tp2"}  # model -> layout of its packed case
 SAMPLES = [13, SEQ, 27]  # packed sample lengths (a multiple of TP in all)
 
@@ -36,7 +41,8 @@ def run_cases(cases, tokens, samples):
         layout = Layout(**case["layout"])
         chunks = build_chunks(hf.run_config(layout, seq_length=SEQ))
         load_hf_into_model(chunks, hf.hf_dir, hf.weight_map(hf.padded_vocab(layout.tp)))
-        result = {"logits": megatron_logits(chunks, tokens, hf.model.vocab_size)}
+        result = {"logits": megatron_logits(chunks, tokens, hf.model.vocab_size),
+                  "layers": sum(len(chunk.decoder.layers) for chunk in chunks)}
         if case["packed"]:
             result["packed"] = packed_logits(chunks, samples, hf.model.vocab_size)
         out[case["id"]] = result
@@ -71,7 +77,7 @@ def references(hf_dirs, tokens, samples):
 @pytest.fixture(scope="module")
 def results(hf_dirs, tokens, samples):
     cases = [{"id": f"{m}-{lay}", "hf_dir": str(hf_dirs[m]), "layout": LAYOUTS[lay],
-              "packed": PACKED[m] == lay} for lay in LAYOUTS for m in MODELS]
+              "packed": PACKED.get(m) == lay} for m, lay in CASES]
     # megatron-core's own router (no family spec): its group rule, everything else the same
     cases.append({"id": "mcore-router", "hf_dir": str(hf_dirs["q_lora"]), "layout": {},
                   "packed": False, "overrides": {"family": None}})
@@ -97,8 +103,7 @@ def test_transformers_logits_depend_on_yarn_and_the_expert_bias(hf_dirs, tokens,
     assert (unbiased - references["q_lora"]["logits"]).abs().max() > 100 * TOL
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("model,layout", CASES)
 def test_logits_equal_transformers(results, references, model, layout):
     case = f"{model}-{layout}"
     got = [r[case]["logits"] for r in results if r[case]["logits"] is not None]
@@ -124,3 +129,7 @@ def test_megatron_core_router_differs_from_transformers(results, references):
     logits than transformers here, which mswift's router matches (the tests above)."""
     got = results[0]["mcore-router"]["logits"]
     assert (got - references["q_lora"]["logits"]).abs().max().item() > 100 * TOL
+
+
+def test_the_uneven_split_puts_two_layers_first_and_three_last(results):
+    assert [r["five_layers-pp2_uneven"]["layers"] for r in results] == [2, 3]

@@ -19,6 +19,9 @@ def test_good_layouts_have_no_problems():
                            "sequence_parallel=true"], 4) == []
     assert problems(DENSE + ["pipeline_model_parallel_size=2",
                              "virtual_pipeline_model_parallel_size=2"], 2) == []
+    assert problems(DENSE + ["num_layers=5", "pipeline_model_parallel_size=2",
+                             "decoder_first_pipeline_num_layers=2",
+                             "decoder_last_pipeline_num_layers=3"], 2) == []
 
 
 @pytest.mark.parametrize("overrides,world,expected", [
@@ -32,6 +35,9 @@ def test_good_layouts_have_no_problems():
      "world size 3: not divisible by tensor_model_parallel_size (2)"),
     (DENSE + ["pipeline_model_parallel_size=3"], 3,
      "pipeline_model_parallel_size=3: must divide num_layers=4"),
+    (DENSE + ["num_layers=7", "pipeline_model_parallel_size=3",
+              "decoder_last_pipeline_num_layers=2"], 3,
+     "decoder_last_pipeline_num_layers=2: the other 5 of num_layers=7 layers must split evenly"),
     (DENSE + ["expert_model_parallel_size=2"], 2,
      "expert_model_parallel_size=2: needs an MoE model"),
     (MOE + ["tensor_model_parallel_size=2"], 2, "sequence_parallel=false: MoE with"),
@@ -41,6 +47,12 @@ def test_good_layouts_have_no_problems():
 def test_bad_layout_is_named(overrides, world, expected):
     found = problems(overrides, world)
     assert any(expected in p for p in found), found
+
+
+def test_an_uneven_split_needs_a_pipeline():
+    with pytest.raises(ConfigError, match="decoder_first_pipeline_num_layers=2: expected a "
+                                          "positive number, with pipeline_model_parallel_size > 1"):
+        load_config(None, DENSE + ["decoder_first_pipeline_num_layers=2"])
 
 
 def test_init_fails_before_any_process_group(monkeypatch):

@@ -66,6 +66,21 @@ def test_llama3_8b_counts_and_shards():
     assert plan.build_seconds < 30
 
 
+def test_an_uneven_pipeline_is_planned_per_stage():
+    """decoder_first/last_pipeline_num_layers: 5 + 9 + 9 + 9 of Llama-3-8B's 32 layers, the
+    same parameters in all, the first stage lighter than the middle ones."""
+    plan = plan_of("llama3_8b", 2, tensor_model_parallel_size=4, sequence_parallel="true",
+                   pipeline_model_parallel_size=4, seq_length=8192, global_batch_size=16,
+                   decoder_first_pipeline_num_layers=5, decoder_last_pipeline_num_layers=9)
+    total, _, padded_total = hf_counts("llama3_8b", 128512)
+    assert plan.total_params == total and shard_sum(plan) == padded_total
+    assert [p.stages for p in plan.places] == [[0], [1, 2], [3]]  # middle stages alike
+    assert [p.chunks[0].layers for p in plan.places] == [list(range(5)), list(range(5, 14)),
+                                                         list(range(23, 32))]
+    first, middle = (next(p for p in plan.places if s in p.stages) for s in (0, 1))
+    assert first.dense_params < middle.dense_params
+
+
 def test_qwen3_30b_a3b_counts_memory_and_shards():
     plan = plan_of("qwen3_30b_a3b", 4, tensor_model_parallel_size=2, sequence_parallel="true",
                    pipeline_model_parallel_size=2, expert_model_parallel_size=8,
