@@ -54,7 +54,10 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
             moe_router_score_function=m.moe_router_score_function,
             moe_router_pre_softmax=m.moe_router_pre_softmax,
             moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
-            moe_layer_freq=list(m.moe_layer_freq) if m.moe_layer_freq is not None else 1,
+            # All MoE as 1, never a list of ones: a list makes megatron-core key each layer's
+            # experts apart in torch_dist, so byte-copied checkpoints would not load.
+            moe_layer_freq=1 if m.moe_layer_freq is None or all(m.moe_layer_freq)
+            else list(m.moe_layer_freq),
             moe_grouped_gemm=False,
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_apply_probs_on_input=m.moe_apply_probs_on_input,

@@ -68,6 +68,21 @@ def test_scout_and_maverick_differences():
     assert maverick["rope_scaling_type"] is None and maverick["rotary_base"] == 500000.0
 
 
+@pytest.mark.parametrize("freq, want", [
+    (None, 1), ([1, 1, 1, 1], 1),  # every layer MoE: never a list, however it was written
+    ([0, 1, 0, 1], [0, 1, 0, 1]),
+])
+def test_megatron_core_gets_every_layer_moe_as_1(freq, want):
+    """A list, even of ones, makes megatron-core key each layer's experts apart in torch_dist,
+    so checkpoints written for the stacked keys (the byte-copied ones) would not load."""
+    from mswift.config import load_config
+    from mswift.models.build import transformer_config
+
+    given = [] if freq is None else [f"moe_layer_freq={freq}"]
+    cfg = load_config(overrides=["num_layers=4", "num_experts=4", *given])
+    assert transformer_config(cfg).moe_layer_freq == want
+
+
 def test_scout_rope_frequencies_are_transformers_own():
     """megatron-core hard-codes low/high 1/4; mswift recomputes with Scout's 1/1 (factor 16)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
