@@ -50,7 +50,7 @@ def weight_map_for(cfg: MswiftConfig) -> tuple[WeightMap, tuple[str, ...]]:
     family = family_for(config, where=str(hf_dir / "config.json"))
     padded = padded_vocab_for(cfg.model, cfg.parallel.tensor_model_parallel_size)
     return (family.weight_map(config, dims_for(cfg.model, padded)),
-            family.ignored_tensors + family.hf_layout(config).carried)
+            family.ignored_tensors + family.hf_layout(config).all_carried)
 
 
 def load_hf_checkpoint(chunks, cfg: MswiftConfig) -> int:

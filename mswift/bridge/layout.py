@@ -90,7 +90,7 @@ class HFModel:
     def ignored_tensors(self) -> tuple[str, ...]:
         """Regexes of the checkpoint's tensors that the weight map does not read: buffers that
         hold no weights and the tensors carried through untouched (a vision tower)."""
-        return self.family.ignored_tensors + self.family.hf_layout(self.config).carried
+        return self.family.ignored_tensors + self.family.hf_layout(self.config).all_carried
 
     def carried_tensors(self):
         """The tensors of this folder's checkpoint that megatron does not hold (a vision
@@ -198,20 +198,25 @@ def build_chunks(cfg: MswiftConfig):
 def carried_tensors(hf_dir: Path, config: dict, family: ModelFamily):
     """The tensors of ``hf_dir``'s checkpoint that megatron does not hold
     (:class:`~mswift.bridge.byte_copy.CarriedTensors`), None for an architecture that has
-    none; refused when the architecture has them and the folder holds none."""
+    none; refused when the architecture has them (``HFLayout.carried``, not
+    ``carried_if_present``) and the folder holds none."""
     from mswift.bridge.byte_copy import CarriedTensors
     from mswift.bridge.hf_io import HFCheckpoint
 
-    patterns = family.hf_layout(config).carried
-    if not patterns:
+    layout = family.hf_layout(config)
+    patterns = layout.carried
+    if not layout.all_carried:
         return None
     try:
         carried = CarriedTensors(HFCheckpoint(hf_dir), patterns)
+        optional = CarriedTensors(HFCheckpoint(hf_dir), layout.all_carried)
     except BridgeError:
-        carried = None
+        carried = optional = None
+    if not patterns:
+        return optional if optional is not None and optional.names else None
     if carried is None or not carried.names:
         raise BridgeError(f"{hf_dir}: holds no tensors named like {' or '.join(patterns)}; "
                           f"a {'/'.join(config.get('architectures') or [])} checkpoint keeps "
                           "them beside the text model and mswift carries them through "
                           "untouched (pass --hf-dir with the original model's folder)")
-    return carried
+    return optional

@@ -19,9 +19,9 @@ What differs from Llama-3, and where mswift does it:
   from the unbiased scores, renormalised when ``norm_topk_prob``, times
   ``routed_scaling_factor``.
 
-The multi-token-prediction layer of the released checkpoint (``model.layers.{num_hidden_layers}
-.*``) is not mapped yet: a checkpoint that holds it is refused (unexpected tensors) rather than
-converted without it.
+The multi-token-prediction layers of the released checkpoint (``model.layers.{num_hidden_layers}
+.*``, ``num_nextn_predict_layers`` of them) are not trained yet (no megatron-core MTP block):
+conversions and exports carry them through byte for byte (:func:`mtp_tensors`), never drop them.
 """
 from __future__ import annotations
 
@@ -156,6 +156,13 @@ def layer_spec(model, layer: int, spec):
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
 
 
+def mtp_tensors(config: dict) -> tuple[str, ...]:
+    """Regexes of the MTP layers' tensors: the layers after the last decoder layer."""
+    first = config.get("num_hidden_layers", 0)
+    return tuple(rf"model\.layers\.{n}\..+"
+                 for n in range(first, first + (config.get("num_nextn_predict_layers") or 0)))
+
+
 _L = "decoder.layers.{layer}."
 _A = _L + "self_attention."
 _H = "model.layers.{layer}."
@@ -200,6 +207,7 @@ FAMILY = ModelFamily(
     config_fields=config_fields,
     weight_rules=EMBEDDING_RULES + LAYER_RULES + DENSE_MLP_RULES + MOE_MLP_RULES + OUTPUT_RULES,
     layer_spec=layer_spec,
+    carried_if_present=mtp_tensors,
     # Every feature on at small sizes: q LoRA, YaRN (factor 4 over 16 original positions, so a
     # 40-token sequence runs past it), layer 0 dense and 3 MoE layers (PP2 splits 4 evenly),
     # 8 experts in 4 groups with top-3 of the best 2 groups (megatron-core's group score would

@@ -8,7 +8,7 @@ weight-map rows (:mod:`mswift.models.weight_map`) they share.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from mswift.models.hf_config import HFConfigReader
@@ -103,6 +103,13 @@ class HFLayout:
     # Regexes of the checkpoint's other tensors (a vision tower), which megatron does not hold:
     # conversions and exports carry them through byte for byte.
     carried: tuple[str, ...] = ()
+    # Likewise, when the checkpoint has them (DeepSeek-V3's multi-token-prediction layers,
+    # which checkpoints saved by transformers lack).
+    carried_if_present: tuple[str, ...] = ()
+
+    @property
+    def all_carried(self) -> tuple[str, ...]:
+        return self.carried + self.carried_if_present
 
 
 @dataclass(frozen=True)
@@ -128,13 +135,20 @@ class ModelFamily:
     # Architectures whose checkpoints hold more than the text model, by name (the others keep
     # it at the top level, alone).
     hf_layouts: dict[str, HFLayout] = field(default_factory=dict)
+    # config.json -> regexes of tensors carried when present (HFLayout.carried_if_present).
+    carried_if_present: Callable[[dict], tuple[str, ...]] | None = None
 
     def hf_layout(self, config: dict) -> HFLayout:
         """The checkpoint layout of config.json's ``architectures``."""
+        layout = HFLayout()
         for arch in config.get("architectures") or []:
             if arch in self.hf_layouts:
-                return self.hf_layouts[arch]
-        return HFLayout()
+                layout = self.hf_layouts[arch]
+                break
+        if self.carried_if_present is None:
+            return layout
+        return replace(layout, carried_if_present=layout.carried_if_present
+                                   + self.carried_if_present(config))
 
     def weight_map(self, config: dict, dims) -> WeightMap:
         """The weight map of a checkpoint with this config.json, for a model of ``dims``."""

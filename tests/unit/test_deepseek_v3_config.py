@@ -1,5 +1,6 @@
-"""DeepSeek-V3's config.json -> mswift settings, what is refused by name, and the MTP layer of
-the released checkpoints refused rather than dropped."""
+"""DeepSeek-V3's config.json -> mswift settings, what is refused by name, and an MTP layer that
+config.json does not count refused rather than dropped (counted ones are carried through:
+tests/unit/bridge/test_deepseek_v3_mtp.py)."""
 import pytest
 import torch
 
@@ -56,8 +57,8 @@ def test_unsupported_settings_refused_by_name(change, named):
 
 
 def test_mtp_layer_tensors_are_refused(tmp_path):
-    """A checkpoint with the released MTP layer (model.layers.{num_hidden_layers}.*) is refused
-    by name, not converted without it."""
+    """A checkpoint with an MTP layer (model.layers.{num_hidden_layers}.*) that its config.json
+    does not count (num_nextn_predict_layers 0) is refused by name, not converted without it."""
     from safetensors.torch import load_file, save_file
 
     path = save_tiny_hf_model("deepseek_v3", tmp_path / "m")
