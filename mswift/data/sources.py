@@ -124,8 +124,10 @@ class SourceRows:
 class MixedRows:
     """The rows of several sources for every epoch, interleaved by a seeded draw.
 
-    `next_row()` returns (epoch, position_in_epoch, RawRow); StopIteration after
-    `num_epochs` epochs (never when num_epochs is None).
+    `next_row()` returns (epoch, position_in_epoch, RawRow) of the current epoch and raises
+    StopIteration at its end; `next_epoch()` starts the next one (False after `num_epochs`
+    epochs, never when num_epochs is None). The reader never crosses an epoch boundary by
+    itself, so a consumer can finish an epoch (drain its buffers) before the next begins.
     """
 
     def __init__(self, sources: list[SourceRows], seed: int, num_epochs: Optional[int] = None):
@@ -153,11 +155,15 @@ class MixedRows:
             return 0
         return int(self._rng.choice(len(left), p=left / left.sum()))
 
+    def next_epoch(self) -> bool:
+        if self.num_epochs is not None and self.epoch + 1 >= self.num_epochs:
+            return False
+        self._start_epoch(self.epoch + 1)
+        return True
+
     def next_row(self) -> tuple[int, int, RawRow]:
         if self.position == sum(s.num_items for s in self.sources):
-            if self.num_epochs is not None and self.epoch + 1 >= self.num_epochs:
-                raise StopIteration
-            self._start_epoch(self.epoch + 1)
+            raise StopIteration
         index = self._draw_source()
         row = next(self._iterators[index])
         self.taken[index] += 1

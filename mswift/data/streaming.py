@@ -8,8 +8,13 @@ parses and tokenizes only its own rows.
 Resuming: `state_dict()` holds the stream position (epoch, rows taken per source, the mixing
 generator), the shuffle buffer's generator and contents, the packer's waiting samples and the
 counters; a new pipeline given it with `load_state_dict()` yields exactly the batches the
-saved one would have yielded next. The epochs run into each other (the shuffle buffer is not
-drained between them), so every rank yields batches until the last epoch ends.
+saved one would have yielded next.
+
+Epochs do not mix (as with Megatron-LM's per-epoch shuffle): at the end of an epoch's rows the
+shuffle buffer is drained and the packing window flushed before the next epoch is read, so
+neither ever holds two copies of one row, however small the dataset is next to
+shuffle_buffer and packing_window. A micro-batch may still hold the last sequences of one
+epoch and the first of the next.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from mswift.data.options import PipelineOptions
 from mswift.data.packing import WindowPacker, collate_rows
 from mswift.data.sources import MixedRows, open_sources
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: epochs ran into each other (a different stream)
 
 
 class ShuffleBuffer:
@@ -76,7 +81,6 @@ class DataPipeline:
         pad_id = tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
         self.stats: Counter = Counter()
-        self._rows_done = False
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -98,6 +102,17 @@ class DataPipeline:
     # -- stages, last to first ------------------------------------------------------------
 
     def _next_group(self) -> Optional[list[EncodedSample]]:
+        while True:
+            group = self._next_group_of_epoch()
+            if group is not None:
+                return group
+            self._check_not_empty()
+            if not self.rows.next_epoch():
+                return None
+
+    def _next_group_of_epoch(self) -> Optional[list[EncodedSample]]:
+        """The next sequence of the current epoch; None once its rows, the shuffle buffer and
+        the packer are all used up."""
         if not self.config.packing:
             sample = self._next_shuffled()
             return None if sample is None else [sample]
@@ -112,23 +127,19 @@ class DataPipeline:
             self.packer.add(sample)
 
     def _next_shuffled(self) -> Optional[EncodedSample]:
-        while not self._rows_done and not self.shuffle.full():
+        while not self.shuffle.full():
             sample = self._next_own_sample()
-            if sample is None:
-                self._rows_done = True
-            else:
-                self.shuffle.push(sample)
+            if sample is None:  # the epoch's rows are read: drain the buffer
+                break
+            self.shuffle.push(sample)
         return self.shuffle.pop()
 
     def _next_own_sample(self) -> Optional[EncodedSample]:
         while True:
             try:
-                epoch, position, raw = self.rows.next_row()
+                _, position, raw = self.rows.next_row()
             except StopIteration:
-                self._check_not_empty()
                 return None
-            if epoch > 0:
-                self._check_not_empty()
             if position % self.dp_size != self.dp_rank:
                 continue
             self.stats["rows"] += 1
@@ -179,7 +190,7 @@ class DataPipeline:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "rows": self.rows.state_dict(), "rows_done": self._rows_done,
+                "rows": self.rows.state_dict(),
                 "shuffle": self.shuffle.state_dict(), "packer": self.packer.state_dict(),
                 "stats": dict(self.stats)}
 
@@ -192,7 +203,6 @@ class DataPipeline:
                 f"data state saved by rank {state['dp_rank']} of {state['dp_size']} cannot "
                 f"resume rank {self.dp_rank} of {self.dp_size}: keep the data-parallel size")
         self.rows.load_state_dict(state["rows"])
-        self._rows_done = state["rows_done"]
         self.shuffle.load_state_dict(state["shuffle"])
         self.packer.load_state_dict(state["packer"])
         self.stats = Counter(state["stats"])

@@ -58,6 +58,37 @@ def test_each_row_once_per_epoch_on_exactly_one_rank(tmp_path, tokenizer):
     assert abs(len(seen[0]) - len(seen[1])) <= 1
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_epochs_do_not_mix_with_the_default_buffers(tmp_path, tokenizer, packing):
+    """50 rows, 4 epochs, 2 ranks, the default shuffle_buffer (10000) and packing_window
+    (1000), both far larger than the data: each rank's stream is its 25 rows once per epoch,
+    epoch after epoch, and no packed sequence holds one row twice."""
+    paths = [write_chat_rows(tmp_path / "a.jsonl", 50, "a")]
+    defaults = PipelineOptions()
+    settings = PipelineOptions(datasets=paths, max_length=512, micro_batch_size=2, seed=7,
+                               num_epochs=4, packing=packing)
+    assert (settings.shuffle_buffer, settings.packing_window) == (
+        defaults.shuffle_buffer, defaults.packing_window) == (10000, 1000)
+    epochs = []
+    for rank in range(2):
+        streams, most = [], 0
+        for batch in DataPipeline(settings, tokenizer, dp_rank=rank, dp_size=2):
+            for row in batch["input_ids"]:
+                names = row_names(tokenizer, {"input_ids": row})
+                assert len(names) == len(set(names)), f"rank {rank}: a row twice in {names}"
+                streams += names
+                most = max(most, len(names))
+        assert most > 2 if packing else most == 1
+        assert len(streams) == 4 * 25
+        epochs.append([streams[start:start + 25] for start in range(0, 100, 25)])
+    for rank, own in enumerate(epochs):
+        expected = {f"a row {i}" for i in range(rank, 50, 2)}
+        for number, epoch in enumerate(own):
+            assert sorted(epoch) == sorted(expected), f"rank {rank} epoch {number}"
+        assert own[0] != own[1]  # reshuffled every epoch
+    assert sorted(epochs[0][0] + epochs[1][0]) == sorted(f"a row {i}" for i in range(50))
+
+
 def test_dataset_ratios_repeat_and_thin(tmp_path, tokenizer):
     paths = [write_chat_rows(tmp_path / "a.jsonl", 6, "a"),
              write_chat_rows(tmp_path / "b.jsonl", 10, "b")]
