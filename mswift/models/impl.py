@@ -23,11 +23,24 @@ def _device():
     return device
 
 
-def resolve_transformer_impl(setting: str) -> str:
-    """``local`` or ``transformer_engine`` for the ``transformer_impl`` setting."""
+def resolve_transformer_impl(setting: str, local_only: str | None = None) -> str:
+    """``local`` or ``transformer_engine`` for the ``transformer_impl`` setting; ``local_only``:
+    a model feature mswift builds on the local spec only (:func:`local_only_feature`)."""
     if setting == "auto":
-        return "transformer_engine" if _device().transformer_engine_available() else "local"
+        te = local_only is None and _device().transformer_engine_available()
+        return "transformer_engine" if te else "local"
     return setting
+
+
+def local_only_feature(model) -> str | None:
+    """The setting of ``model`` (a ModelConfig) that mswift supports on the local spec only, or
+    None. Multi-latent attention: megatron-core's TE MLA spec fuses the q/kv latent norms into
+    the up projections and replicates the down projections, so its torch_dist keys differ from
+    the local spec's, which are the ones mswift's bridge writes (checked on megatron-core
+    0.16.1; not yet mapped)."""
+    if getattr(model, "multi_latent_attention", False):
+        return "multi_latent_attention=true"
+    return None
 
 
 def varlen_only_feature(model) -> str | None:
@@ -41,7 +54,8 @@ def varlen_only_feature(model) -> str | None:
 
 
 def resolve_attention_backend(setting: str, transformer_impl: str, half_precision: bool,
-                              varlen_only: str | None = None) -> str:
+                              varlen_only: str | None = None,
+                              local_only: str | None = None) -> str:
     """``local``, ``torch``, ``triton`` or ``te`` for the ``attention_backend`` setting, on the
     layers ``transformer_impl`` (a setting) builds; ``half_precision``: bf16 or fp16 training;
     ``varlen_only``: a model feature TE's attention lacks (:func:`varlen_only_feature`)."""
@@ -49,7 +63,7 @@ def resolve_attention_backend(setting: str, transformer_impl: str, half_precisio
         return setting
     device = _device()
     if (half_precision and varlen_only is None and device.transformer_engine_available()
-            and resolve_transformer_impl(transformer_impl) == "transformer_engine"):
+            and resolve_transformer_impl(transformer_impl, local_only) == "transformer_engine"):
         return "te"
     return "triton" if device.cuda_available() else "torch"
 
@@ -63,10 +77,21 @@ def resolve_kernel_backend(setting: str) -> str:
 
 
 def te_setting_problems(transformer_impl: str, attention_backend: str, fp8: str | None,
-                        half_precision: bool, varlen_only: str | None = None) -> list[str]:
+                        half_precision: bool, varlen_only: str | None = None,
+                        local_only: str | None = None) -> list[str]:
     """What the settings ask of Transformer Engine that they cannot have, whatever the machine:
     one message per setting, naming it and what it needs."""
     problems = []
+    if local_only is not None:
+        for name, wants in ((f"transformer_impl={transformer_impl}",
+                             transformer_impl == "transformer_engine"),
+                            (f"attention_backend={attention_backend}", attention_backend == "te"),
+                            (f"fp8={fp8}", fp8 is not None)):
+            if wants:
+                problems.append(f"{name}: {local_only} is built on megatron-core's local spec "
+                                "only (its Transformer Engine spec stores other checkpoint keys); "
+                                "use transformer_impl=local or auto")
+        return problems
     if attention_backend == "te" and varlen_only is not None:
         problems.append(f"attention_backend=te: {varlen_only} needs mswift's varlen attention "
                         "(attention_backend=auto, torch or triton)")
@@ -113,12 +138,13 @@ def layer_choice(model, training) -> tuple[str, str]:
     from mswift.config.schema import ConfigError
 
     half, varlen_only = training.bf16 or training.fp16, varlen_only_feature(model)
+    local_only = local_only_feature(model)
     problems = te_setting_problems(model.transformer_impl, model.attention_backend,
-                                   training.fp8, half, varlen_only)
+                                   training.fp8, half, varlen_only, local_only)
     problems += te_machine_problems(model.transformer_impl, model.attention_backend,
                                     training.fp8)
     if problems:
         raise ConfigError(problems)
-    return (resolve_transformer_impl(model.transformer_impl),
+    return (resolve_transformer_impl(model.transformer_impl, local_only),
             resolve_attention_backend(model.attention_backend, model.transformer_impl, half,
-                                      varlen_only))
+                                      varlen_only, local_only))

@@ -83,6 +83,7 @@ def transformer_engine_problems(cfg: MswiftConfig) -> list[str]:
     """Settings that need Transformer Engine: refused when they contradict each other, or when
     TE cannot run on this machine (torch is imported only for a setting that asks for TE)."""
     from mswift.models.impl import (  # no torch
+        local_only_feature,
         te_machine_problems,
         te_setting_problems,
         varlen_only_feature,
@@ -90,7 +91,8 @@ def transformer_engine_problems(cfg: MswiftConfig) -> list[str]:
 
     m, t = cfg.model, cfg.training
     problems = te_setting_problems(m.transformer_impl, m.attention_backend, t.fp8,
-                                   t.bf16 or t.fp16, varlen_only_feature(m))
+                                   t.bf16 or t.fp16, varlen_only_feature(m),
+                                   local_only_feature(m))
     return problems + te_machine_problems(m.transformer_impl, m.attention_backend, t.fp8)
 
 

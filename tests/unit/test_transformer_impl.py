@@ -4,6 +4,8 @@ that need Transformer Engine refused by name.
 The decisions are tested with CUDA / Transformer Engine availability faked (there is no GPU
 here); the refusals on this machine are real (TE is not installed here).
 """
+import dataclasses
+
 import pytest
 
 from mswift.config import load_config
@@ -137,3 +139,29 @@ def test_llama4_features_keep_mswift_attention(monkeypatch):
     assert te_setting_problems("auto", "te", None, True, feature) == [
         "attention_backend=te: attention_chunk_size=8 needs mswift's varlen attention "
         "(attention_backend=auto, torch or triton)"]
+
+
+def test_mla_models_stay_on_the_local_spec(monkeypatch):
+    """DeepSeek-V3 (MLA): megatron-core's TE MLA spec stores other torch_dist keys than the
+    local spec mswift's bridge writes, so auto never picks TE for it, even where TE runs, and
+    asking for TE explicitly is refused by name."""
+    from mswift.models.impl import layer_choice, local_only_feature
+    from mswift.models.registry import model_config_from_hf
+    from mswift.testing.hf_models import tiny_hf_config
+
+    fake_machine(monkeypatch, True, True)
+    mla = model_config_from_hf(tiny_hf_config("deepseek_v3").to_dict())[1]
+    assert local_only_feature(mla) == "multi_latent_attention=true"
+    training = load_config(None, ["bf16=true"]).training
+    assert layer_choice(mla, training) == ("local", "triton")
+    dense = load_config(None, ["bf16=true"]).model
+    assert local_only_feature(dense) is None
+    assert layer_choice(dense, training) == ("transformer_engine", "te")
+    asked = load_config(None, ["bf16=true", "transformer_impl=transformer_engine", "fp8=hybrid"])
+    with pytest.raises(ConfigError) as err:
+        layer_choice(dataclasses.replace(mla, transformer_impl="transformer_engine"),
+                     asked.training)
+    assert err.value.problems == [
+        f"{name}: multi_latent_attention=true is built on megatron-core's local spec only (its "
+        "Transformer Engine spec stores other checkpoint keys); use transformer_impl=local or auto"
+        for name in ("transformer_impl=transformer_engine", "fp8=hybrid")]
