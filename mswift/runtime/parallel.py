@@ -45,7 +45,10 @@ def init_distributed(cfg: MswiftConfig, timeout_minutes: int = 30) -> LaunchEnv:
     return env
 
 
-def initialize_parallel_state(cfg: MswiftConfig, timeout_minutes: int = 30) -> None:
+def initialize_parallel_state(cfg: MswiftConfig, timeout_minutes: int = 30,
+                              gloo_groups: bool = True) -> None:
+    """megatron-core's process groups for ``cfg``'s layout (torch.distributed started first);
+    ``gloo_groups=False``: none of its side gloo groups (a fake process group has no gloo)."""
     from megatron.core import parallel_state
 
     par = cfg.parallel
@@ -59,6 +62,7 @@ def initialize_parallel_state(cfg: MswiftConfig, timeout_minutes: int = 30) -> N
         expert_model_parallel_size=par.expert_model_parallel_size,
         expert_tensor_parallel_size=par.expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
+        create_gloo_process_groups=gloo_groups,
     )
 
 

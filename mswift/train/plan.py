@@ -298,6 +298,7 @@ def build_places(cfg, world_size: int) -> tuple[list[tuple[int, list[Chunk], int
 
     from mswift.models.build import build_model, transformer_config
     from mswift.runtime.cpu_layer import enable_cpu_layer
+    from mswift.runtime.parallel import initialize_parallel_state
 
     enable_cpu_layer()  # megatron-core's MoE dispatcher asks for a CUDA stream while built
     par = cfg.parallel
@@ -310,15 +311,7 @@ def build_places(cfg, world_size: int) -> tuple[list[tuple[int, list[Chunk], int
     while True:
         dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
         try:
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=par.tensor_model_parallel_size,
-                pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-                virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
-                context_parallel_size=par.context_parallel_size,
-                expert_model_parallel_size=par.expert_model_parallel_size,
-                expert_tensor_parallel_size=par.expert_tensor_parallel_size,
-                create_gloo_process_groups=False,
-            )
+            initialize_parallel_state(cfg, gloo_groups=False)
             if stages is None:  # the first rank of each stage: rank 0's pipeline group
                 stages = dist.get_process_group_ranks(
                     parallel_state.get_pipeline_model_parallel_group())
