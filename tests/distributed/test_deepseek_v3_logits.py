@@ -1,7 +1,8 @@
 """Tiny DeepSeek-V3 models loaded into megatron-core give transformers' ``DeepseekV3ForCausalLM``
-logits (fp32, max abs diff <= 1e-4) at TP1, TP2+SP, PP2, EP2 and an uneven PP2 (5 layers: 2 on
-the first stage, 3 on the last), and packed (each sample of a THD batch equals transformers on
-that sample alone).
+logits (fp32, max abs diff <= 1e-4) at TP1, TP2+SP, PP2, EP2, an uneven PP2 (5 layers: 2 on
+the first stage, 3 on the last), expert-TP 1 under TP2+SP (the experts whole on each TP rank),
+and on 4 ranks TP2xEP2+SP with expert-TP 2 and 1; and packed (each sample of a THD batch equals
+transformers on that sample alone). Layouts of one world size share one group of ranks.
 
 Two models from the family's debug config: with a q latent (``q_lora_rank`` 48) and without
 (``q_proj``). Both have YaRN (factor 4 over 16 original positions: 40-token sequences run past
@@ -21,8 +22,12 @@ TOL = 1e-4
 SEQ = 40
 MODELS = {"q_lora": {}, "no_q_lora": {"q_lora_rank": None},
           "five_layers": {"num_hidden_layers": 5}}
-LAYOUTS = {"tp1": {}, "tp2": {"tp": 2, "sequence_parallel": True}, "pp2": {"pp": 2},
-           "ep2": {"ep": 2}, "pp2_uneven": {"pp": 2, "first": 2, "last": 3}}
+TP2 = {"tp": 2, "sequence_parallel": True}  # megatron-core: MoE with TP needs SP
+# name: (world size, layout)
+LAYOUTS = {"tp1": (2, {}), "tp2": (2, TP2), "pp2": (2, {"pp": 2}), "ep2": (2, {"ep": 2}),
+           "pp2_uneven": (2, {"pp": 2, "first": 2, "last": 3}),
+           "tp2-etp1": (2, {**TP2, "etp": 1}), "tp2-ep2": (4, {**TP2, "ep": 2}),
+           "tp2-ep2-etp1": (4, {**TP2, "ep": 2, "etp": 1})}
 # (model, layout) pairs run: both 4-layer models at every even layout, the 5-layer one uneven
 CASES = [(m, lay) for lay in LAYOUTS if lay != "pp2_uneven" for m in ("q_lora", "no_q_lora")]
 CASES.append(("five_layers", "pp2_uneven"))
@@ -76,12 +81,21 @@ def references(hf_dirs, tokens, samples):
 
 @pytest.fixture(scope="module")
 def results(hf_dirs, tokens, samples):
-    cases = [{"id": f"{m}-{lay}", "hf_dir": str(hf_dirs[m]), "layout": LAYOUTS[lay],
-              "packed": PACKED.get(m) == lay} for m, lay in CASES]
+    """Every case's results by id: a list with one entry per rank of its world size."""
+    groups = {}  # world size -> cases
+    for m, lay in CASES:
+        world, layout = LAYOUTS[lay]
+        groups.setdefault(world, []).append(
+            {"id": f"{m}-{lay}", "hf_dir": str(hf_dirs[m]), "layout": layout,
+             "packed": PACKED.get(m) == lay})
     # megatron-core's own router (no family spec): its group rule, everything else the same
-    cases.append({"id": "mcore-router", "hf_dir": str(hf_dirs["q_lora"]), "layout": {},
-                  "packed": False, "overrides": {"family": None}})
-    return run_ranks(2, run_cases, cases, tokens, samples, timeout=600)
+    groups[2].append({"id": "mcore-router", "hf_dir": str(hf_dirs["q_lora"]), "layout": {},
+                      "packed": False, "overrides": {"family": None}})
+    out = {}
+    for world, cases in sorted(groups.items()):
+        per_rank = run_ranks(world, run_cases, cases, tokens, samples, timeout=600)
+        out.update({case["id"]: [ranks[case["id"]] for ranks in per_rank] for case in cases})
+    return out
 
 
 def test_transformers_logits_depend_on_yarn_and_the_expert_bias(hf_dirs, tokens, references):
@@ -106,7 +120,7 @@ def test_transformers_logits_depend_on_yarn_and_the_expert_bias(hf_dirs, tokens,
 @pytest.mark.parametrize("model,layout", CASES)
 def test_logits_equal_transformers(results, references, model, layout):
     case = f"{model}-{layout}"
-    got = [r[case]["logits"] for r in results if r[case]["logits"] is not None]
+    got = [r["logits"] for r in results[case] if r["logits"] is not None]
     assert got, "no rank returned logits"
     want = references[model]["logits"]
     for logits in got:  # every last-stage rank
@@ -118,8 +132,8 @@ def test_logits_equal_transformers(results, references, model, layout):
 def test_packed_samples_equal_transformers_per_sample(results, references, model):
     case = f"{model}-{PACKED[model]}"
     want = references[model]["packed"]
-    for rank_results in results:
-        got = rank_results[case]["packed"]
+    for rank_result in results[case]:
+        got = rank_result["packed"]
         assert got.shape == want.shape
         assert (got - want).abs().max().item() <= TOL
 
@@ -127,9 +141,9 @@ def test_packed_samples_equal_transformers_per_sample(results, references, model
 def test_megatron_core_router_differs_from_transformers(results, references):
     """megatron-core's TopKRouter (group score = sum of the top topk/topk_group = 1) gives other
     logits than transformers here, which mswift's router matches (the tests above)."""
-    got = results[0]["mcore-router"]["logits"]
+    got = results["mcore-router"][0]["logits"]
     assert (got - references["q_lora"]["logits"]).abs().max().item() > 100 * TOL
 
 
 def test_the_uneven_split_puts_two_layers_first_and_three_last(results):
-    assert [r["five_layers-pp2_uneven"]["layers"] for r in results] == [2, 3]
+    assert [r["layers"] for r in results["five_layers-pp2_uneven"]] == [2, 3]
