@@ -146,11 +146,13 @@ class ModelConfig(_Section):
         "core attention; auto = te (TE layers, bf16/fp16), else triton with CUDA, else torch")
     # mswift's Triton kernels inside megatron-core's layers (mswift.models.kernel_modules):
     # triton = the token permutation of the MoE dispatchers on mswift.kernels.permute /
-    # unpermute (mswift.models.moe_dispatch); torch = megatron-core's own permutation;
-    # auto = triton with CUDA, else torch.
+    # unpermute (mswift.models.moe_dispatch) and a family's router on mswift.kernels.topk_routing
+    # (mswift.models.router.HFTopKRouter); torch = megatron-core's own permutation and router
+    # (DeepSeek-V3, whose HF router megatron-core's does not reproduce: HFTopKRouter on the
+    # torch reference); auto = triton with CUDA, else torch.
     moe_routing_backend: str = choice(
         "auto", ("auto", "torch", "triton"),
-        "MoE token permutation; auto = mswift's Triton kernels with CUDA, else torch")
+        "MoE router + token permutation; auto = mswift's Triton kernels with CUDA, else torch")
     # triton = RMSNorm, SwiGLU and the vocab-parallel cross-entropy on mswift's Triton kernels;
     # torch = mswift's norm on torch, megatron-core's own SwiGLU and cross-entropy; auto =
     # triton with CUDA, else torch. Rotary embedding stays megatron-core's either way.

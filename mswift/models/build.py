@@ -186,7 +186,7 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
         vp_stage = stage if vpp > 1 else None
         if family is not None:
             spec = family.block_spec(config, m, vp_stage=vp_stage, attention_backend=backend,
-                                     transformer_impl=impl)
+                                     transformer_impl=impl, moe_routing_backend=moe_kernels)
         else:
             spec = gpt_block_spec(config, vp_stage=vp_stage, attention_backend=backend,
                                   transformer_impl=impl)

@@ -13,7 +13,8 @@ What differs from Llama-3, and where mswift does it:
 - The first ``first_k_dense_replace`` layers are dense (``intermediate_size``); the others MoE
   with ``n_routed_experts`` of ``moe_intermediate_size`` plus a shared expert
   ``n_shared_experts * moe_intermediate_size`` wide.
-- Router (:class:`mswift.models.router.HFTopKRouter`, set per MoE layer by :func:`layer_spec`):
+- Router (:class:`mswift.models.router.HFTopKRouter` in every MoE layer whatever
+  ``moe_routing_backend`` says, since megatron-core's differs: ``mcore_router_exact=False``):
   sigmoid scores, ``e_score_correction_bias`` (megatron-core's ``expert_bias``) added for the
   choice only, groups scored by their top-2 biased scores (``n_group``, ``topk_group``), weights
   from the unbiased scores, renormalised when ``norm_topk_prob``, times
@@ -140,22 +141,6 @@ def config_fields(hf: HFConfigReader) -> dict:
     return fields
 
 
-def layer_spec(model, layer: int, spec):
-    """Layer ``layer``'s spec: MoE layers get the HF router (:mod:`mswift.models.router`)."""
-    import dataclasses
-
-    from megatron.core.transformer.moe.moe_layer import MoESubmodules
-
-    from mswift.models.router import router_builder
-
-    mlp = spec.submodules.mlp
-    if not isinstance(mlp.submodules, MoESubmodules):
-        return spec
-    router = router_builder(normalize=model.moe_router_norm_topk_prob)
-    mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, router=router))
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
-
-
 def mtp_tensors(config: dict) -> tuple[str, ...]:
     """Regexes of the MTP layers' tensors: the layers after the last decoder layer."""
     first = config.get("num_hidden_layers", 0)
@@ -206,7 +191,7 @@ FAMILY = ModelFamily(
     architectures=("DeepseekV3ForCausalLM",),
     config_fields=config_fields,
     weight_rules=EMBEDDING_RULES + LAYER_RULES + DENSE_MLP_RULES + MOE_MLP_RULES + OUTPUT_RULES,
-    layer_spec=layer_spec,
+    mcore_router_exact=False,
     carried_if_present=mtp_tensors,
     # Every feature on at small sizes: q LoRA, YaRN (factor 4 over 16 original positions, so a
     # 40-token sequence runs past it), layer 0 dense and 3 MoE layers (PP2 splits 4 evenly),

@@ -132,6 +132,12 @@ class ModelFamily:
     # for that layer, with mswift's modules) -> that layer's spec. None: megatron-core's spec
     # for every layer (MoE or dense by moe_layer_freq; qk-norm and biases by the config).
     layer_spec: Callable[[Any, int, Any], Any] | None = None
+    # Whether megatron-core's TopKRouter chooses the experts and weights of transformers' router
+    # for this family. True: its MoE layers keep megatron-core's router with
+    # moe_routing_backend=torch and take mswift.models.router.HFTopKRouter (on mswift's routing
+    # kernel) with triton. False: HFTopKRouter always, on the resolved backend (triton, or its
+    # torch reference).
+    mcore_router_exact: bool = True
     # Architectures whose checkpoints hold more than the text model, by name (the others keep
     # it at the top level, alone).
     hf_layouts: dict[str, HFLayout] = field(default_factory=dict)
@@ -155,16 +161,28 @@ class ModelFamily:
         return WeightMap(self.weight_rules, dims, self.hf_layout(config).prefix)
 
     def block_spec(self, config, model, vp_stage: int | None = None,
-                   attention_backend: str = "auto", transformer_impl: str = "auto"):
+                   attention_backend: str = "auto", transformer_impl: str = "auto",
+                   moe_routing_backend: str = "torch"):
         """The layers of this pipeline stage (and virtual stage) plus the final norm, each
-        layer's spec from :attr:`layer_spec`. ``config``: the TransformerConfig; ``model``: the
-        ModelConfig. (Imported here: offline conversions never load megatron-core.)"""
+        layer's spec from :attr:`layer_spec`, MoE layers with the router
+        :attr:`mcore_router_exact` and ``moe_routing_backend`` (resolved: ``torch`` or
+        ``triton``) call for. ``config``: the TransformerConfig; ``model``: the ModelConfig.
+        (Imported here: offline conversions never load megatron-core.)"""
         from mswift.models.spec import gpt_block_spec
 
+        router = None
+        if config.num_moe_experts and (moe_routing_backend == "triton"
+                                       or not self.mcore_router_exact):
+            from mswift.models.router import router_builder, with_router
+
+            router = router_builder(normalize=model.moe_router_norm_topk_prob,
+                                    backend=moe_routing_backend)
         per_layer = None
-        if self.layer_spec is not None:
+        if self.layer_spec is not None or router is not None:
             def per_layer(layer, spec):
-                return self.layer_spec(model, layer, spec)
+                if self.layer_spec is not None:
+                    spec = self.layer_spec(model, layer, spec)
+                return with_router(spec, router) if router is not None else spec
         return gpt_block_spec(config, vp_stage=vp_stage, attention_backend=attention_backend,
                               layer_spec=per_layer, transformer_impl=transformer_impl)
 

@@ -18,8 +18,11 @@ TE alike, MLA's too) with no module slot in the spec, so swapping it would mean 
 the attention classes.
 
 ``moe_routing_backend``: ``triton`` gives each built ``MoELayer`` a dispatcher whose token
-permutation runs on mswift's kernels (:func:`mswift.models.moe_dispatch.use_kernel_dispatchers`);
-``torch`` keeps megatron-core's layer as it is.
+permutation runs on mswift's kernels (:func:`mswift.models.moe_dispatch.use_kernel_dispatchers`)
+and, in a family's model, :class:`mswift.models.router.HFTopKRouter` on mswift's routing kernel
+(:meth:`mswift.models.family.ModelFamily.block_spec`); ``torch`` keeps megatron-core's
+dispatcher and router, except where megatron-core's router is not the family's
+(DeepSeek-V3: HFTopKRouter on the kernel's torch reference).
 """
 from __future__ import annotations
 

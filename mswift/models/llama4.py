@@ -6,7 +6,9 @@ What differs from Llama-3, and where mswift does it:
 - MoE layers ``moe_layers`` (default every ``interleave_moe_layer_step``-th from step - 1) ->
   ``moe_layer_freq``; dense layers are ``intermediate_size_mlp`` wide. A top-1 router: sigmoid of
   the chosen logit, which scales the expert's *input* (``moe_apply_probs_on_input``), plus a
-  shared expert ``intermediate_size`` wide.
+  shared expert ``intermediate_size`` wide. megatron-core's ``TopKRouter`` makes the same
+  choice (kept with ``moe_routing_backend=torch``); ``triton`` puts
+  :class:`mswift.models.router.HFTopKRouter` on mswift's routing kernel in its place.
 - NoPE layers (``no_rope_layers``: HF's 1 = RoPE, 0 = none; default every
   ``no_rope_layer_interval``-th) -> ``nope_layers`` (megatron-core's ``no_rope_freq``).
 - RoPE on complex pairs (``rotary_interleaved``), ``llama3`` frequency scaling with the model's
@@ -104,6 +106,7 @@ def config_fields(hf: HFConfigReader) -> dict:
         moe_shared_expert_intermediate_size=width,
         moe_router_score_function="sigmoid",
         moe_apply_probs_on_input=True,
+        moe_router_norm_topk_prob=False,  # HFTopKRouter: the sigmoid of the top-1 logit as is
         moe_aux_loss_coeff=0.0,  # transformers' Llama4ForCausalLM adds no load-balancing loss
         # Every layer MoE (Scout): None, megatron-core's default, as for Qwen3-MoE; a list makes
         # megatron-core key each layer apart in torch_dist checkpoints (non-homogeneous layers).

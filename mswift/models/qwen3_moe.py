@@ -1,7 +1,9 @@
 """Qwen3-MoE (``Qwen3MoeForCausalLM``): Qwen3 attention (qk norm) with routed experts, no shared
 expert. Router: softmax over all experts, top-k, renormalised over the k when
 ``norm_topk_prob`` (megatron: top-k of the logits then softmax, ``moe_router_pre_softmax=False``);
-otherwise not renormalised (``moe_router_pre_softmax=True``). Experts are per-expert keys on disk.
+otherwise not renormalised (``moe_router_pre_softmax=True``); the same choice as megatron-core's
+``TopKRouter``, kept with ``moe_routing_backend=torch``, and on mswift's routing kernel
+(:class:`mswift.models.router.HFTopKRouter`) with ``triton``. Experts are per-expert keys on disk.
 Dense layers (``mlp_only_layers``, ``decoder_sparse_step``) become ``moe_layer_freq`` zeros."""
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def config_fields(hf: HFConfigReader) -> dict:
         moe_ffn_hidden_size=hf.require("moe_intermediate_size"),
         moe_router_score_function="softmax",
         moe_router_pre_softmax=not hf.get("norm_topk_prob", False),
+        moe_router_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),  # HFTopKRouter's
         moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
         moe_layer_freq=None if all(pattern) else pattern,
     )

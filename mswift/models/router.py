@@ -9,15 +9,21 @@ linear, z-loss, token dropping, the auxiliary losses (``aux_loss``, ``seq_aux_lo
 ``global_aux_loss``), and the expert bias (``expert_bias``, DeepSeek-V3's
 ``e_score_correction_bias``) with its per-step update, which megatron-core's
 ``finalize_model_grads`` does for every module that has an ``expert_bias`` -- and makes the
-choice with :func:`mswift.kernels.topk_routing` (Triton on GPUs, its torch reference on CPU).
+choice with :func:`mswift.kernels.topk_routing` (Triton kernel or torch reference, as
+``moe_routing_backend`` resolves).
 
-A family's layer spec puts it in place: ``MoESubmodules(router=router_builder(...))``.
+:meth:`mswift.models.family.ModelFamily.block_spec` puts it in every MoE layer's spec
+(:func:`with_router`): always for families whose HF router megatron-core's does not reproduce
+(DeepSeek-V3), and for the others with ``moe_routing_backend=triton``, so that the choice runs
+on mswift's routing kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
@@ -90,3 +96,12 @@ def router_builder(normalize: bool, backend: str = "auto"):
     """What ``MoESubmodules.router`` takes (``MoELayer`` calls it with ``config`` and
     ``pg_collection``): an :class:`HFTopKRouter` with these settings."""
     return functools.partial(HFTopKRouter, normalize=normalize, backend=backend)
+
+
+def with_router(spec, router):
+    """A layer spec with ``router`` in its MoE submodules (a dense layer's spec unchanged)."""
+    mlp = spec.submodules.mlp
+    if not isinstance(mlp.submodules, MoESubmodules):
+        return spec
+    mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, router=router))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))

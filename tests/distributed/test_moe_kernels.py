@@ -5,6 +5,9 @@
   and give the losses of the same run with them off (megatron-core's permutation, SwiGLU and
   cross-entropy, mswift's norm on torch) within 1e-5 relative, step by step. Llama-4 scales the
   expert *input* by its top-1 router weight, so the unweighted unpermute is exercised too.
+  With the kernels on, the router is mswift's ``HFTopKRouter`` on the Triton routing kernel
+  (Qwen3-MoE: softmax, top-2, ``norm_topk_prob``; Llama-4: top-1 sigmoid); off, it is
+  megatron-core's ``TopKRouter``, so the losses also compare the two routers.
 * The Qwen3-MoE with the kernels on gives transformers' logits (fp32, 1e-4) at TP1.
 
 Each run checks that the kernel modules are really in place (a swap that silently fell back
@@ -56,6 +59,7 @@ def kernel_modules_report(chunks) -> dict:
     from mswift.models.kernel_modules import KernelLossGPTModel, SwiGLU
     from mswift.models.moe_dispatch import KernelAlltoAllTokenDispatcher
     from mswift.models.norm import Norm
+    from mswift.models.router import HFTopKRouter
 
     modules = [m for chunk in chunks for m in chunk.modules()]
     mlps = [m for m in modules if isinstance(m, MLP)]
@@ -67,6 +71,8 @@ def kernel_modules_report(chunks) -> dict:
         "dispatch": bool(moes) and all(isinstance(m.token_dispatcher,
                                                   KernelAlltoAllTokenDispatcher) for m in moes),
         "norm": bool(norms) and all(n.backend == "triton" for n in norms),
+        "router": bool(moes) and all(isinstance(m.router, HFTopKRouter)
+                                     and m.router.backend == "triton" for m in moes),
     }
 
 
