@@ -132,6 +132,23 @@ def te_machine_problems(transformer_impl: str, attention_backend: str,
             "GPU machine" for name in asking]
 
 
+def triton_machine_problems(settings: dict[str, str]) -> list[str]:
+    """The ``name -> value`` settings that ask for ``triton`` (``attention_backend``,
+    ``moe_routing_backend``, ``fused_kernels``) on a machine where mswift's Triton kernels
+    cannot run: no CUDA device and no Triton interpreter (``TRITON_INTERPRET=1``). The kernels
+    would refuse only at the first forward, after the ranks started. ``auto`` asks nothing."""
+    asking = [name for name, value in settings.items() if value == "triton"]
+    if not asking or _device().cuda_available():
+        return []
+    from mswift.kernels.attention.env import interpreter_enabled  # imports triton
+
+    if interpreter_enabled():
+        return []
+    return [f"{name}=triton: mswift's Triton kernels need a CUDA device, and this machine has "
+            "none (on CPU they run only under TRITON_INTERPRET=1, set before the run starts); "
+            f"use {name}=auto or torch" for name in asking]
+
+
 def layer_choice(model, training) -> tuple[str, str]:
     """``(transformer_impl, attention_backend)`` of a run (ModelConfig, TrainingConfig), both
     resolved; a ConfigError naming each setting that needs what it cannot have here."""

@@ -96,6 +96,17 @@ def transformer_engine_problems(cfg: MswiftConfig) -> list[str]:
     return problems + te_machine_problems(m.transformer_impl, m.attention_backend, t.fp8)
 
 
+def triton_problems(cfg: MswiftConfig) -> list[str]:
+    """Settings that ask for mswift's Triton kernels where they cannot run (torch and triton
+    are imported only for such a setting)."""
+    from mswift.models.impl import triton_machine_problems  # no torch
+
+    m = cfg.model
+    return triton_machine_problems({"attention_backend": m.attention_backend,
+                                    "moe_routing_backend": m.moe_routing_backend,
+                                    "fused_kernels": m.fused_kernels})
+
+
 def indexed_data_problems(cfg: MswiftConfig) -> list[str]:
     """data_path's files, mode, tokenizer and split (mswift.train.indexed_data's check)."""
     from mswift.config.data_path import indexed_data_problems as problems  # no torch
@@ -127,6 +138,7 @@ CHECKS: list[Callable[[MswiftConfig], list[str]]] = [
     tokenizer_problems,
     attention_backend_problems,
     transformer_engine_problems,
+    triton_problems,
     indexed_data_problems,
     checkpoint_problems,
     save_dir_problems,

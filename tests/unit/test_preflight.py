@@ -76,3 +76,19 @@ def test_the_command_line_checks_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_triton_settings_without_cuda_or_the_interpreter_are_refused_before_start(monkeypatch):
+    """No GPU here: without TRITON_INTERPRET=1 each setting asking for triton is named (they
+    would otherwise fail at the first forward, after the ranks started); auto and torch pass."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert problems("attention_backend=triton", "moe_routing_backend=triton",
+                    "fused_kernels=triton") == [
+        f"{name}=triton: mswift's Triton kernels need a CUDA device, and this machine has none "
+        "(on CPU they run only under TRITON_INTERPRET=1, set before the run starts); use "
+        f"{name}=auto or torch"
+        for name in ("attention_backend", "moe_routing_backend", "fused_kernels")]
+    assert problems("attention_backend=torch", "moe_routing_backend=auto",
+                    "fused_kernels=torch") == []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert problems("moe_routing_backend=triton", "fused_kernels=triton") == []

@@ -15,6 +15,7 @@ from mswift.models.impl import (
     resolve_transformer_impl,
     te_machine_problems,
     te_setting_problems,
+    triton_machine_problems,
 )
 from mswift.runtime import device
 
@@ -86,6 +87,19 @@ def test_auto_settings_ask_nothing_of_the_machine(monkeypatch):
     monkeypatch.setattr(device, "transformer_engine_importable", never)
     assert te_machine_problems("auto", "auto", None) == []
     assert te_machine_problems("local", "triton", None) == []
+
+
+def test_triton_settings_need_cuda_or_the_interpreter(monkeypatch):
+    settings = {"attention_backend": "triton", "moe_routing_backend": "auto",
+                "fused_kernels": "triton"}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fake_machine(monkeypatch, True, False)
+    assert triton_machine_problems(settings) == []
+    fake_machine(monkeypatch, False, False)
+    assert [p.split(":")[0] for p in triton_machine_problems(settings)] == [
+        "attention_backend=triton", "fused_kernels=triton"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_machine_problems(settings) == []
 
 
 # -- real refusals on this machine (no Transformer Engine, no GPU) ----------------------------
