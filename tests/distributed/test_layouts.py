@@ -1,20 +1,21 @@
 """Tiny HF models trained at every parallel layout give the TP=1 run's losses (fp32, 1e-5 relative,
 5 steps), and the step-1 loss is transformers' loss on the same samples.
 
-The models come from Hugging Face configs (a tied Llama with 3 query heads per KV group, an
-untied Qwen3-MoE, an untied Scout-like Llama-4: every layer MoE, a RoPE layer with chunked
-attention of 8 tokens and a NoPE layer with temperature tuning from floor_scale 4, attn_scale
-1) with a vocabulary of 300, which Megatron pads to 384 at TP=1 and 512 at TP=2: the padded
-rows must stay out of the softmax for the losses to agree. The data is packed SFT (chat rows
-of 29 to 109 tokens, so every sample crosses several chunks and floor_scale; mostly two per
-THD sequence; loss on the assistant tokens), read through mswift's own data pipeline. A small
-packing window and shuffle buffer keep the 248 rows from filling the first steps with copies
-of the longest one (with the defaults, the buffer of 10,000 holds 40 epochs and every step-1
-row was that one sample). Layouts sharing a world size run one after another in one group of
-ranks. The data stream depends on the data-parallel size, so each layout is compared with a
-TP=1 reference of the same data-parallel size (EP is carved out of DP: EP=2 on two ranks is
-DP=2), and each reference's step 1 with transformers on every data-parallel rank's samples
-(each sample on its own: the packed loss is the per-sample unpacked loss).
+The models come from Hugging Face configs (a tied Llama with 3 query heads per KV group, an untied
+Qwen3-MoE, an untied Scout-like Llama-4: every layer MoE, a RoPE layer with chunked attention of 8
+tokens and a NoPE layer with temperature tuning from floor_scale 4, attn_scale 1; a DeepSeek-V3:
+MLA with q LoRA and YaRN, a dense then an MoE layer with group-limited routing and the expert bias
+moving after each step) with a vocabulary of 300, which Megatron pads to 384 at TP=1 and 512 at
+TP=2: the padded rows must stay out of the softmax for the losses to agree. The data is packed SFT
+(chat rows of 29 to 109 tokens, so every sample crosses several chunks and floor_scale; mostly two
+per THD sequence; loss on the assistant tokens), read through mswift's own data pipeline. A small
+packing window and shuffle buffer keep the 248 rows from filling the first steps with copies of the
+longest one (with the defaults, the buffer of 10,000 holds 40 epochs and every step-1 row was that
+one sample). Layouts sharing a world size run one after another in one group of ranks. The data
+stream depends on the data-parallel size, so each layout is compared with a TP=1 reference of the
+same data-parallel size (EP is carved out of DP: EP=2 on two ranks is DP=2), and each reference's
+step 1 with transformers on every data-parallel rank's samples (each sample on its own: the packed
+loss is the per-sample unpacked loss).
 """
 import json
 from pathlib import Path
@@ -45,7 +46,8 @@ TP2 = ["tensor_model_parallel_size=2"]
 SP = ["sequence_parallel=true"]
 # References: TP=1 runs, one per (model, data-parallel size); world size -> runs.
 REFERENCES = {"dense-dp1": ("dense", 1), "moe-dp1": ("moe", 1), "moe-dp2": ("moe", 2),
-              "scout-dp1": ("scout", 1), "scout-dp2": ("scout", 2)}
+              "scout-dp1": ("scout", 1), "scout-dp2": ("scout", 2),
+              "dsv3-dp1": ("dsv3", 1), "dsv3-dp2": ("dsv3", 2)}
 # name: (model, world size, reference, layout overrides)
 LAYOUTS = {
     "tp2": ("dense", 2, "dense-dp1", TP2),
@@ -57,6 +59,10 @@ LAYOUTS = {
     "moe-tp2-sp-pp2": ("moe", 4, "moe-dp1", TP2 + SP + ["pipeline_model_parallel_size=2"]),
     "scout-ep2": ("scout", 2, "scout-dp2", ["expert_model_parallel_size=2"]),
     "scout-tp2-sp": ("scout", 2, "scout-dp1", TP2 + SP),
+    "dsv3-ep2": ("dsv3", 2, "dsv3-dp2", ["expert_model_parallel_size=2"]),
+    # No DeepSeek-V3 TP2+SP yet: megatron-core 0.16.1's MLA with column-parallel down
+    # projections (its local spec) drops the other TP ranks' share of the k RoPE gradient
+    # (rows kv_lora_rank: of linear_kv_down_proj; step 2 is 1.4e-3 off TP1).
 }
 # The Scout-like model: every layer MoE; layer 0 RoPE with chunks of 8, layer 1 NoPE with
 # temperature tuning (floor_scale 4) on the llama4 family's debug config. attn_scale is 1, not
@@ -64,6 +70,12 @@ LAYOUTS = {
 # (~20x at 0.1), by ~700x without the chunks.
 SCOUT = dict(interleave_moe_layer_step=1, no_rope_layer_interval=2, attention_chunk_size=8,
              floor_scale=4, attn_scale=1.0)
+# At lr 1e-3 the DeepSeek-V3's loss does not fall within 5 steps (from ~6.7, step to step noise
+# of the samples larger than the progress).
+MODEL_SFT = {"dsv3": ["lr=1e-2", "min_lr=1e-3"]}
+DSV3_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+             "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0,
+             "mscale": 1.0, "mscale_all_dim": 1.0}
 
 
 def write_short_chats(path: Path) -> Path:
@@ -97,6 +109,15 @@ def hf_dirs(tmp_path_factory):
         # the local token count.
         "scout": save_tiny_hf_model("llama4", root / "llama4", **SCOUT, **SHAPE),
     }
+    # DeepSeek-V3 (the family's debug config: q LoRA, YaRN, layer 0 dense, layer 1 MoE with
+    # group-limited top-3 of 8 experts and a shared expert) with YaRN over 32 original positions,
+    # which the 29-109-token samples pass. Its aux-loss-free balancing moves the expert bias
+    # after every step (moe_router_bias_update_rate 1e-3), so the layouts must count the same
+    # tokens per expert; the family sets moe_aux_loss_coeff to 0 (DeepseekV3ForCausalLM has no
+    # balancing loss), which also keeps megatron-core's aux loss out (see "scout").
+    models["dsv3"] = save_tiny_hf_model(
+        "deepseek_v3", root / "deepseek_v3", vocab_size=VOCAB, num_hidden_layers=2,
+        max_position_embeddings=128, rope_parameters=DSV3_ROPE)
     for model in models.values():
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             (model / name).unlink(missing_ok=True)
@@ -138,7 +159,8 @@ def train_layouts(models: dict, data: str, runs: list) -> list[dict]:
 
     results = []
     for model, layout, capture in runs:
-        cfg = load_config(None, [f"hf_model={models[model]}", f"dataset=[{data}]"] + SFT + layout)
+        cfg = load_config(None, [f"hf_model={models[model]}", f"dataset=[{data}]"] + SFT
+                          + MODEL_SFT.get(model, []) + layout)
         state = setup(cfg)
         # This rank's micro-batches of step 1 (a separate, identical stream), for transformers.
         batches = TrainData(state.cfg, state.cfg.data.dataset).next_step(0) if capture else None
