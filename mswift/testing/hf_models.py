@@ -77,6 +77,15 @@ def hf_logits(path: str | Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
+def hf_reference_logits(path: str | Path, tokens: torch.Tensor,
+                        samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' logits of a batch (``logits`` ``[batch, seq, vocab]``) and of packed samples,
+    each run alone (``packed`` ``[tokens, vocab]``, concatenated in order): the references of the
+    logits-vs-transformers tests."""
+    return {"logits": hf_logits(path, tokens),
+            "packed": torch.cat([hf_logits(path, s.unsqueeze(0))[0] for s in samples])}
+
+
 def read_safetensors_dir(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of every ``*.safetensors`` file in ``folder``, by name."""
     from safetensors import safe_open

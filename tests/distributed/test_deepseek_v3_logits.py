@@ -16,7 +16,7 @@ import torch
 from test_llama4_logits import packed_logits
 
 from mswift.testing import run_ranks
-from mswift.testing.hf_models import hf_logits, save_tiny_hf_model
+from mswift.testing.hf_models import hf_logits, hf_reference_logits, save_tiny_hf_model
 
 TOL = 1e-4
 SEQ = 40
@@ -74,9 +74,7 @@ def samples():
 
 @pytest.fixture(scope="module")
 def references(hf_dirs, tokens, samples):
-    return {name: {"logits": hf_logits(path, tokens),
-                   "packed": torch.cat([hf_logits(path, s.unsqueeze(0))[0] for s in samples])}
-            for name, path in hf_dirs.items()}
+    return {name: hf_reference_logits(path, tokens, samples) for name, path in hf_dirs.items()}
 
 
 @pytest.fixture(scope="module")
