@@ -114,10 +114,11 @@ def settings(args, paths: dict[str, Path], model: str, impl: str | None, backend
 def check_settings(overrides: list[str], machine: bool = True) -> str | None:
     """None if mswift's loader and pre-start checks accept ``overrides``, else the problem.
     ``machine=False`` (the dry run, on a machine without a GPU) leaves out the refusals that only
-    say Transformer Engine cannot run *here*; contradictory settings are still refused."""
+    say Transformer Engine or the Triton kernels cannot run *here*; contradictory settings are
+    still refused."""
     from mswift.config import ConfigError, load_config
     from mswift.models.impl import te_machine_problems
-    from mswift.train.preflight import check_before_start
+    from mswift.train.preflight import check_before_start, triton_problems
 
     try:
         cfg = load_config(None, overrides)
@@ -126,7 +127,7 @@ def check_settings(overrides: list[str], machine: bool = True) -> str | None:
     try:
         check_before_start(cfg, 1)
     except ConfigError as err:
-        here = [] if machine else te_machine_problems(
+        here = [] if machine else triton_problems(cfg) + te_machine_problems(
             cfg.model.transformer_impl, cfg.model.attention_backend, cfg.training.fp8)
         left = [p for p in err.problems if p not in here]
         return str(ConfigError(left)) if left else None
