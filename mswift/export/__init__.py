@@ -1,0 +1,1 @@
+"""Export: from mswift checkpoints to serving checkpoints (16-bit, INT4 / INT8 / FP8)."""
