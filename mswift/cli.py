@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "convert checkpoints: hf-to-mcore, mcore-to-hf, reshard (legacy layouts)"),
     "verify": ("mswift.bridge.verify", "main",
                "compare megatron-core logits with transformers' for an HF model / checkpoint"),
+    "export": ("mswift.export.cli", "main",
+               "export a checkpoint to HF, 16-bit or quantized (INT4 / INT8 / FP8)"),
     "plan": ("mswift.train.plan", "main",
              "parameters and memory per GPU of a training layout, built on the meta device"),
 }

@@ -86,3 +86,54 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     """[out, in] weights the quantized tensors stand for: ``q * scale`` in fp32, then ``dtype``."""
     per_column_scale = qw.scale.float()[:, qw.column_groups()]  # [out, in]
     return (qw.q.float() * per_column_scale).to(dtype)
+
+
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """``q`` [out, in] float8_e4m3fn, ``scale`` fp32 holding values of the storage dtype:
+    [out, 1] per output channel, or [ceil(out/br), ceil(in/bc)] per ``block`` (ragged last
+    blocks cropped); ``w ~ q * scale``."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    block: tuple[int, int] | None = None
+
+    def expanded_scale(self) -> torch.Tensor:
+        """[out, in] scale of each weight."""
+        if self.block is None:
+            return self.scale.float().expand(self.q.shape)
+        rows, cols = self.q.shape
+        br, bc = self.block
+        scale = self.scale.float().repeat_interleave(br, 0).repeat_interleave(bc, 1)
+        return scale[:rows, :cols]
+
+
+def fp8_quantize(weight: torch.Tensor, block: tuple[int, int] | None,
+                 scale_dtype: torch.dtype = torch.bfloat16) -> Fp8Weight:
+    """FP8 (e4m3) round to nearest, compressed-tensors' rule: ``scale = max|w| / 448`` per
+    output channel (``block`` None) or per block, rounded to ``scale_dtype`` before the
+    weights are divided by it (a zero scale replaced by the dtype's eps)."""
+    w = weight.float()
+    rows, cols = w.shape
+    if block is None:
+        absmax = w.abs().amax(dim=1, keepdim=True)
+    else:
+        br, bc = block
+        pr, pc = -(-rows // br) * br, -(-cols // bc) * bc
+        padded = w.new_zeros(pr, pc)
+        padded[:rows, :cols] = w.abs()
+        absmax = padded.reshape(pr // br, br, pc // bc, bc).amax(dim=(1, 3))
+    scale = (absmax / FP8_MAX).to(scale_dtype)
+    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale_dtype).eps),
+                        scale).float()
+    fp8 = Fp8Weight(q=w, scale=scale, block=block)  # only to expand the scale
+    q = (w / fp8.expanded_scale()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Fp8Weight(q=q, scale=scale.to(scale_dtype), block=block)
+
+
+def dequantize_fp8(fw: Fp8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[out, in] weights an FP8 weight stands for: ``q * scale`` in fp32, then ``dtype``."""
+    return (fw.q.float() * fw.expanded_scale()).to(dtype)

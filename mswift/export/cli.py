@@ -1,0 +1,175 @@
+"""``mswift export``: a megatron checkpoint (torch_dist or legacy, converted or trained) to a
+serving checkpoint, 16-bit or quantized.
+
+    mswift export --load CKPT --out DIR --quant w4a16-rtn [--group-size 128]
+        [--calib-dataset FILE --calib-samples N --calib-seq-len L]
+        [--eval-dataset FILE --eval-samples N]
+
+Steps, each checked before anything is written: the 16-bit HF export (the bridge's
+``mcore_to_hf``, the HF config and tokenizer found as ``mswift convert mcore-to-hf`` finds
+them) into a staging folder inside ``DIR.tmp``; calibration statistics (schemes that need
+them) from the megatron model on ``--calib-dataset``; each linear weight read from the
+staging export, quantized and written (:mod:`mswift.export.writer`); the quality report
+(``quant_report.json`` / ``.md``: perplexity of the 16-bit and the quantized model on held-out
+rows, logit deviation, time, peak memory); ``DIR.tmp`` renamed to ``DIR`` when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mswift.bridge.errors import BridgeError
+from mswift.export.schemes import DEFAULT_GROUP_SIZE, NAMES, SCHEMES, is_quantizable
+
+STAGING = "hf16"  # the 16-bit export inside DIR.tmp, removed once the quantized one is written
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mswift export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="megatron checkpoint (torch_dist or legacy)")
+    p.add_argument("--out", required=True, help="new HF model folder")
+    p.add_argument("--quant", required=True, help=f"one of: {', '.join(NAMES)}")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help="input columns per scale of W4A16 schemes (-1: one per output channel)")
+    p.add_argument("--hf-dir", default=None, help="HF config and tokenizer (default: CKPT/hf)")
+    p.add_argument("--calib-dataset", default=None, help="calibration rows (chat or text)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--eval-dataset", default=None, help="held-out rows for the quality report "
+                   "(default: the calibration file's rows after the calibration samples)")
+    p.add_argument("--eval-samples", type=int, default=16)
+    p.add_argument("--no-report", action="store_true", help="skip the quality report")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def check_request(template, scheme_name: str, group_size: int) -> list[str]:
+    """Refuse what this export cannot do, before anything is written; returns the names of
+    the weights to quantize."""
+    if scheme_name not in NAMES:
+        raise BridgeError(f"--quant {scheme_name}: unknown scheme; expected one of "
+                          f"{', '.join(NAMES)}")
+    shapes = template.weight_map(template.padded_vocab(1)).hf_shapes()
+    if scheme_name == "none":
+        return []
+    stacked = sorted(n for n, s in shapes.items() if "experts" in n and len(s) == 3)
+    if stacked:
+        raise BridgeError(f"--quant {scheme_name}: the {template.family.name} model stores its "
+                          f"experts stacked ({stacked[0]}, 3-D), which the compressed-tensors "
+                          "formats do not quantize; export it with --quant none")
+    names = [n for n, s in shapes.items() if is_quantizable(n, s)]
+    scheme = SCHEMES[scheme_name]
+    if scheme.grouped and group_size != -1:
+        from mswift.export.qweight import check_group_size
+
+        for name in names:
+            check_group_size(name, shapes[name][1], group_size)
+    return names
+
+
+def run(args) -> Path:
+    from mswift.bridge.convert import (
+        _template,
+        check_new_output,
+        mcore_to_hf,
+        staged_output,
+    )
+
+    started = time.perf_counter()
+    root, out = Path(args.load), Path(args.out)
+    if not root.is_dir():
+        raise BridgeError(f"--load {root}: not a directory")
+    template = _template(root, args.hf_dir)
+    check_request(template, args.quant, args.group_size)
+    if args.quant == "none":
+        return mcore_to_hf(root, out, args.hf_dir, progress=not args.no_progress)
+    scheme = SCHEMES[args.quant]
+    calib = eval_rows = None
+    if scheme.needs_stats:
+        calib = _samples(args.calib_dataset, "--calib-dataset", template, args.calib_samples,
+                         args.calib_seq_len)
+    if not args.no_report:
+        eval_rows = _eval_samples(args, template)
+    check_new_output(out, [root])
+    progress = not args.no_progress
+    with staged_output(out) as tmp:
+        staging = tmp / STAGING
+        dtype = "bfloat16" if "quantization_config" in template.config else None
+        mcore_to_hf(root, staging, args.hf_dir, progress=progress, dtype=dtype)
+        model = None
+        if calib is not None or eval_rows:
+            from mswift.export.model import MegatronModel
+
+            seq = max(t.shape[1] for t in (calib or []) + (eval_rows or []))
+            model = MegatronModel(template, root, seq)
+        stats = None
+        if calib is not None:
+            from mswift.export.calibration import collect_stats
+
+            stats = collect_stats(model, calib, progress)
+        from mswift.export.writer import write_quantized
+
+        final = tmp / "model"
+        final.mkdir()
+        quantized = write_quantized(staging, final, scheme, args.group_size, stats, progress)
+        from mswift.export.report import quality_report, write_report
+
+        report = quality_report(model, eval_rows, staging, final, scheme, quantized,
+                                time.perf_counter() - started)
+        shutil.rmtree(staging)
+        for path in final.iterdir():
+            path.rename(tmp / path.name)
+        final.rmdir()
+        write_report(tmp, report)
+    return out
+
+
+def _samples(path, flag: str, template, count: int, seq_len: int, skip: int = 0):
+    from mswift.export.calibration import calibration_samples
+
+    if path is None:
+        raise BridgeError(f"{flag}: required by this scheme (the calibration rows)")
+    if count < 1 or seq_len < 2:
+        raise BridgeError(f"{flag}: expected at least one sample of at least 2 tokens")
+    try:
+        samples = calibration_samples(path, template.hf_dir, count, seq_len, skip, flag)
+    except ValueError as err:
+        raise BridgeError(str(err)) from None
+    if not samples:
+        raise BridgeError(f"{flag} {path}: no usable rows (empty, or every row shorter than 2 "
+                          "tokens" + (f" after the first {skip} calibration rows)" if skip
+                                      else ")"))
+    return samples
+
+
+def _eval_samples(args, template):
+    """Held-out rows for the report: ``--eval-dataset``, else the calibration file's rows after
+    the calibration samples; None when there are none (the report then has no perplexity)."""
+    seq = args.calib_seq_len
+    if args.eval_dataset is not None:
+        return _samples(args.eval_dataset, "--eval-dataset", template, args.eval_samples, seq)
+    if args.calib_dataset is None:
+        return None
+    try:
+        return _samples(args.calib_dataset, "--calib-dataset", template, args.eval_samples, seq,
+                        skip=args.calib_samples)
+    except BridgeError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = run(args)
+    except (BridgeError, ValueError) as err:
+        print(f"mswift export: {err}", file=sys.stderr)
+        return 2
+    finally:
+        from mswift.runtime import destroy_distributed
+
+        destroy_distributed()
+    print(f"mswift export: wrote {out}")
+    return 0

@@ -1,0 +1,127 @@
+"""The quality report of a quantized export: the same held-out rows through the megatron model
+with the 16-bit weights and with the exported weights dequantized from the written files (so
+the report judges what was written), perplexity of each and their logit deviation, plus time
+and peak memory. Saved beside the export as ``quant_report.json`` and ``quant_report.md``."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+
+import torch
+
+from mswift.bridge.hf_io import HFCheckpoint
+
+REPORT = "quant_report"
+
+
+class DequantizedExport(HFCheckpoint):
+    """The 16-bit staging export with each quantized weight replaced by its dequantized value,
+    read back from the quantized export's files (compressed-tensors' own decompression, or the
+    bridge's reader of DeepSeek's FP8 layout)."""
+
+    def __init__(self, staging: Path, export: Path, quantized: list[str]):
+        super().__init__(staging)
+        self.export, self.quantized = export, set(quantized)
+        config = json.loads((export / "config.json").read_text(encoding="utf-8"))
+        self.qc = config["quantization_config"]
+        self._stored = None
+
+    def _dequantized(self, name: str) -> torch.Tensor:
+        if self.qc.get("quant_method") == "fp8":
+            from mswift.bridge.quantized import open_checkpoint
+
+            if self._stored is None:
+                self._stored = open_checkpoint(self.export)
+            return self._stored.read(name)
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization import QuantizationScheme
+
+        if self._stored is None:
+            self._stored = HFCheckpoint.__new__(HFCheckpoint)
+            HFCheckpoint.__init__(self._stored, self.export)
+        prefix = name.removesuffix("weight")
+        state = {n[len(prefix):]: self._stored.read(n) for n in self._stored.names
+                 if n.startswith(prefix) and "." not in n[len(prefix):]}
+        scheme = QuantizationScheme.model_validate(self.qc["config_groups"]["group_0"])
+        compressor = BaseCompressor.get_value_from_registry(self.qc["format"])
+        return compressor.decompress(state, scheme)["weight"].float()
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0):
+        if name not in self.quantized:
+            return super().read(name, dim, start, stop)
+        full = self._dequantized(name)
+        return full if dim is None else full.narrow(dim, start, stop - start)
+
+    def read_rows_into(self, name, start, out):
+        out.copy_(self.read(name, 0, start, start + out.shape[0]))
+
+    def location(self, name: str):
+        raise ValueError(f"{name}: dequantized, not copied")
+
+
+def _losses(model, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    """Each row's logits and the mean next-token loss over all predicted tokens."""
+    logits, total, count = [], 0.0, 0
+    for tokens in rows:
+        out = model.logits(tokens)
+        logits.append(out)
+        flat = out[:, :-1].reshape(-1, out.shape[-1]).double()
+        total += torch.nn.functional.cross_entropy(flat, tokens[:, 1:].reshape(-1),
+                                                   reduction="sum").item()
+        count += tokens.shape[1] - 1
+    return logits, total / max(count, 1)
+
+
+def quality_report(model, rows, staging: Path, export: Path, scheme, quantized: list[str],
+                   seconds: float) -> dict:
+    from mswift.runtime.device import peak_memory_bytes
+
+    report = {"scheme": scheme.name, "quantized_weights": len(quantized),
+              "eval_rows": len(rows or []), "eval_tokens": sum(t.shape[1] for t in rows or [])}
+    if model is not None and rows:
+        base_logits, base = _losses(model, rows)
+        model.load(DequantizedExport(staging, export, quantized))
+        quant_logits, quant = _losses(model, rows)
+        diffs = [(a - b).abs() for a, b in zip(base_logits, quant_logits)]
+        report.update({
+            "ppl_16bit": math.exp(base), "ppl_quantized": math.exp(quant),
+            "ppl_increase": math.exp(quant) - math.exp(base),
+            "max_abs_logit_diff": max(d.max().item() for d in diffs),
+            "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(
+                d.numel() for d in diffs),
+        })
+    device_peak = peak_memory_bytes()
+    report.update({
+        "seconds": seconds,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
+        "peak_device_gib": None if device_peak is None else device_peak / 1024 ** 3,
+    })
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Quantized export: {report['scheme']}", "",
+             f"- quantized weights: {report['quantized_weights']}"]
+    if "ppl_16bit" in report:
+        lines += [
+            f"- held-out perplexity: 16-bit {report['ppl_16bit']:.4f}, quantized "
+            f"{report['ppl_quantized']:.4f} (+{report['ppl_increase']:.4f}) on "
+            f"{report['eval_rows']} rows / {report['eval_tokens']} tokens",
+            f"- logit deviation: max {report['max_abs_logit_diff']:.4g}, mean "
+            f"{report['mean_abs_logit_diff']:.4g}",
+        ]
+    else:
+        lines.append("- no held-out rows (--eval-dataset or --calib-dataset): no perplexity")
+    lines.append(f"- time {report['seconds']:.1f} s, peak RSS {report['peak_rss_gib']:.2f} GiB"
+                 + ("" if report["peak_device_gib"] is None
+                    else f", peak device memory {report['peak_device_gib']:.2f} GiB"))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: dict) -> None:
+    text = markdown(report)
+    (out / f"{REPORT}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / f"{REPORT}.md").write_text(text, encoding="utf-8")
+    print(text, end="")

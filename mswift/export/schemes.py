@@ -1,0 +1,78 @@
+"""The quantization schemes of ``mswift export --quant``: a registry a quantizer plugs into.
+
+A scheme is a function ``quantize(hf_name, weight, stats, group_size)`` -> a
+:class:`~mswift.export.qweight.QuantizedWeight` (integer schemes) or an
+:class:`~mswift.export.qweight.Fp8Weight`, called once per quantizable linear weight:
+``weight`` fp32 [out, in], ``stats`` that linear's
+:class:`~mswift.export.calibration.LinearStats` (None unless the scheme ``needs_stats``: the
+calibration pass runs only then), ``group_size`` the ``--group-size`` (the number of input
+columns per scale; ``in`` for one scale per output channel). The rest (which tensors are
+quantized, the compressed-tensors format and config, the files) is the same for every scheme.
+
+To add one (GPTQ, AWQ): write the function in its own module and add an entry to ``SCHEMES``
+naming it as ``"module:function"`` (imported when the scheme is used), e.g.
+``"w4a16-gptq": Scheme("w4a16-gptq", "mswift.export.gptq:quantize", "W4A16",
+needs_stats=True)``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from mswift.export.qweight import Fp8Weight, QuantizedWeight, fp8_quantize, rtn_quantize
+
+DEFAULT_GROUP_SIZE = 128
+FP8_BLOCK = (128, 128)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """``function``: ``"module:function"``, the quantizer; ``preset``: compressed-tensors'
+    preset scheme it writes (``W4A16``, ``INT8_W8A8``, ``FP8_DYNAMIC``, ``FP8_BLOCK``);
+    ``grouped``: ``--group-size`` applies (else one scale per output channel, or FP8 blocks)."""
+
+    name: str
+    function: str
+    preset: str
+    needs_stats: bool = False
+    grouped: bool = False
+
+    def quantize(self, hf_name: str, weight: torch.Tensor, stats, group_size: int
+                 ) -> QuantizedWeight | Fp8Weight:
+        module, func = self.function.split(":")
+        return getattr(importlib.import_module(module), func)(hf_name, weight, stats, group_size)
+
+
+def w4_rtn(hf_name: str, weight: torch.Tensor, stats, group_size: int) -> QuantizedWeight:
+    return rtn_quantize(weight, bits=4, group_size=group_size)
+
+
+def int8_rtn(hf_name: str, weight: torch.Tensor, stats, group_size: int) -> QuantizedWeight:
+    return rtn_quantize(weight, bits=8, group_size=weight.shape[1])
+
+
+def fp8_channel(hf_name: str, weight: torch.Tensor, stats, group_size: int) -> Fp8Weight:
+    return fp8_quantize(weight, None)
+
+
+def fp8_block(hf_name: str, weight: torch.Tensor, stats, group_size: int) -> Fp8Weight:
+    return fp8_quantize(weight, FP8_BLOCK)
+
+
+SCHEMES: dict[str, Scheme] = {
+    "w4a16-rtn": Scheme("w4a16-rtn", "mswift.export.schemes:w4_rtn", "W4A16", grouped=True),
+    "int8": Scheme("int8", "mswift.export.schemes:int8_rtn", "INT8_W8A8"),
+    "fp8-channel": Scheme("fp8-channel", "mswift.export.schemes:fp8_channel", "FP8_DYNAMIC"),
+    "fp8-block": Scheme("fp8-block", "mswift.export.schemes:fp8_block", "FP8_BLOCK"),
+}
+NAMES = ("none", *SCHEMES)  # "none": the 16-bit HF export
+
+
+def is_quantizable(hf_name: str, shape: tuple[int, ...]) -> bool:
+    """A linear weight llm-compressor quantizes: a 2-D ``*proj.weight`` (attention, MLP and
+    expert projections); not embeddings, lm_head, norms, MoE routers (``mlp.gate``) or vision
+    towers."""
+    return (len(shape) == 2 and hf_name.endswith("proj.weight")
+            and not any(part in hf_name for part in ("vision", "visual", "multi_modal")))
