@@ -145,6 +145,9 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
       the normalised x and its output (the next linear's input), ``4*T*h/t_sp`` elements;
     * attention: q, k, v and the attention output (= the projection's input),
       ``T*(q+2kv)/t + T*q/t``; q/k norms ``3*T*(q+kv)/t`` when the model has them;
+      multi-latent attention (DeepSeek-V3) keeps q and k of ``heads x (nope+rope)``, v and the
+      output of ``heads x v_head_dim`` (all ``/t``) and the Norms of its q and kv latents,
+      ``4*T*(q_lora_rank+kv_lora_rank)/t_sp`` (:func:`_attention_elements`);
     * dense MLP: fc1's output (gate and up), silu(gate) and fc2's input ``T*4F/t`` (megatron-
       core's unfused SwiGLU; ``2F/t`` without a gate);
     * MoE MLP: the norm's input and the router's input ``2*T*h/t_sp``; fp32 router logits and
@@ -154,6 +157,8 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
       shared expert keeps ``T*4Fs/t``.
 
     Routing is assumed balanced: a skewed router puts more token copies on some ranks.
+    Group-limited routing (DeepSeek-V3: top-k experts from the best ``topk_group`` groups)
+    changes which ranks a token's k copies go to, not how many there are.
 
     ``recomputed``: the selective recompute modules (``training.recompute_modules``). A
     recomputed part keeps only its input, which is a tensor counted above already (the norms'
@@ -168,15 +173,7 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
     t_sp = tp if sp else 1
     # mswift's Norm: fp32 input, normalised x, output; recomputed: its input only
     norm = (1 if "layernorm" in recomputed else 4) * tokens * hidden // t_sp
-    elems = norm
-    qkv = shapes.get("self_attention.linear_qkv.weight")
-    proj = shapes.get("self_attention.linear_proj.weight")
-    if qkv is not None and proj is not None:
-        q = proj[1]  # q heads x head dim / t on this rank
-        kv = (qkv[0] - q) // 2
-        elems += tokens * (qkv[0] + q)
-        if "self_attention.q_layernorm.weight" in shapes:
-            elems += 3 * tokens * (q + kv)  # the same Norm on q and k heads
+    elems = norm + _attention_elements(shapes, tokens, tp, sp)
     elems += norm  # the MLP's norm
     fc1, fc2 = shapes.get("mlp.linear_fc1.weight"), shapes.get("mlp.linear_fc2.weight")
     if fc1 is not None and "mlp" not in recomputed:
@@ -200,6 +197,41 @@ def layer_activation_bytes(shapes: dict, tokens: int, hidden: int, tp: int, sp: 
         if s1 is not None and "shared_experts" not in recomputed:
             elems += tokens * _mlp_elements(s1, s2)
     return 2 * elems + extra, 2 * tokens * hidden // t_sp
+
+
+def _attention_elements(shapes: dict, tokens: int, tp: int, sp: bool) -> int:
+    """Elements one layer's attention keeps for backward (see layer_activation_bytes).
+
+    GQA: q, k, v and the attention output, plus the q/k norms' tensors when the model has them.
+    Multi-latent attention (DeepSeek-V3), as megatron-core 0.16.1 computes it: the up
+    projections make q (``heads x (nope + rope)`` / t) and k/v, the key gets the rope part
+    copied to every head, so core attention keeps q, k (both ``heads x (nope + rope)`` / t), v
+    and its output (``heads x v_head_dim`` / t); the q and kv latents (q_lora_rank,
+    kv_lora_rank wide, whole on every rank, sequence-split with SP) each pass a Norm, which
+    keeps its three tensors (4 elements each). The down projections' outputs are not kept:
+    the norms copy them to fp32 and the rope part is copied into k.
+    """
+    proj = shapes.get("self_attention.linear_proj.weight")
+    if proj is None:
+        return 0
+    out = proj[1]  # attention output (value) width on this rank: heads x v_head_dim / t
+    kv_up = shapes.get("self_attention.linear_kv_up_proj.weight")
+    if kv_up is not None:  # multi-latent attention
+        q_up = (shapes.get("self_attention.linear_q_up_proj.weight")
+                or shapes["self_attention.linear_q_proj.weight"])
+        latents = shapes["self_attention.kv_layernorm.weight"][0]
+        if "self_attention.q_layernorm.weight" in shapes:  # q LoRA
+            latents += shapes["self_attention.q_layernorm.weight"][0]
+        return (tokens * (2 * q_up[0] + 2 * out)
+                + 4 * tokens * latents // (tp if sp else 1))
+    qkv = shapes.get("self_attention.linear_qkv.weight")
+    if qkv is None:
+        return 0
+    kv = (qkv[0] - out) // 2
+    elems = tokens * (qkv[0] + out)
+    if "self_attention.q_layernorm.weight" in shapes:
+        elems += 3 * tokens * (out + kv)  # the same Norm on q and k heads
+    return elems
 
 
 def _mlp_elements(fc1: tuple, fc2: tuple) -> int:
@@ -298,9 +330,11 @@ def build_places(cfg, world_size: int) -> tuple[list[tuple[int, list[Chunk], int
 
     from mswift.models.build import build_model, transformer_config
     from mswift.runtime.cpu_layer import enable_cpu_layer
+    from mswift.runtime.mcore_fixes import apply_mcore_fixes
     from mswift.runtime.parallel import initialize_parallel_state
 
     enable_cpu_layer()  # megatron-core's MoE dispatcher asks for a CUDA stream while built
+    apply_mcore_fixes()  # as a run: without it MLA's check for TE fails without TE (DeepSeek-V3)
     par = cfg.parallel
     tokens = cfg.data.seq_length * cfg.training.micro_batch_size // par.context_parallel_size
     if dist.is_initialized():
