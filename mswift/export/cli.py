@@ -27,6 +27,13 @@ from mswift.export.schemes import DEFAULT_GROUP_SIZE, NAMES, SCHEMES, is_quantiz
 STAGING = "hf16"  # the 16-bit export inside DIR.tmp, removed once the quantized one is written
 
 
+class ExportError(BridgeError):
+    """Input ``mswift export`` refuses, before anything is written."""
+
+    def __init__(self, problems: list[str] | str):
+        super().__init__(problems, headline="cannot export")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mswift export", description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="megatron checkpoint (torch_dist or legacy)")
@@ -50,18 +57,27 @@ def check_request(template, scheme_name: str, group_size: int) -> list[str]:
     """Refuse what this export cannot do, before anything is written; returns the names of
     the weights to quantize."""
     if scheme_name not in NAMES:
-        raise BridgeError(f"--quant {scheme_name}: unknown scheme; expected one of "
+        raise ExportError(f"--quant {scheme_name}: unknown scheme; expected one of "
                           f"{', '.join(NAMES)}")
     shapes = template.weight_map(template.padded_vocab(1)).hf_shapes()
     if scheme_name == "none":
         return []
     stacked = sorted(n for n, s in shapes.items() if "experts" in n and len(s) == 3)
     if stacked:
-        raise BridgeError(f"--quant {scheme_name}: the {template.family.name} model stores its "
+        raise ExportError(f"--quant {scheme_name}: the {template.family.name} model stores its "
                           f"experts stacked ({stacked[0]}, 3-D), which the compressed-tensors "
                           "formats do not quantize; export it with --quant none")
     names = [n for n, s in shapes.items() if is_quantizable(n, s)]
     scheme = SCHEMES[scheme_name]
+    if scheme_name == "fp8-block" and template.config.get("model_type") != "deepseek_v3":
+        from mswift.export.schemes import FP8_BLOCK
+
+        for name in names:
+            if any(size % block for size, block in zip(shapes[name], FP8_BLOCK)):
+                raise ExportError(
+                    f"--quant fp8-block: {name} is {list(shapes[name])}, not a multiple of the "
+                    f"{FP8_BLOCK[0]}x{FP8_BLOCK[1]} blocks (compressed-tensors' block format "
+                    "does not load then); use --quant fp8-channel")
     if scheme.grouped and group_size != -1:
         from mswift.export.qweight import check_group_size
 
@@ -81,7 +97,7 @@ def run(args) -> Path:
     started = time.perf_counter()
     root, out = Path(args.load), Path(args.out)
     if not root.is_dir():
-        raise BridgeError(f"--load {root}: not a directory")
+        raise ExportError(f"--load {root}: not a directory")
     template = _template(root, args.hf_dir)
     check_request(template, args.quant, args.group_size)
     if args.quant == "none":
@@ -131,15 +147,15 @@ def _samples(path, flag: str, template, count: int, seq_len: int, skip: int = 0)
     from mswift.export.calibration import calibration_samples
 
     if path is None:
-        raise BridgeError(f"{flag}: required by this scheme (the calibration rows)")
+        raise ExportError(f"{flag}: required by this scheme (the calibration rows)")
     if count < 1 or seq_len < 2:
-        raise BridgeError(f"{flag}: expected at least one sample of at least 2 tokens")
+        raise ExportError(f"{flag}: expected at least one sample of at least 2 tokens")
     try:
         samples = calibration_samples(path, template.hf_dir, count, seq_len, skip, flag)
     except ValueError as err:
-        raise BridgeError(str(err)) from None
+        raise ExportError(str(err)) from None
     if not samples:
-        raise BridgeError(f"{flag} {path}: no usable rows (empty, or every row shorter than 2 "
+        raise ExportError(f"{flag} {path}: no usable rows (empty, or every row shorter than 2 "
                           "tokens" + (f" after the first {skip} calibration rows)" if skip
                                       else ")"))
     return samples

@@ -113,7 +113,7 @@ def markdown(report: dict) -> str:
             f"{report['mean_abs_logit_diff']:.4g}",
         ]
     else:
-        lines.append("- no held-out rows (--eval-dataset or --calib-dataset): no perplexity")
+        lines.append("- no held-out evaluation (no --eval-dataset or --calib-dataset rows left)")
     lines.append(f"- time {report['seconds']:.1f} s, peak RSS {report['peak_rss_gib']:.2f} GiB"
                  + ("" if report["peak_device_gib"] is None
                     else f", peak device memory {report['peak_device_gib']:.2f} GiB"))

@@ -30,7 +30,7 @@ FP8_BLOCK = (128, 128)
 @dataclass(frozen=True)
 class Scheme:
     """``function``: ``"module:function"``, the quantizer; ``preset``: compressed-tensors'
-    preset scheme it writes (``W4A16``, ``INT8_W8A8``, ``FP8_DYNAMIC``, ``FP8_BLOCK``);
+    preset scheme it writes (``W4A16``, ``W8A8``, ``FP8_DYNAMIC``, ``FP8_BLOCK``);
     ``grouped``: ``--group-size`` applies (else one scale per output channel, or FP8 blocks)."""
 
     name: str
@@ -63,7 +63,7 @@ def fp8_block(hf_name: str, weight: torch.Tensor, stats, group_size: int) -> Fp8
 
 SCHEMES: dict[str, Scheme] = {
     "w4a16-rtn": Scheme("w4a16-rtn", "mswift.export.schemes:w4_rtn", "W4A16", grouped=True),
-    "int8": Scheme("int8", "mswift.export.schemes:int8_rtn", "INT8_W8A8"),
+    "int8": Scheme("int8", "mswift.export.schemes:int8_rtn", "W8A8"),
     "fp8-channel": Scheme("fp8-channel", "mswift.export.schemes:fp8_channel", "FP8_DYNAMIC"),
     "fp8-block": Scheme("fp8-block", "mswift.export.schemes:fp8_block", "FP8_BLOCK"),
 }

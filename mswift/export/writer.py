@@ -26,7 +26,7 @@ from mswift.export.qweight import Fp8Weight, dequantize, dequantize_fp8
 from mswift.export.schemes import FP8_BLOCK, Scheme, is_quantizable
 
 MAX_SHARD_BYTES = 2 * 1024 ** 3
-FORMATS = {"W4A16": "pack-quantized", "INT8_W8A8": "int-quantized",
+FORMATS = {"W4A16": "pack-quantized", "W8A8": "int-quantized",
            "FP8_DYNAMIC": "float-quantized", "FP8_BLOCK": "float-quantized"}
 DEEPSEEK_FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                 "weight_block_size": list(FP8_BLOCK)}

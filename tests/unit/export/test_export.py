@@ -142,8 +142,14 @@ def test_calibration_statistics_match_transformers_inputs(model):
 @pytest.mark.parametrize("extra, message", [
     (["--quant", "w3-magic"], "--quant w3-magic: unknown scheme"),
     (["--quant", "w4a16-rtn", "--group-size", "48"], "does not divide its 64 input features"),
+    (["--quant", "fp8-block"], "is [64, 64], not a multiple of the 128x128 blocks"),
+    (["--quant", "int8", "--eval-dataset", "EMPTY"], "EMPTY: no usable rows"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(model, capsys, extra, message):
+    empty = model["root"] / "empty.jsonl"
+    empty.write_text("")
+    extra = [str(empty) if e == "EMPTY" else e for e in extra]
+    message = message.replace("EMPTY", str(empty))
     out = model["root"] / "refused"
     assert export(model, out, *extra) == 2
     assert message in capsys.readouterr().err
