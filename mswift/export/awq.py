@@ -11,16 +11,21 @@ has its own value head, as AutoAWQ requires). ``s = mean|x| ** alpha`` (normalis
 ``alpha`` searched on a grid to minimise the quantized output error on a token sample; the
 scaled weights are then quantized on the shared grid of :mod:`mswift.export.qweight`.
 
-Everything here works on Hugging Face tensors of one decoder layer, keyed by HF names.
+Everything here works on Hugging Face tensors keyed by HF names: one decoder layer's in
+memory, or an HF checkpoint's files (the export's 16-bit staging copy) rewritten in place.
 """
 from __future__ import annotations
 
+import os
+import re
+import sys
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from mswift.export.qweight import QuantizedWeight, dequantize, rtn_quantize
+from mswift.export.qweight import dequantize, rtn_quantize
 
 N_GRID = 20  # alphas 0, 0.05, ..., 0.95, as AutoAWQ; alpha 0 is plain RTN
 MIN_SCALE = 1e-4  # floor of mean|x| ** alpha, so channels that never fire stay finite
@@ -32,37 +37,36 @@ class ScaleGroup:
 
     ``previous`` is an RMSNorm weight [in] or a linear's weight [in, *] whose output rows
     are this group's input channels; ``previous_bias`` its bias, if it has one.
-    ``previous=None`` marks linears with nowhere to fold a scale: they are quantized as
-    they are.
     """
 
-    previous: str | None
+    previous: str
     linears: tuple[str, ...]
     previous_bias: str | None = None
 
 
 def llama_scale_groups(tensors: Mapping[str, torch.Tensor], layer: str) -> list[ScaleGroup]:
-    """AWQ's groups in one Llama-style decoder layer (Llama, Qwen2, Qwen3, SmolLM2).
+    """AWQ's groups in one Llama-style decoder layer (Llama, Qwen2, Qwen3, Qwen3-MoE).
 
-    ``layer`` is the HF prefix, e.g. ``"model.layers.3."``. The v_proj -> o_proj group is
-    included only when v_proj's outputs are o_proj's inputs one to one (no grouped-query
-    attention); otherwise o_proj is a group of its own without a scale.
+    ``layer`` is the HF prefix, e.g. ``"model.layers.3."``; ``tensors`` holds (at least) the
+    layer's tensors. v_proj -> o_proj only when v_proj's outputs are o_proj's inputs one to
+    one (no grouped-query attention). In an MoE layer the post-attention norm also feeds
+    the router and every expert, so only each expert's up_proj -> down_proj is folded.
+    Linears in no group are quantized as they are.
     """
     attn, mlp = layer + "self_attn.", layer + "mlp."
-    groups = [
-        ScaleGroup(layer + "input_layernorm.weight",
-                   tuple(f"{attn}{p}_proj.weight" for p in "qkv")),
-        ScaleGroup(layer + "post_attention_layernorm.weight",
-                   (mlp + "gate_proj.weight", mlp + "up_proj.weight")),
-        ScaleGroup(mlp + "up_proj.weight", (mlp + "down_proj.weight",),
-                   _bias_name(tensors, mlp + "up_proj.weight")),
-    ]
+    groups = [ScaleGroup(layer + "input_layernorm.weight",
+                         tuple(f"{attn}{p}_proj.weight" for p in "qkv"))]
     v, o = tensors[attn + "v_proj.weight"], tensors[attn + "o_proj.weight"]
     if v.shape[0] == o.shape[1]:
         groups.append(ScaleGroup(attn + "v_proj.weight", (attn + "o_proj.weight",),
                                  _bias_name(tensors, attn + "v_proj.weight")))
-    else:
-        groups.append(ScaleGroup(None, (attn + "o_proj.weight",)))
+    if mlp + "gate_proj.weight" in tensors:
+        groups.append(ScaleGroup(layer + "post_attention_layernorm.weight",
+                                 (mlp + "gate_proj.weight", mlp + "up_proj.weight")))
+    ups = [n for n in tensors if n.startswith(mlp) and n.endswith("up_proj.weight")]
+    for up in sorted(ups):
+        groups.append(ScaleGroup(up, (up.replace("up_proj", "down_proj"),),
+                                 _bias_name(tensors, up)))
     return groups
 
 
@@ -80,8 +84,11 @@ def search_scale(weights: Sequence[torch.Tensor], act_abs_mean: torch.Tensor,
     ``act_sample`` [tokens, in] a sample of those inputs. Minimises
     ``sum_i || Q(W_i diag(s)) (x / s) - W_i x ||^2`` over ``s = m**alpha / sqrt(max * min)``
     for ``alpha`` in ``0, 1/N_GRID, ..``; ``alpha = 0`` (``s = 1``, plain RTN) is always a
-    candidate, so on the sample AWQ is never worse than RTN.
+    candidate, so on the sample AWQ is never worse than RTN. ``group_size`` -1: one scale
+    per output channel.
     """
+    if group_size == -1:
+        group_size = act_abs_mean.shape[0]
     x = act_sample.float()
     references = [x @ w.float().T for w in weights]  # [tokens, out_i]
     best_loss, best = float("inf"), None
@@ -98,53 +105,106 @@ def search_scale(weights: Sequence[torch.Tensor], act_abs_mean: torch.Tensor,
     return best
 
 
+Fold = tuple[torch.Tensor | None, torch.Tensor | None]  # (multiply columns by, divide rows by)
+
+
+def layer_folds(tensors: Mapping[str, torch.Tensor], stats: Mapping[str, object],
+                groups: Sequence[ScaleGroup], *, bits: int, group_size: int,
+                scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, Fold]:
+    """Search the scale of every group of one layer on its original weights and fold them:
+    per tensor name, what to multiply its input columns by and divide its rows by.
+
+    ``stats`` maps each linear's HF weight name to its input statistics (``act_abs_mean``
+    [in], ``act_sample`` [tokens, in], as :mod:`mswift.export.calibration` collects them).
+    All scales come from the unfolded weights (as AutoAWQ); ``up_proj`` gets both a column
+    and a row factor, which commute.
+    """
+    folds: dict[str, Fold] = {}
+    for group in groups:
+        if group.previous is None:
+            continue
+        first = stats[group.linears[0]]
+        s = search_scale([tensors[n] for n in group.linears], first.act_abs_mean,
+                         first.act_sample, bits=bits, group_size=group_size,
+                         scale_dtype=scale_dtype)
+        for name in group.linears:
+            folds[name] = (s, folds.get(name, (None, None))[1])
+        for name in (group.previous, group.previous_bias):
+            if name is not None:
+                folds[name] = (folds.get(name, (None, None))[0], s)
+    return folds
+
+
+def apply_fold(tensor: torch.Tensor, fold: Fold) -> torch.Tensor:
+    """``tensor`` with its columns multiplied and rows (the entries of a 1-D norm weight or
+    bias) divided by ``fold``'s factors, computed in fp32 and returned in its own dtype."""
+    columns, rows = fold
+    t = tensor.float()
+    if columns is not None:
+        t = t * columns
+    if rows is not None:
+        t = t / rows.reshape(-1, *[1] * (t.dim() - 1))
+    return t.to(tensor.dtype)
+
+
 def fold_scale(tensors: MutableMapping[str, torch.Tensor], group: ScaleGroup,
                s: torch.Tensor) -> None:
-    """Divide ``group.previous`` (norm weight, or linear output rows and bias) by ``s`` and
-    multiply the group's linears' input columns by ``s``, in place in ``tensors``.
-
-    Arithmetic in fp32; each tensor keeps its dtype. The 16-bit model computes the same
-    function up to that dtype's rounding.
-    """
-    def put(name, value):
-        tensors[name] = value.to(tensors[name].dtype)
-
-    previous = tensors[group.previous].float()
-    put(group.previous, previous / (s if previous.dim() == 1 else s[:, None]))
-    if group.previous_bias is not None:
-        put(group.previous_bias, tensors[group.previous_bias].float() / s)
+    """Fold one group's scale ``s`` in place: its linears' input columns times ``s``, its
+    ``previous`` (norm weight, or linear output rows and bias) divided by ``s``."""
     for name in group.linears:
-        put(name, tensors[name].float() * s)
+        tensors[name] = apply_fold(tensors[name], (s, None))
+    for name in (group.previous, group.previous_bias):
+        if name is not None:
+            tensors[name] = apply_fold(tensors[name], (None, s))
 
 
-def awq_quantize_layer(tensors: MutableMapping[str, torch.Tensor],
-                       stats: Mapping[str, Mapping[str, torch.Tensor]],
-                       groups: Sequence[ScaleGroup], *, bits: int, group_size: int,
-                       scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, QuantizedWeight]:
-    """AWQ one decoder layer: search every group's scale on the layer's original weights and
-    calibration ``stats`` (per HF weight name: ``act_abs_mean``, ``act_sample`` of its
-    input), fold them all, and quantize every linear named in ``groups``.
+_LAYER = re.compile(r"(.*\.layers\.\d+\.)input_layernorm\.weight$")
 
-    ``tensors`` is updated in place, each tensor keeping its dtype: the folded norms /
-    preceding linears, and the scaled linears (the returned ``QuantizedWeight``s, quantized
-    from the fp32 scaled weights, are what gets written for those).
-    """
-    all_groups, groups = groups, [g for g in groups if g.previous is not None]
-    scales = []
-    for group in groups:
-        first = stats[group.linears[0]]
-        scales.append(search_scale([tensors[n] for n in group.linears], first["act_abs_mean"],
-                                   first["act_sample"], bits=bits, group_size=group_size,
-                                   scale_dtype=scale_dtype))
-    names = {n for g in groups for n in (g.previous, g.previous_bias, *g.linears) if n}
-    dtypes = {name: tensors[name].dtype for name in names}
-    for name in names:
-        tensors[name] = tensors[name].float()  # fold in fp32 once: up_proj is in two groups
-    for group, s in zip(groups, scales):
-        fold_scale(tensors, group, s)
-    quantized = {name: rtn_quantize(tensors[name], bits=bits, group_size=group_size,
-                                    scale_dtype=scale_dtype)
-                 for group in all_groups for name in group.linears}
-    for name in names:
-        tensors[name] = tensors[name].to(dtypes[name])
-    return quantized
+
+def checkpoint_folds(ckpt, stats: Mapping[str, object], group_size: int, *,
+                     progress: bool = True) -> dict[str, Fold]:
+    """The AWQ folds of every decoder layer of ``ckpt`` (an
+    :class:`~mswift.bridge.hf_io.HFCheckpoint`), one layer's tensors in memory at a time."""
+    layers = [m.group(1) for m in map(_LAYER.match, ckpt.names) if m]
+    if progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, desc="AWQ scales", unit="layer", file=sys.stderr)
+    folds: dict[str, Fold] = {}
+    for layer in layers:
+        tensors = {n: ckpt.read(n) for n in ckpt.names if n.startswith(layer)}
+        folds.update(layer_folds(tensors, stats, llama_scale_groups(tensors, layer), bits=4,
+                                 group_size=group_size))
+    return folds
+
+
+def fold_checkpoint(directory: Path, folds: Mapping[str, Fold]) -> None:
+    """Apply ``folds`` to the safetensors files of the HF checkpoint in ``directory``, one
+    file at a time; a rewritten file is saved under a temporary name and renamed."""
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        tensors = load_file(path)
+        hit = folds.keys() & tensors.keys()
+        if not hit:
+            continue
+        for name in hit:
+            tensors[name] = apply_fold(tensors[name], folds[name])
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+
+
+def prepare_export(staging: Path, stats: Mapping[str, object], group_size: int,
+                   progress: bool = True) -> None:
+    """``mswift export --quant w4a16-awq``'s step before quantizing: fold the AWQ scales into
+    the 16-bit staging export in place, so that RTN of its (scaled) linears is AWQ and the
+    quality report reads the folded norms."""
+    from mswift.bridge.hf_io import HFCheckpoint
+
+    ckpt = HFCheckpoint(staging)
+    try:
+        folds = checkpoint_folds(ckpt, stats, group_size, progress=progress)
+    finally:
+        ckpt.close()
+    fold_checkpoint(staging, folds)

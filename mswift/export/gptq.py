@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mswift.export.qweight import QuantizedWeight, quantize_to_grid, symmetric_scale
+from mswift.export.qweight import QuantizedWeight, quantize_to_grid, rtn_quantize, symmetric_scale
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4,
@@ -117,3 +117,12 @@ def _current_columns(w: torch.Tensor, block: torch.Tensor, pending: torch.Tensor
     later = cols[~inside]
     current[:, ~inside] = w[:, later] - pending @ u[i1:i1 + pending.shape[1], later]
     return current
+
+
+def quantize(hf_name: str, weight: torch.Tensor, stats, group_size: int) -> QuantizedWeight:
+    """``mswift export --quant w4a16-gptq``: 4 bits, act-order, the Hessian of the linear's
+    calibration inputs; RTN for a linear no calibration token reached (an MoE expert nothing
+    was routed to), whose Hessian is empty."""
+    if stats.tokens == 0:
+        return rtn_quantize(weight, bits=4, group_size=group_size)
+    return gptq_quantize(weight, stats.hessian, bits=4, group_size=group_size, act_order=True)

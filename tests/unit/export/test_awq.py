@@ -2,12 +2,13 @@
 outputs are closer to the 16-bit ones than RTN's where activations have outlier channels."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mswift.export.awq import (awq_quantize_layer, fold_scale, llama_scale_groups,
-                               search_scale)
+from mswift.export.awq import fold_scale, llama_scale_groups, prepare_export, search_scale
 from mswift.export.qweight import dequantize, rtn_quantize
 
 
@@ -35,12 +36,10 @@ def test_folding_leaves_the_logits_unchanged(heads, kv_heads):
     gen = torch.Generator().manual_seed(1)
     for layer in ("model.layers.0.", "model.layers.1."):
         groups = llama_scale_groups(state, layer)
-        o_group, = [g for g in groups if g.linears == (f"{layer}self_attn.o_proj.weight",)]
         # v -> o only without grouped-query attention
-        assert (o_group.previous == f"{layer}self_attn.v_proj.weight") == (heads == kv_heads)
+        assert (f"{layer}self_attn.v_proj.weight" in [g.previous for g in groups]) \
+            == (heads == kv_heads)
         for group in groups:
-            if group.previous is None:
-                continue
             s = torch.rand(state[group.linears[0]].shape[1], generator=gen) * 3 + 0.25
             fold_scale(state, group, s)
     changed = [k for k in state if not torch.equal(state[k], model.state_dict()[k])]
@@ -72,8 +71,8 @@ def test_search_scale_beats_rtn_on_held_out_outlier_activations():
     assert awq < 0.7 * rtn, (awq, rtn)
 
 
-def _linear_inputs(model, tokens):
-    """Per HF weight name, the inputs [tokens, in] every nn.Linear of the layers saw."""
+def _linear_stats(model, tokens):
+    """Per HF weight name, the statistics of the inputs every nn.Linear of the layers saw."""
     seen, hooks = {}, []
     for name, module in model.model.layers.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -85,40 +84,39 @@ def _linear_inputs(model, tokens):
         model(tokens)
     for hook in hooks:
         hook.remove()
-    return {k: torch.cat(v) for k, v in seen.items()}
+    return {k: SimpleNamespace(act_abs_mean=torch.cat(v).abs().mean(0), act_sample=torch.cat(v))
+            for k, v in seen.items()}
 
 
-def test_awq_layer_quantization_beats_rtn_on_the_model_output():
+def test_awq_export_folds_the_checkpoint_and_beats_rtn(tmp_path):
+    """The export's path: scales searched layer by layer from the checkpoint's files, folded
+    into them; the folded checkpoint loads in transformers with the same logits, and RTN of its
+    scaled linears is closer to the 16-bit model than RTN of the original ones."""
     model = _tiny_llama(6, 2, seed=3)
     with torch.no_grad():  # outlier channels in the normed inputs of both layers
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[torch.arange(1, 48, 11)] *= 30
     gen = torch.Generator().manual_seed(4)
-    calib, held_out = torch.randint(0, 97, (8, 32), generator=gen), \
-        torch.randint(0, 97, (4, 32), generator=gen)
-    inputs = _linear_inputs(model, calib)
-    stats = {k: {"act_abs_mean": x.abs().mean(0), "act_sample": x} for k, x in inputs.items()}
+    calib = torch.randint(0, 97, (8, 32), generator=gen)
+    held_out = torch.randint(0, 97, (4, 32), generator=gen)
+    stats = _linear_stats(model, calib)
+    model.save_pretrained(tmp_path / "hf")
+    prepare_export(tmp_path / "hf", stats, 16, progress=False)
+    folded = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         reference = model(held_out).logits
+        torch.testing.assert_close(folded(held_out).logits, reference, rtol=0, atol=1e-5)
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    assert not torch.equal(folded.state_dict()[norm], model.state_dict()[norm])
 
-    def logit_error(quantize_layer):
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        for i in range(2):
-            for name, qw in quantize_layer(state, f"model.layers.{i}.").items():
-                state[name] = dequantize(qw)
+    def rtn_logit_error(source):
         quantized = _tiny_llama(6, 2)
+        state = {n: dequantize(rtn_quantize(t, bits=4, group_size=16))
+                 if n.endswith("proj.weight") else t for n, t in source.state_dict().items()}
         quantized.load_state_dict(state)
         with torch.no_grad():
             return (quantized(held_out).logits - reference).pow(2).mean().item()
 
-    def awq(state, layer):
-        return awq_quantize_layer(state, stats, llama_scale_groups(state, layer), bits=4,
-                                  group_size=16)
-
-    def rtn(state, layer):
-        return {n: rtn_quantize(state[n], bits=4, group_size=16) for n in state
-                if n.startswith(layer) and n.endswith("proj.weight")}
-
-    awq_error, rtn_error = logit_error(awq), logit_error(rtn)
+    awq_error, rtn_error = rtn_logit_error(folded), rtn_logit_error(model)
     assert awq_error < 0.7 * rtn_error, (awq_error, rtn_error)
