@@ -145,3 +145,27 @@ def collect_stats(model, samples: list[torch.Tensor], progress: bool = True) -> 
     done: dict[int, LinearStats] = {}
     return {name: done.setdefault(id(acc), acc.stats(sizes[id(acc)]))
             for name, acc in accumulators.items()}
+
+
+def drop_head_padding(stats: CalibrationStats, hf_dir: str | Path) -> CalibrationStats:
+    """``stats`` in the HF export's shapes: a model whose attention was padded for tensor
+    parallelism (:mod:`mswift.bridge.head_padding`) calibrates with the padded heads, whose
+    inputs to o_proj are the trailing, always-zero columns the export drops; they are dropped
+    from o_proj's statistics too. Unchanged without a padding record in ``hf_dir``."""
+    from mswift.bridge.head_padding import HEAD_AXES, read_padding_record
+
+    record = read_padding_record(hf_dir)
+    if record is None:
+        return stats
+    on_inputs = {suffix: count for suffix, (axis, count) in HEAD_AXES.items() if axis == 1}
+    out = dict(stats)
+    for name, s in stats.items():
+        count = next((c for suffix, c in on_inputs.items() if name.endswith(suffix)), None)
+        if count is None:
+            continue
+        keep = record["original"][count] * record["head_dim"]
+        out[name] = LinearStats(s.hessian[:keep, :keep].contiguous(), s.tokens,
+                                s.act_abs_mean[:keep].contiguous(),
+                                s.act_sample[:, :keep].contiguous())
+    return out
+

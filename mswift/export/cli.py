@@ -123,9 +123,10 @@ def run(args) -> Path:
             model = MegatronModel(template, root, seq)
         stats = None
         if calib is not None:
-            from mswift.export.calibration import collect_stats
+            from mswift.export.calibration import collect_stats, drop_head_padding
 
-            stats = collect_stats(model, calib, progress)
+            stats = drop_head_padding(collect_stats(model, calib, progress), template.hf_dir)
+        scheme.prepare_staging(staging, stats, args.group_size, progress)
         from mswift.export.writer import write_quantized
 
         final = tmp / "model"

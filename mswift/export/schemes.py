@@ -9,10 +9,9 @@ calibration pass runs only then), ``group_size`` the ``--group-size`` (the numbe
 columns per scale; ``in`` for one scale per output channel). The rest (which tensors are
 quantized, the compressed-tensors format and config, the files) is the same for every scheme.
 
-To add one (GPTQ, AWQ): write the function in its own module and add an entry to ``SCHEMES``
-naming it as ``"module:function"`` (imported when the scheme is used), e.g.
-``"w4a16-gptq": Scheme("w4a16-gptq", "mswift.export.gptq:quantize", "W4A16",
-needs_stats=True)``.
+To add one: write the function in its own module and add an entry to ``SCHEMES`` naming it
+as ``"module:function"`` (imported when the scheme is used), as GPTQ's; a scheme that changes
+more than the quantized weights (AWQ's folded norms) names a ``prepare`` step too.
 """
 from __future__ import annotations
 
@@ -31,18 +30,30 @@ FP8_BLOCK = (128, 128)
 class Scheme:
     """``function``: ``"module:function"``, the quantizer; ``preset``: compressed-tensors'
     preset scheme it writes (``W4A16``, ``W8A8``, ``FP8_DYNAMIC``, ``FP8_BLOCK``);
-    ``grouped``: ``--group-size`` applies (else one scale per output channel, or FP8 blocks)."""
+    ``grouped``: ``--group-size`` applies (else one scale per output channel, or FP8 blocks);
+    ``prepare``: ``"module:function"`` called as ``prepare(staging, stats, group_size,
+    progress)`` before any weight is quantized, to rewrite the 16-bit staging export in
+    place (AWQ folds its scales into the norms and linears there)."""
 
     name: str
     function: str
     preset: str
     needs_stats: bool = False
     grouped: bool = False
+    prepare: str | None = None
 
     def quantize(self, hf_name: str, weight: torch.Tensor, stats, group_size: int
                  ) -> QuantizedWeight | Fp8Weight:
-        module, func = self.function.split(":")
-        return getattr(importlib.import_module(module), func)(hf_name, weight, stats, group_size)
+        return _resolve(self.function)(hf_name, weight, stats, group_size)
+
+    def prepare_staging(self, staging, stats, group_size: int, progress: bool) -> None:
+        if self.prepare is not None:
+            _resolve(self.prepare)(staging, stats, group_size, progress)
+
+
+def _resolve(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def w4_rtn(hf_name: str, weight: torch.Tensor, stats, group_size: int) -> QuantizedWeight:
@@ -63,6 +74,10 @@ def fp8_block(hf_name: str, weight: torch.Tensor, stats, group_size: int) -> Fp8
 
 SCHEMES: dict[str, Scheme] = {
     "w4a16-rtn": Scheme("w4a16-rtn", "mswift.export.schemes:w4_rtn", "W4A16", grouped=True),
+    "w4a16-gptq": Scheme("w4a16-gptq", "mswift.export.gptq:quantize", "W4A16",
+                         needs_stats=True, grouped=True),
+    "w4a16-awq": Scheme("w4a16-awq", "mswift.export.schemes:w4_rtn", "W4A16", needs_stats=True,
+                        grouped=True, prepare="mswift.export.awq:prepare_export"),
     "int8": Scheme("int8", "mswift.export.schemes:int8_rtn", "W8A8"),
     "fp8-channel": Scheme("fp8-channel", "mswift.export.schemes:fp8_channel", "FP8_DYNAMIC"),
     "fp8-block": Scheme("fp8-block", "mswift.export.schemes:fp8_block", "FP8_BLOCK"),
