@@ -7,9 +7,15 @@
 * The streaming reader reads back every tensor of a checkpoint megatron-core saved at TP2
   (fused gate/up split four ways, vocabulary split over ranks) equal to the HF weights, and
   mcore_to_hf copies the HF tensors out of its chunks bit for bit.
+* Under 2 ranks (as under torchrun across nodes) each rank reads only the HF bytes of its own
+  share of a DeepSeek-V3 conversion: what the kernel counts it reading (``/proc/self/io``
+  ``rchar``: read, pread and copy_file_range alike) is within 1% of the tensor bytes it writes.
 * The keys, chunks and ``_extra_state`` objects mswift derives from the weight map (for the
   byte-copy writer and reader) are those of megatron-core's ``sharded_state_dict`` for every
   family, and for a model with both dense and MoE layers (not stacked).
+
+Every one-rank case runs in one spawned rank and every two-rank case in one spawn of 2 ranks,
+one case after the other (megatron-core's groups are started again per case).
 """
 import pytest
 import torch
@@ -98,13 +104,6 @@ def same_as_megatron(hf_dir, stream_dir, own_dir):
     return stream, own, differ
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_streaming_writer_matches_megatron_save(hf_dirs, tmp_path, family):
-    [(stream, own, differ)] = run_ranks(1, same_as_megatron, str(hf_dirs[family]),
-                                        str(tmp_path / "stream"), str(tmp_path / "own"),
-                                        timeout=300)
-    assert stream == own  # keys, global shapes, dtypes, chunk offsets and sizes
-    assert differ == []
 
 
 def convert_shared_then_load(hf_dir, out, tp, ep):
@@ -137,19 +136,40 @@ def convert_shared_then_load(hf_dir, out, tp, ep):
     return len(a), differ, files
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_two_ranks_share_the_writing_and_megatron_loads_it_at_tp2(hf_dirs, tmp_path, family):
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read so far, as the kernel counts them."""
+    with open("/proc/self/io") as io:
+        return int(next(line for line in io if line.startswith("rchar:")).split()[1])
+
+
+def reads_of_a_shared_conversion(hf_dir, out):
+    """(bytes this rank read while 2 ranks converted HF -> torch_dist, the tensor bytes of the
+    items in its own files, the HF tensor bytes of the whole model)."""
+    import math
     from pathlib import Path
 
-    out = Path(tmp_path / "ckpt")
-    results = run_ranks(2, convert_shared_then_load, str(hf_dirs[family]), out, 2, 2,
-                        timeout=300)
-    for count, differ, _ in results:
-        assert count > 10 and differ == []
-    files = results[0][2]
-    written = {r: sum((out / "iter_0000000" / f).stat().st_size for f in files
-                      if f.startswith(f"__{r}_") and f.endswith(".distcp")) for r in (0, 1)}
-    assert min(written.values()) > 0.3 * sum(written.values())  # both ranks wrote a share
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mswift.bridge.convert import hf_to_mcore
+    from mswift.bridge.hf_io import HFCheckpoint
+
+    before = _bytes_read()  # imports are done: the shared conversion ran before in this rank
+    hf_to_mcore(hf_dir, out, "torch_dist", progress=False)
+    read = _bytes_read() - before
+    dist.barrier()  # rank 0 has renamed OUT.tmp to OUT
+    meta = FileSystemReader(str(Path(out) / "iter_0000000")).read_metadata()
+    written = 0  # tensor bytes (not the files' framing) of the chunks in this rank's files
+    for index, info in meta.storage_data.items():
+        tensor = meta.state_dict_metadata[index.fqn]
+        if info.relative_path.startswith(f"__{dist.get_rank()}_") and hasattr(tensor, "chunks"):
+            chunk = next(c for c in tensor.chunks if tuple(c.offsets) == tuple(index.offset))
+            written += math.prod(chunk.sizes) * tensor.properties.dtype.itemsize
+    ckpt = HFCheckpoint(hf_dir)
+    total = sum(ckpt.read(name).nbytes for name in ckpt.names)
+    return read, written, total
 
 
 def read_megatron_tp2(hf_dir, out, back):
@@ -179,13 +199,6 @@ def read_megatron_tp2(hf_dir, out, back):
     return len(names), made, copies, sorted(copied.names) == sorted(original.names), differ
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_streaming_reader_reads_a_tp2_megatron_checkpoint(hf_dirs, tmp_path, family):
-    count, made, copies, same_names, differ = run_ranks(
-        2, read_megatron_tp2, str(hf_dirs[family]), str(tmp_path / "tp2"),
-        str(tmp_path / "back"), timeout=300)[0]
-    assert count > 10 and made == []
-    assert copies and same_names and differ == []  # byte copies out of TP2 (+EP2) chunks
 
 
 STRUCTURES = {"llama": {}, "qwen2": {}, "qwen3": {}, "qwen3_moe": {},
@@ -218,13 +231,89 @@ def megatron_and_derived_structure(hf_dir):
     return theirs, ours
 
 
+# -- the spawns and the checks ----------------------------------------------------------------
+
+
+def one_rank_cases(writer_cases: dict, structure_dirs: dict) -> dict:
+    out = {("writer", family): same_as_megatron(*dirs) for family, dirs in writer_cases.items()}
+    for case, hf_dir in structure_dirs.items():
+        out[("structure", case)] = megatron_and_derived_structure(hf_dir)
+    return out
+
+
+def two_rank_cases(shared_cases: dict, reader_cases: dict, reads_case: tuple) -> dict:
+    out = {("shared", family): convert_shared_then_load(hf_dir, ckpt, 2, 2)
+           for family, (hf_dir, ckpt) in shared_cases.items()}
+    for family, dirs in reader_cases.items():
+        out[("reader", family)] = read_megatron_tp2(*dirs)
+    out["reads"] = reads_of_a_shared_conversion(*reads_case)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank(hf_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one_rank")
+    writer = {f: (str(hf_dirs[f]), str(root / f"stream-{f}"), str(root / f"own-{f}"))
+              for f in FAMILIES}
+    structures = {case: str(save_tiny_hf_model(case.removesuffix("_mixed"), root / case,
+                                               dtype=torch.bfloat16, **STRUCTURES[case]))
+                  for case in STRUCTURES}
+    return run_ranks(1, one_rank_cases, writer, structures, timeout=600)[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(hf_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_ranks")
+    shared = {f: (str(hf_dirs[f]), root / f"ckpt-{f}") for f in FAMILIES}
+    reader = {f: (str(hf_dirs[f]), str(root / f"tp2-{f}"), str(root / f"back-{f}"))
+              for f in FAMILIES}
+    # DeepSeek-V3 a few MB large (8 experts of 3 x 256 x 256 in 3 MoE layers), so that the
+    # config, index and header reads every rank makes are small beside the tensors
+    deepseek = save_tiny_hf_model("deepseek_v3", root / "deepseek_v3", dtype=torch.bfloat16,
+                                  hidden_size=256, moe_intermediate_size=256,
+                                  intermediate_size=512)
+    reads = (str(deepseek), str(root / "deepseek_v3-dist"))
+    return run_ranks(2, two_rank_cases, shared, reader, reads, timeout=600), shared
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streaming_writer_matches_megatron_save(one_rank, family):
+    stream, own, differ = one_rank[("writer", family)]
+    assert stream == own  # keys, global shapes, dtypes, chunk offsets and sizes
+    assert differ == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_ranks_share_the_writing_and_megatron_loads_it_at_tp2(two_ranks, family):
+    per_rank, shared = two_ranks
+    results = [r[("shared", family)] for r in per_rank]
+    for count, differ, _ in results:
+        assert count > 10 and differ == []
+    files, out = results[0][2], shared[family][1]
+    written = {r: sum((out / "iter_0000000" / f).stat().st_size for f in files
+                      if f.startswith(f"__{r}_") and f.endswith(".distcp")) for r in (0, 1)}
+    assert min(written.values()) > 0.3 * sum(written.values())  # both ranks wrote a share
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streaming_reader_reads_a_tp2_megatron_checkpoint(two_ranks, family):
+    count, made, copies, same_names, differ = two_ranks[0][0][("reader", family)]
+    assert count > 10 and made == []
+    assert copies and same_names and differ == []  # byte copies out of TP2 (+EP2) chunks
+
+
 @pytest.mark.parametrize("case", sorted(STRUCTURES))
-def test_structure_from_the_weight_map_is_megatrons(tmp_path, case):
-    family = case.removesuffix("_mixed")
-    hf_dir = save_tiny_hf_model(family, tmp_path / case, dtype=torch.bfloat16,
-                                **STRUCTURES[case])
-    [(theirs, ours)] = run_ranks(1, megatron_and_derived_structure, str(hf_dir), timeout=300)
+def test_structure_from_the_weight_map_is_megatrons(one_rank, case):
+    theirs, ours = one_rank[("structure", case)]
     assert ours[0] == theirs[0]  # per parameter: key, chunk offset and shape, region
     assert ours[1] == theirs[1]  # global shapes
     assert ours[2] == theirs[2]  # _extra_state objects
     assert len(ours[2]) > 0
+
+
+def test_each_rank_reads_only_its_share_of_a_shared_conversion(two_ranks):
+    (read0, written0, total), (read1, written1, _) = [r["reads"] for r in two_ranks[0]]
+    assert min(written0, written1) > 0.3 * total  # the ranks share the work
+    for read, written in ((read0, written0), (read1, written1)):
+        # every tensor byte a rank writes is read once from HF, and next to nothing else
+        assert written <= read <= written + 0.01 * total, (read, written, total)
