@@ -2,6 +2,8 @@
 
 - No leakage: per-token losses of a packed micro-batch equal those of each sample run alone.
 - The Triton backend (interpreter on CPU) trains to the same losses as the torch reference.
+
+Both checks of both backends run in one spawned rank, one after the other.
 """
 from pathlib import Path
 
@@ -81,18 +83,29 @@ def train_packed_body(backend):
     return losses
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_packed_equals_one_by_one(backend):
+BACKENDS = ("torch", "triton")
+
+
+def every_case():
+    return {backend: (no_leak_body(backend), train_packed_body(backend)) for backend in BACKENDS}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(1, every_case)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_equals_one_by_one(results, backend):
     import torch
 
-    ((packed, alone),) = run_ranks(1, no_leak_body, backend)
+    packed, alone = results[backend][0]
     assert packed.shape == alone.shape and packed.numel() == 20 + 13 + 9 + 31 + 17 - 5
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
 
 
-def test_triton_backend_trains_like_torch_reference():
-    (want,) = run_ranks(1, train_packed_body, "torch")
-    (got,) = run_ranks(1, train_packed_body, "triton")
+def test_triton_backend_trains_like_torch_reference(results):
+    want, got = results["torch"][1], results["triton"][1]
     assert want[0] > want[-1], want
     for step, (g, w) in enumerate(zip(got, want), start=1):
         assert abs(g - w) <= 1e-5 * abs(w), f"step {step}: triton {g!r} vs torch {w!r}"
