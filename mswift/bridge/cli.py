@@ -67,6 +67,9 @@ def hf_to_mcore_parser(prog: str) -> argparse.ArgumentParser:
     _uneven_options(parser)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                         help="weights' dtype in the checkpoint (default: the HF checkpoint's)")
+    parser.add_argument("--moe-grouped-gemm", action="store_true",
+                        help="legacy: expert weights named as moe_grouped_gemm models hold them "
+                        "(torch_dist checkpoints load either way)")
     return parser
 
 
@@ -133,7 +136,8 @@ def hf_to_mcore_main(argv: list[str] | None = None, prog: str = "hf_to_mcore") -
     a = hf_to_mcore_parser(prog).parse_args(argv)
     return _run(prog, lambda: hf_to_mcore(
         a.hf_dir, a.out, a.format, a.tp, a.pp, a.ep, a.etp, a.vpp, a.dtype,
-        first=a.decoder_first_pipeline_num_layers, last=a.decoder_last_pipeline_num_layers))
+        first=a.decoder_first_pipeline_num_layers, last=a.decoder_last_pipeline_num_layers,
+        grouped_experts=a.moe_grouped_gemm))
 
 
 def mcore_to_hf_main(argv: list[str] | None = None, prog: str = "mcore_to_hf") -> int:

@@ -185,11 +185,11 @@ def _dtype_arg(dtype: str | None, ckpt: HFCheckpoint) -> dtypes.Dtype:
 
 
 def conversion_layout(hf: HFModel, tp=1, pp=1, ep=1, etp=None, vpp=None, first=None,
-                      last=None) -> Layout:
+                      last=None, grouped_experts: bool = False) -> Layout:
     # megatron-core runs MoE with TP only with sequence parallelism; it changes no weights.
     moe_tp = hf.model.num_experts is not None and tp > 1
     return Layout(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, sequence_parallel=moe_tp,
-                  first=first, last=last)
+                  first=first, last=last, grouped_experts=grouped_experts)
 
 
 # -- HF -> megatron -------------------------------------------------------------------------------
@@ -198,15 +198,17 @@ def conversion_layout(hf: HFModel, tp=1, pp=1, ep=1, etp=None, vpp=None, first=N
 def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, ep: int = 1,
                 etp: int | None = None, vpp: int | None = None, dtype: str | None = None,
                 progress: bool = True, first: int | None = None,
-                last: int | None = None) -> Path:
+                last: int | None = None, grouped_experts: bool = False) -> Path:
     """Convert an HF model directory into a megatron checkpoint at ``out`` (``first`` /
-    ``last``: an uneven pipeline's first / last stage layers, for the legacy format)."""
+    ``last``: an uneven pipeline's first / last stage layers, for the legacy format;
+    ``grouped_experts``: legacy rank files with the state-dict names of ``moe_grouped_gemm``
+    models -- a torch_dist checkpoint holds the same keys either way)."""
     hf_dir, out = Path(hf_dir), Path(out)
     if fmt not in FORMATS:
         raise BridgeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     hf = HFModel.open(hf_dir)
     ckpt = open_checkpoint(hf_dir)  # FP8 / AWQ weights dequantized slice by slice
-    layout = conversion_layout(hf, tp, pp, ep, etp, vpp, first, last)
+    layout = conversion_layout(hf, tp, pp, ep, etp, vpp, first, last, grouped_experts)
     hf.check_layout(layout)
     if fmt == "legacy" and etp not in (None, tp):
         raise BridgeError(f"--etp {etp}: the legacy format needs expert TP equal to --tp {tp}")

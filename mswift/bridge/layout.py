@@ -38,6 +38,9 @@ class Layout:
     sequence_parallel: bool = False
     first: int | None = None
     last: int | None = None
+    # Legacy rank files only: expert weights under the grouped experts' names
+    # (``mlp.experts.linear_fc1.weight{i}``, moe_grouped_gemm) instead of the per-expert ones.
+    grouped_experts: bool = False
 
     @property
     def expert_tp(self) -> int:
@@ -63,6 +66,7 @@ class Layout:
         text += f" VPP{self.vpp}" if self.vpp else ""
         text += f" first stage {self.first}" if self.first is not None else ""
         text += f" last stage {self.last}" if self.last is not None else ""
+        text += " grouped experts" if self.grouped_experts else ""
         return text + (" SP" if self.sequence_parallel else "")
 
 

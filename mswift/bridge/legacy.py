@@ -31,7 +31,7 @@ from mswift.bridge.torch_file import (
 )
 from mswift.bridge.tracker import iteration_dir, read_iteration_dir
 from mswift.lazy_import import lazy_module
-from mswift.models.weight_map import WeightMap
+from mswift.models.weight_map import WeightMap, grouped_experts_name
 
 torch = lazy_module("torch")  # layouts, indexes and byte copies do without it
 
@@ -67,7 +67,9 @@ def _module(name: str) -> str:
 def chunk_entries(wmap: WeightMap, layout: Layout, pp_rank: int, vp_stage: int,
                   ep_rank: int) -> list[tuple[str, str | None]]:
     """(local name, global name) of every state-dict entry of one model chunk of one rank;
-    the global name is None for ``_extra_state`` entries."""
+    the global name is None for ``_extra_state`` entries. Expert weights under the grouped
+    experts' names when ``layout.grouped_experts`` (one ``_extra_state`` per grouped linear
+    layer, as TE's ``GroupedLinear`` keeps)."""
     d = wmap.dims
     first = pp_rank == 0 and vp_stage == 0
     last = pp_rank == layout.pp - 1 and vp_stage == layout.chunks - 1
@@ -83,6 +85,8 @@ def chunk_entries(wmap: WeightMap, layout: Layout, pp_rank: int, vp_stage: int,
                 pairs = list(enumerate(experts)) if rule.per_expert else [(None, None)]
                 for local_expert, expert in pairs:
                     local = rule.mcore.format(layer=local_layer, expert=local_expert)
+                    if layout.grouped_experts:
+                        local = grouped_experts_name(local)
                     entries[local] = rule.mcore.format(layer=layer, expert=expert)
                     if rule.extra_state:
                         entries[_module(local) + "._extra_state"] = None
@@ -133,7 +137,8 @@ def megatron_args(model, layout: Layout, padded_vocab: int, dtype,
         virtual_pipeline_model_parallel_size=layout.vpp, expert_model_parallel_size=layout.ep,
         decoder_first_pipeline_num_layers=layout.first,
         decoder_last_pipeline_num_layers=layout.last,
-        expert_tensor_parallel_size=layout.tp, transformer_impl="local", ckpt_format="torch",
+        expert_tensor_parallel_size=layout.tp, moe_grouped_gemm=layout.grouped_experts,
+        transformer_impl="local", ckpt_format="torch",
         bf16=name == "bfloat16", fp16=name == "float16", params_dtype=params_dtype,
         iteration=iteration,
     )
@@ -204,7 +209,8 @@ def read_layout(root: str | Path) -> tuple[Layout, int]:
                     ep=getattr(args, "expert_model_parallel_size", 1) or 1,
                     vpp=vpp if vpp and vpp > 1 else None,
                     first=getattr(args, "decoder_first_pipeline_num_layers", None),
-                    last=getattr(args, "decoder_last_pipeline_num_layers", None))
+                    last=getattr(args, "decoder_last_pipeline_num_layers", None),
+                    grouped_experts=bool(getattr(args, "moe_grouped_gemm", False)))
     etp = getattr(args, "expert_tensor_parallel_size", None)
     if etp not in (None, layout.tp):
         raise BridgeError(f"{dirs[0] / FILE}: expert_tensor_parallel_size={etp} differs from "

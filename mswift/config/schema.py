@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts", "layernorm", "mla_up_proj")
 # The rest of megatron-core's list, and why mswift refuses them.
 NOT_RECOMPUTED = {
-    "moe_act": "needs megatron-core's grouped-GEMM experts, which mswift does not build",
+    "moe_act": "needs megatron-core's grouped-GEMM experts; not offered yet (moe_grouped_gemm "
+               "experts are not tested with it)",
 }
 
 
@@ -166,6 +167,11 @@ class ModelConfig(_Section):
     num_experts: Optional[int] = setting(None, "experts per MoE layer; None = dense model")
     moe_router_topk: int = positive(2, "experts each token is routed to")
     moe_ffn_hidden_size: Optional[int] = setting(None, "expert MLP width; default ffn_hidden_size")
+    # Megatron-LM's --moe-grouped-gemm: each MoE layer runs its local experts' GEMMs grouped:
+    # Transformer Engine's grouped MLP where TE runs, else mswift's (torch._grouped_mm on CUDA
+    # bf16, one GEMM per expert otherwise). Checkpoints load either way (same torch_dist keys;
+    # the bridge maps the legacy keys of both layouts).
+    moe_grouped_gemm: bool = setting(False, "run the local experts' GEMMs as one grouped GEMM")
     moe_token_dispatcher_type: str = choice(
         "alltoall", ("alltoall", "allgather"), "how tokens reach their experts' ranks")
     moe_aux_loss_coeff: float = setting(0.0, "weight of the load-balancing loss")
@@ -456,8 +462,8 @@ class TrainingConfig(_Section):
     # shared_experts = MoE shared experts; layernorm = the input and pre-MLP norms (their output
     # is dropped and recomputed when the next module's gradient arrives); mla_up_proj = MLA's
     # up projections and RoPE (multi_latent_attention models). None = [core_attn]
-    # (megatron-core's default). moe_act is not offered: it needs grouped-GEMM experts, which
-    # mswift does not build.
+    # (megatron-core's default). moe_act is not offered: it needs grouped-GEMM experts
+    # (moe_grouped_gemm), with which it is not tested yet.
     recompute_modules: Optional[list[str]] = setting(
         None, "selective recompute: of core_attn, mlp, moe, shared_experts, layernorm, "
         "mla_up_proj; None = [core_attn]")

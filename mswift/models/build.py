@@ -58,7 +58,7 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
             # experts apart in torch_dist, so byte-copied checkpoints would not load.
             moe_layer_freq=1 if m.moe_layer_freq is None or all(m.moe_layer_freq)
             else list(m.moe_layer_freq),
-            moe_grouped_gemm=False,
+            moe_grouped_gemm=m.moe_grouped_gemm,
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_apply_probs_on_input=m.moe_apply_probs_on_input,
             moe_router_num_groups=m.moe_router_num_groups,

@@ -76,6 +76,16 @@ def resolve_kernel_backend(setting: str) -> str:
     return setting
 
 
+def resolve_grouped_experts(grouped_gemm: bool) -> str | None:
+    """Whose grouped expert MLP ``moe_grouped_gemm`` builds: ``te`` (Transformer Engine's
+    ``TEGroupedMLP``) where TE can run, else ``mswift`` (:mod:`mswift.models.grouped_experts`);
+    None when the setting is off (megatron-core's per-expert ``SequentialMLP``). Both store the
+    per-expert layout's torch_dist keys, so the choice never changes what a checkpoint holds."""
+    if not grouped_gemm:
+        return None
+    return "te" if _device().transformer_engine_available() else "mswift"
+
+
 def te_setting_problems(transformer_impl: str, attention_backend: str, fp8: str | None,
                         half_precision: bool, varlen_only: str | None = None,
                         local_only: str | None = None) -> list[str]:

@@ -37,8 +37,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mswift.config.schema import ConfigError
 from mswift.models.attention import VarlenCoreAttention
+from mswift.models.grouped_experts import (
+    grouped_experts_spec,
+    te_grouped_experts_spec,
+    with_grouped_experts,
+)
 from mswift.models.impl import (
     resolve_attention_backend,
+    resolve_grouped_experts,
     resolve_transformer_impl,
     te_machine_problems,
     te_setting_problems,
@@ -133,6 +139,10 @@ def gpt_block_spec(
     spec = replace_modules(spec, mapping)
     if use_te:
         spec = _same_keys_as_local(spec)
+    grouped = resolve_grouped_experts(bool(config.num_moe_experts and config.moe_grouped_gemm))
+    if grouped is not None:
+        spec = with_grouped_experts(
+            spec, te_grouped_experts_spec() if grouped == "te" else grouped_experts_spec())
     if layer_spec is None:
         return spec
     numbers = stage_layer_numbers(config, len(spec.layer_specs), vp_stage)

@@ -480,14 +480,37 @@ TE_FUSED_NORMS = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
                   ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
 
 
+# Grouped experts (moe_grouped_gemm: TE's GroupedLinear and mswift's grouped MLP) hold local
+# expert i's weight as ``mlp.experts.linear_fc1.weight{i}``, where the per-expert layout
+# (SequentialMLP, the weight maps' names) has ``mlp.experts.local_experts.{i}.linear_fc1.weight``.
+_GROUPED_EXPERT = re.compile(r"(.*\.mlp\.experts\.)(linear_fc\d)\.weight(\d+)$")
+_PER_EXPERT = re.compile(r"(.*\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc\d)\.weight$")
+
+
 def local_spec_name(name: str) -> str:
-    """A layer parameter's name in the local spec (``...linear_qkv.layer_norm_weight`` ->
-    ``...input_layernorm.weight``); other names unchanged."""
+    """A layer parameter's name in the local spec with per-expert MLPs
+    (``...linear_qkv.layer_norm_weight`` -> ``...input_layernorm.weight``,
+    ``...mlp.experts.linear_fc1.weight3`` -> ``...mlp.experts.local_experts.3.linear_fc1.weight``);
+    other names unchanged."""
+    grouped = _GROUPED_EXPERT.match(name)
+    if grouped:
+        head, linear, expert = grouped.groups()
+        return f"{head}local_experts.{expert}.{linear}.weight"
     for fused, local in TE_FUSED_NORMS:
         head, sep, tail = name.partition("." + fused)
         if sep:
             return f"{head}.{local}{tail}"
     return name
+
+
+def grouped_experts_name(name: str) -> str:
+    """A per-expert weight's name in the grouped experts' layout (the inverse of
+    :func:`local_spec_name` for them); other names unchanged."""
+    per_expert = _PER_EXPERT.match(name)
+    if not per_expert:
+        return name
+    head, expert, linear = per_expert.groups()
+    return f"{head}{linear}.weight{expert}"
 
 
 @dataclass(frozen=True)

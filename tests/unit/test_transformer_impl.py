@@ -179,3 +179,45 @@ def test_mla_models_stay_on_the_local_spec(monkeypatch):
         f"{name}: multi_latent_attention=true is built on megatron-core's local spec only (its "
         "Transformer Engine spec stores other checkpoint keys); use transformer_impl=local or auto"
         for name in ("transformer_impl=transformer_engine", "fp8=hybrid")]
+
+
+@pytest.mark.parametrize("cuda, te, want", [
+    (True, True, "te"), (True, False, "mswift"),
+    (False, True, "mswift"),  # TE imports but has no GPU to run on
+    (False, False, "mswift"),
+])
+def test_grouped_experts_are_te_where_it_runs(monkeypatch, cuda, te, want):
+    from mswift.models.impl import resolve_grouped_experts
+
+    fake_machine(monkeypatch, cuda, te)
+    assert resolve_grouped_experts(True) == want
+    assert resolve_grouped_experts(False) is None
+
+
+def test_grouped_experts_replace_megatron_cores_legacy_grouped_mlp():
+    """Here (no TE) moe_grouped_gemm gives mswift's grouped MLP in place of megatron-core's
+    legacy GroupedMLP, which its local spec picks (it needs the grouped_gemm package and stores
+    other keys); dense layers and per-expert SequentialMLPs stay."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, TEGroupedMLP
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from mswift.models.grouped_experts import (
+        ColumnGroupedLinear,
+        RowGroupedLinear,
+        grouped_experts_spec,
+        with_grouped_experts,
+    )
+
+    layers = [get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=True),
+              get_gpt_layer_local_spec(),
+              get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False)]
+    assert layers[0].submodules.mlp.submodules.experts.module is GroupedMLP
+    block = TransformerBlockSubmodules(layer_specs=layers)
+    got = with_grouped_experts(block, grouped_experts_spec()).layer_specs
+    experts = got[0].submodules.mlp.submodules.experts
+    assert experts.module is TEGroupedMLP
+    assert (experts.submodules.linear_fc1, experts.submodules.linear_fc2) == (
+        ColumnGroupedLinear, RowGroupedLinear)
+    assert got[1] == layers[1]
+    assert got[2].submodules.mlp.submodules.experts.module is SequentialMLP
