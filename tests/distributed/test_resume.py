@@ -110,22 +110,24 @@ def nan_on_rank_one(policy):
                for v in s.values() if torch.is_tensor(v)]
         return params, opt
 
+    from mswift.train import loop
+
+    original = loop.train_step
+
+    def recording_step(st, batches):
+        before = snapshot()
+        out = original(st, batches)
+        snapshots.append((before, snapshot(), out["updated"]))
+        return out
+
+    loop.train_step = recording_step
     try:
-        from mswift.train import loop
-
-        original = loop.train_step
-
-        def recording_step(st, batches):
-            before = snapshot()
-            out = original(st, batches)
-            snapshots.append((before, snapshot(), out["updated"]))
-            return out
-
-        loop.train_step = recording_step
         history = run_training(cfg, state)
         stopped = None
     except TrainingStopped as err:
         history, stopped = None, str(err)
+    finally:
+        loop.train_step = original  # the next policy's run records its own steps
     unchanged = []
     for (p0, o0), (p1, o1), updated in snapshots:
         same = all(torch.equal(a, b) for a, b in zip(p0, p1)) and \
@@ -134,14 +136,24 @@ def nan_on_rank_one(policy):
     return [row["updated"] for row in history] if history else None, unchanged, stopped
 
 
-def test_nonfinite_step_is_skipped_on_every_rank():
-    for updated, unchanged, stopped in run_ranks(2, nan_on_rank_one, "skip"):
+def nan_on_rank_one_each_policy(policies):
+    return {policy: nan_on_rank_one(policy) for policy in policies}
+
+
+@pytest.fixture(scope="module")
+def nonfinite():
+    """Per rank, per nonfinite_policy: both policies' runs in one spawn of 2 ranks."""
+    return run_ranks(2, nan_on_rank_one_each_policy, ["skip", "stop"])
+
+
+def test_nonfinite_step_is_skipped_on_every_rank(nonfinite):
+    for updated, unchanged, stopped in [rank["skip"] for rank in nonfinite]:
         assert stopped is None
         assert updated == [True, False, True]
         assert unchanged == [False, True, False]  # step 2 changed nothing, on both ranks
 
 
-def test_nonfinite_step_stops_when_asked():
-    for updated, unchanged, stopped in run_ranks(2, nan_on_rank_one, "stop"):
+def test_nonfinite_step_stops_when_asked(nonfinite):
+    for updated, unchanged, stopped in [rank["stop"] for rank in nonfinite]:
         assert updated is None and "step 2" in stopped and "no parameter was changed" in stopped
         assert unchanged == [False, True]
