@@ -106,11 +106,21 @@ def train_with_recompute(model: str, data: str, layout: list[str], runs: list[st
     return results
 
 
+def train_layouts(model: str, data: str, layouts: list[tuple[list[str], list[str]]]) -> list:
+    """Rank body: :func:`train_with_recompute` for each (layout, runs) in turn."""
+    return [train_with_recompute(model, data, layout, runs) for layout, runs in layouts]
+
+
 @pytest.fixture(scope="module")
 def runs(llama4_dir):
-    return {name: run_ranks(world, train_with_recompute, *llama4_dir, layout, runs,
-                            timeout=600)
-            for name, (world, layout, runs) in LAYOUTS.items()}
+    """Per layout, every rank's results; the layouts of one world size share one spawn."""
+    out = {}
+    for world in sorted({world for world, _, _ in LAYOUTS.values()}):
+        names = [name for name, (w, _, _) in LAYOUTS.items() if w == world]
+        per_rank = run_ranks(world, train_layouts, *llama4_dir,
+                             [LAYOUTS[name][1:] for name in names], timeout=900)
+        out.update({name: [rank[i] for rank in per_rank] for i, name in enumerate(names)})
+    return out
 
 
 @pytest.mark.parametrize("layout,run", CASES)
