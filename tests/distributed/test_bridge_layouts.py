@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from mswift.testing import run_ranks
 from mswift.testing.hf_models import hf_logits, save_tiny_hf_model
 
+pytestmark = pytest.mark.slow  # 4 ranks through every family's layouts
+
 TOL = 1e-4
 LOSS_TOL = 1e-5
 TP2, PP2 = {"tp": 2}, {"pp": 2}

@@ -37,6 +37,8 @@ from mswift.testing.hf_models import (
     save_tiny_llama4_multimodal,
 )
 
+pytestmark = pytest.mark.slow  # Llama-4 conversions at every layout on 4 ranks
+
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("scout", "maverick")
 FORMATS = ("torch_dist", "legacy")

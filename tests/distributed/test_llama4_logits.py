@@ -14,6 +14,8 @@ import torch
 from mswift.testing import run_ranks
 from mswift.testing.hf_models import hf_logits, hf_reference_logits, save_tiny_hf_model
 
+pytestmark = pytest.mark.slow  # 4 ranks through every Llama-4 layout
+
 TOL = 1e-4
 SEQ = 40
 MODELS = {"scout": {"interleave_moe_layer_step": 1}, "maverick": {}}

@@ -19,6 +19,8 @@ import pytest
 from mswift.testing import run_ranks
 from test_layouts import CORPUS, SFT, VOCAB, write_short_chats
 
+pytestmark = pytest.mark.slow  # recompute settings trained at three layouts
+
 STEPS = ["train_iters=2", "global_batch_size=2", "seq_length=64", "log_interval=2"]
 FULL = ["recompute_granularity=full", "recompute_method=uniform", "recompute_num_layers=1"]
 SELECTIVE = ["recompute_granularity=selective",

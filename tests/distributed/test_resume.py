@@ -11,6 +11,8 @@ from mswift.testing import run_ranks
 from mswift.testing.files import snapshot
 from test_layouts import BASE
 
+pytestmark = pytest.mark.slow  # eight spawns of 2 training ranks
+
 STEPS = BASE + ["train_iters=8", "lr_warmup_iters=2", "lr_decay_style=cosine"]
 
 

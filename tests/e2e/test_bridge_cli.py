@@ -179,6 +179,7 @@ def test_command_lines_torch_dist(hf, tmp_path, family, dtype, flags):
     assert_same_hf(back, src)
 
 
+@pytest.mark.slow  # torchrun with 2 ranks
 @pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
 def test_mcore_to_hf_under_torchrun_shares_the_shards(hf, tmp_path, fmt):
     """Two ranks convert back to HF: each writes some of the shards, rank 0 the index."""
@@ -196,6 +197,7 @@ def test_mcore_to_hf_under_torchrun_shares_the_shards(hf, tmp_path, fmt):
 # -- verify ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # torchrun with 2 ranks
 def test_verify_passes_under_torchrun_and_dumps_logits(hf, tmp_path):
     src = hf[("qwen3_moe", "fp32")]
     tokens = [[(7 * i + 3 * j) % 250 for j in range(12)] for i in range(2)]

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mswift.testing.ranks import free_port
 from mswift.testing.tokenizers import train_chatml_tokenizer, write_document_halves
+
+pytestmark = pytest.mark.slow  # preprocess, torchrun training and resume
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "examples" / "data" / "tiny_corpus.txt"

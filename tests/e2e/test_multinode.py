@@ -23,6 +23,8 @@ import pytest
 
 from mswift.testing.ranks import free_port
 
+pytestmark = pytest.mark.slow  # torchrun agents and SLURM-style launches training on 4 ranks
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tiny_llama_tp2.yaml"
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"

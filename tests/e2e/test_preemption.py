@@ -19,6 +19,8 @@ import pytest
 
 from mswift.testing.ranks import free_port
 
+pytestmark = pytest.mark.slow  # five torchrun trainings
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 

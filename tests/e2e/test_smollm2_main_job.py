@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from mswift.testing.ranks import free_port
 
+pytestmark = pytest.mark.slow  # the README's main job on SmolLM2-135M
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "smollm2"
 

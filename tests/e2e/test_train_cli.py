@@ -20,6 +20,7 @@ def run(cmd, timeout=600):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # a torchrun training
 def test_tiny_llama_tp2_trains_and_checkpoints(tmp_path):
     save = tmp_path / "run"
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -12,6 +12,8 @@ import torch
 from mswift.testing.hf_models import read_safetensors_dir
 from mswift.testing.ranks import free_port
 
+pytestmark = pytest.mark.slow  # torchrun trainings from HF weights
+
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "examples" / "data" / "tiny_corpus.txt"
 
