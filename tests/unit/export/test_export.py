@@ -154,3 +154,44 @@ def test_bad_input_is_refused_before_anything_is_written(model, capsys, extra, m
     assert export(model, out, *extra) == 2
     assert message in capsys.readouterr().err
     assert not os.path.lexists(out) and not os.path.lexists(str(out) + ".tmp")
+
+
+def test_moe_expert_statistics_hold_the_tokens_routed_to_each_expert(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mswift.bridge.layout import HFModel
+    from mswift.export.calibration import collect_stats
+    from mswift.export.model import MegatronModel
+    from mswift.runtime import destroy_distributed
+
+    hf = save_tiny_hf_model("qwen3_moe", tmp_path / "hf", vocab_size=300, seed=6)
+    hf_to_mcore(hf, tmp_path / "ckpt", "torch_dist", progress=False)
+    samples = [torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    try:
+        stats = collect_stats(MegatronModel(HFModel.open(tmp_path / "ckpt" / "hf"),
+                                            tmp_path / "ckpt", 12), samples, progress=False)
+    finally:
+        destroy_distributed()
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    routed: dict[int, list] = {}
+    for i, layer in enumerate(model.model.layers):  # transformers' router: input, top-k experts
+        layer.mlp.gate.register_forward_hook(
+            lambda mod, args, out, i=i: routed.setdefault(i, []).append((args[0], out[2])))
+    with torch.no_grad():
+        for tokens in samples:
+            model(tokens)
+    for i, calls in routed.items():
+        x = torch.cat([c[0] for c in calls])
+        chosen = torch.cat([c[1] for c in calls])
+        counts = []
+        for e in range(4):
+            rows = x[(chosen == e).any(dim=-1)]
+            s = stats[f"model.layers.{i}.mlp.experts.{e}.gate_proj.weight"]
+            assert s is stats[f"model.layers.{i}.mlp.experts.{e}.up_proj.weight"]
+            assert s.tokens == rows.shape[0] == stats[
+                f"model.layers.{i}.mlp.experts.{e}.down_proj.weight"].tokens
+            torch.testing.assert_close(s.hessian, rows.t() @ rows, rtol=1e-4, atol=1e-3)
+            counts.append(s.tokens)
+        assert sum(counts) == 24 * 2 and min(counts) < max(counts)  # top-2 of 24 tokens
+    assert "model.layers.0.mlp.gate.weight" not in stats  # the router is not quantized
