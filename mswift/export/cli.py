@@ -96,6 +96,12 @@ def run(args) -> Path:
 
     started = time.perf_counter()
     root, out = Path(args.load), Path(args.out)
+    from mswift.bridge.layout import launch_world_size
+
+    if launch_world_size() > 1:
+        raise ExportError(f"mswift export runs in one process ({launch_world_size()} were "
+                          "started): it calibrates and evaluates the model at TP1, where a "
+                          "checkpoint of any layout loads; run it without torchrun / srun")
     if not root.is_dir():
         raise ExportError(f"--load {root}: not a directory")
     template = _template(root, args.hf_dir)
