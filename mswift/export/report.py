@@ -61,37 +61,40 @@ class DequantizedExport(HFCheckpoint):
         raise ValueError(f"{name}: dequantized, not copied")
 
 
-def _losses(model, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
-    """Each row's logits and the mean next-token loss over all predicted tokens."""
-    logits, total, count = [], 0.0, 0
-    for tokens in rows:
-        out = model.logits(tokens)
-        logits.append(out)
-        flat = out[:, :-1].reshape(-1, out.shape[-1]).double()
-        total += torch.nn.functional.cross_entropy(flat, tokens[:, 1:].reshape(-1),
-                                                   reduction="sum").item()
-        count += tokens.shape[1] - 1
-    return logits, total / max(count, 1)
+def _loss_sum(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).double()
+    return torch.nn.functional.cross_entropy(flat, tokens[:, 1:].reshape(-1),
+                                             reduction="sum").item()
 
 
 def quality_report(model, rows, staging: Path, export: Path, scheme, quantized: list[str],
                    seconds: float) -> dict:
+    """The 16-bit pass keeps each row's logits in a file under ``staging`` (removed with it),
+    so that memory holds one row's logits, not the evaluation set's."""
     from mswift.runtime.device import peak_memory_bytes
 
     report = {"scheme": scheme.name, "quantized_weights": len(quantized),
               "eval_rows": len(rows or []), "eval_tokens": sum(t.shape[1] for t in rows or [])}
     if model is not None and rows:
-        base_logits, base = _losses(model, rows)
+        kept = staging / "eval_logits"
+        kept.mkdir()
+        base = quant = 0.0
+        for i, tokens in enumerate(rows):
+            logits = model.logits(tokens)
+            base += _loss_sum(logits, tokens)
+            torch.save(logits, kept / f"{i}.pt")
         model.load(DequantizedExport(staging, export, quantized))
-        quant_logits, quant = _losses(model, rows)
-        diffs = [(a - b).abs() for a, b in zip(base_logits, quant_logits)]
-        report.update({
-            "ppl_16bit": math.exp(base), "ppl_quantized": math.exp(quant),
-            "ppl_increase": math.exp(quant) - math.exp(base),
-            "max_abs_logit_diff": max(d.max().item() for d in diffs),
-            "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(
-                d.numel() for d in diffs),
-        })
+        worst, total, count = 0.0, 0.0, 0
+        for i, tokens in enumerate(rows):
+            logits = model.logits(tokens)
+            quant += _loss_sum(logits, tokens)
+            diff = (logits - torch.load(kept / f"{i}.pt")).abs()
+            worst = max(worst, diff.max().item())
+            total, count = total + diff.sum().item(), count + diff.numel()
+        predicted = sum(t.shape[1] - 1 for t in rows)
+        base, quant = math.exp(base / predicted), math.exp(quant / predicted)
+        report.update({"ppl_16bit": base, "ppl_quantized": quant, "ppl_increase": quant - base,
+                       "max_abs_logit_diff": worst, "mean_abs_logit_diff": total / count})
     device_peak = peak_memory_bytes()
     report.update({
         "seconds": seconds,

@@ -4,6 +4,7 @@ on transformers' model, bad input refused with nothing written."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -97,9 +98,23 @@ def test_w4a16_loads_in_transformers_with_the_dequantized_logits(model, w4):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         generated = loaded.generate(tokens, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 12)
+    # the report: the rows after the 4 calibration samples, through transformers' models
+    from mswift.export.calibration import calibration_samples
+
+    rows = calibration_samples(model["calib"], model["hf"], 4, 512, skip=4)
+    original = AutoModelForCausalLM.from_pretrained(model["hf"], dtype=torch.float32).eval()
+
+    def ppl(m):
+        with torch.no_grad():
+            losses = [m(t, labels=t).loss.item() * (t.shape[1] - 1) for t in rows]
+        return math.exp(sum(losses) / sum(t.shape[1] - 1 for t in rows))
+
     report = json.loads((w4 / "quant_report.json").read_text())
-    assert report["eval_rows"] == 4 and report["ppl_quantized"] > 0
-    assert report["max_abs_logit_diff"] > 0 and (w4 / "quant_report.md").is_file()
+    assert report["eval_rows"] == 4 and report["eval_tokens"] == sum(t.shape[1] for t in rows)
+    assert report["ppl_16bit"] == pytest.approx(ppl(original), rel=1e-4)
+    assert report["ppl_quantized"] == pytest.approx(ppl(loaded), rel=1e-3)
+    assert report["max_abs_logit_diff"] > report["mean_abs_logit_diff"] > 0
+    assert (w4 / "quant_report.md").is_file()
 
 
 def test_calibration_statistics_match_transformers_inputs(model):
