@@ -37,13 +37,15 @@ class TopkRoutingFunction(torch.autograd.Function):
 
 
 class PermuteFunction(torch.autograd.Function):
-    """``apply(tokens, indices, num_experts, pad_to) -> (permuted, row_map, tokens_per_expert)``."""
+    """``apply(tokens, indices, num_experts, pad_to, unrouted) -> (permuted, row_map,
+    tokens_per_expert)``."""
 
     @staticmethod
-    def forward(ctx, tokens, indices, num_experts, pad_to):
+    def forward(ctx, tokens, indices, num_experts, pad_to, unrouted):
         from .triton_permute import permutation_rows, scatter_rows
 
-        row_map, tokens_per_expert, num_rows = permutation_rows(indices, num_experts, pad_to)
+        row_map, tokens_per_expert, num_rows = permutation_rows(indices, num_experts, pad_to,
+                                                                unrouted)
         permuted, _ = scatter_rows(tokens, row_map, num_rows, zero_fill=pad_to is not None)
         ctx.save_for_backward(row_map)
         ctx.mark_non_differentiable(row_map, tokens_per_expert)
@@ -54,7 +56,7 @@ class PermuteFunction(torch.autograd.Function):
         from .triton_permute import gather_rows
 
         (row_map,) = ctx.saved_tensors
-        return gather_rows(grad_permuted.contiguous(), row_map), None, None, None
+        return gather_rows(grad_permuted.contiguous(), row_map), None, None, None, None
 
 
 class UnpermuteFunction(torch.autograd.Function):
@@ -75,7 +77,8 @@ class UnpermuteFunction(torch.autograd.Function):
         from .triton_permute import scatter_rows
 
         row_map, weights, expert_out = ctx.saved_tensors
-        # padding rows (more rows than choices) are the only rows no choice writes
+        # padding rows (more rows than choices) are the only rows no choice writes; with
+        # unrouted choices (row -1, never padded) there are fewer rows than choices
         grad_expert_out, grad_weights = scatter_rows(
             grad_out.contiguous(), row_map, ctx.num_rows, weights=weights, other=expert_out,
             zero_fill=ctx.num_rows != row_map.numel())
@@ -132,7 +135,7 @@ def topk_routing(logits: torch.Tensor, topk: int, *, score_function: str = "soft
 
 
 def permute(tokens: torch.Tensor, indices: torch.Tensor, num_experts: int, *,
-            pad_to: int | None = None, backend: str = "auto"
+            pad_to: int | None = None, unrouted: bool = False, backend: str = "auto"
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Copy each token's row once per chosen expert, grouped by expert.
 
@@ -142,22 +145,25 @@ def permute(tokens: torch.Tensor, indices: torch.Tensor, num_experts: int, *,
         num_experts: the number of experts (ids ``0..num_experts-1``).
         pad_to: round each expert's row count up to a multiple of this (a GEMM tile); the
             padding rows are zero and follow that expert's real rows.
+        unrouted: ``indices`` may hold -1, a choice routed to none of these experts (another
+            expert-parallel rank's, as the all-gather dispatcher sees them): it gets no row,
+            its ``row_map`` entry is -1, and :func:`unpermute` adds nothing for it. The row
+            count is then read back to the host once. Not with ``pad_to``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
     Returns:
         ``permuted [rows, hidden]``: expert 0's rows first, then expert 1's, ...; inside an
         expert in token order (then k), so the order is deterministic. ``rows`` is
-        ``tokens * topk`` plus the padding (computing it with ``pad_to`` reads the counts back
-        to the host once).
+        ``tokens * topk`` (less the unrouted choices) plus the padding.
         ``row_map [tokens, topk]`` int64: the row of ``permuted`` holding choice ``(t, k)``.
         ``tokens_per_expert [num_experts]`` int64: each expert's row count *including* its
         padding (the segment lengths a grouped GEMM walks); without ``pad_to`` these are the
         real counts, which are otherwise ``torch.bincount(indices.flatten(), minlength=E)``.
     Differentiable w.r.t. ``tokens`` (the gradient sums each token's ``topk`` rows).
     """
-    check_permute_inputs(tokens, indices, num_experts, pad_to)
+    check_permute_inputs(tokens, indices, num_experts, pad_to, unrouted)
     if not use_triton(tokens, backend):
-        return permute_reference(tokens, indices, num_experts, pad_to)
-    return PermuteFunction.apply(_contiguous(tokens), indices, num_experts, pad_to)
+        return permute_reference(tokens, indices, num_experts, pad_to, unrouted)
+    return PermuteFunction.apply(_contiguous(tokens), indices, num_experts, pad_to, unrouted)
 
 
 def unpermute(expert_out: torch.Tensor, row_map: torch.Tensor,
@@ -165,7 +171,8 @@ def unpermute(expert_out: torch.Tensor, row_map: torch.Tensor,
     """Sum each token's expert outputs back into token order: the inverse of :func:`permute`.
 
     ``out[t] = sum over k of weights[t, k] * expert_out[row_map[t, k]]`` (plain sum when
-    ``weights`` is None: Llama-4 scales the expert *input* instead), accumulated in fp32 and
+    ``weights`` is None: Llama-4 scales the expert *input* instead; no term for an unrouted
+    choice, row -1: a token with none routed gets zeros), accumulated in fp32 and
     returned ``[tokens, hidden]`` in ``expert_out``'s dtype. Padding rows are never read.
     ``row_map`` must come from :func:`permute` (each row named at most once). Differentiable
     w.r.t. ``expert_out`` (padding rows get zero) and ``weights``.

@@ -57,44 +57,57 @@ def topk_routing_reference(logits: torch.Tensor, expert_bias: torch.Tensor | Non
     return weights * opts.scaling_factor, indices
 
 
-def permutation_rows(indices: torch.Tensor, num_experts: int, pad_to: int | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Destination row of every routing choice, expert-major and stable (argsort).
+def permutation_rows(indices: torch.Tensor, num_experts: int, pad_to: int | None,
+                     unrouted: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Destination row of every routing choice, expert-major and stable (argsort); with
+    ``unrouted``, choices of expert -1 get row -1.
 
     Returns ``(row_map [tokens, topk] int64, tokens_per_expert [experts] int64 (padded counts),
     total rows)``. Expert ``e``'s rows start at the sum of the padded counts of experts < e.
     """
     flat = indices.reshape(-1).to(torch.int64)  # choice p = token * topk + k
-    counts = torch.bincount(flat, minlength=num_experts)
-    padded = counts if pad_to is None else (counts + pad_to - 1) // pad_to * pad_to
-    order = torch.argsort(flat, stable=True)  # choices by (expert, token, k)
-    sorted_experts = flat[order]
+    routed = flat >= 0
+    # expert -1 sorts last, as an extra expert whose rows are then dropped
+    key = torch.where(routed, flat, num_experts)
+    counts = torch.bincount(key, minlength=num_experts + 1)
+    padded = counts[:num_experts] if pad_to is None else (
+        (counts[:num_experts] + pad_to - 1) // pad_to * pad_to)
+    starts = torch.cat([padded.cumsum(0) - padded, padded.sum().view(1)])
+    order = torch.argsort(key, stable=True)  # choices by (expert, token, k)
+    sorted_experts = key[order]
     first_of_expert = (counts.cumsum(0) - counts)[sorted_experts]  # in the unpadded order
     rank = torch.arange(flat.numel(), device=flat.device) - first_of_expert
     rows = torch.empty_like(flat)
-    rows[order] = (padded.cumsum(0) - padded)[sorted_experts] + rank
-    total = flat.numel() if pad_to is None else int(padded.sum())
+    rows[order] = starts[sorted_experts] + rank
+    rows = torch.where(routed, rows, -1)
+    total = flat.numel() if pad_to is None and not unrouted else int(padded.sum())
     return rows.view(indices.shape), padded, total
 
 
 def permute_reference(tokens: torch.Tensor, indices: torch.Tensor, num_experts: int,
-                      pad_to: int | None = None):
+                      pad_to: int | None = None, unrouted: bool = False):
     """``(permuted [rows, hidden], row_map, tokens_per_expert)``; see ``permute``."""
-    row_map, tokens_per_expert, total = permutation_rows(indices, num_experts, pad_to)
+    row_map, tokens_per_expert, total = permutation_rows(indices, num_experts, pad_to, unrouted)
     topk = indices.shape[1]
     sources = tokens.repeat_interleave(topk, dim=0)  # [tokens * topk, hidden], choice order
-    permuted = tokens.new_zeros(total, tokens.shape[1]).index_copy(0, row_map.reshape(-1), sources)
-    return permuted, row_map, tokens_per_expert
+    rows = row_map.reshape(-1)
+    # unrouted choices (row -1) go to one extra row, dropped
+    rows = torch.where(rows >= 0, rows, total)
+    permuted = tokens.new_zeros(total + 1, tokens.shape[1]).index_copy(0, rows, sources)
+    return permuted[:total], row_map, tokens_per_expert
 
 
 def unpermute_reference(expert_out: torch.Tensor, row_map: torch.Tensor,
                         weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``[tokens, hidden]`` in expert_out's dtype: sum over k of ``weights * expert_out[row]``,
-    accumulated in fp32 (float64 stays float64)."""
+    """``[tokens, hidden]`` in expert_out's dtype: sum over k of ``weights * expert_out[row]``
+    (nothing for row -1), accumulated in fp32 (float64 stays float64)."""
     tokens, topk = row_map.shape
     acc = torch.promote_types(expert_out.dtype, torch.float32)
     rows = row_map.reshape(-1)
-    gathered = expert_out.index_select(0, rows).view(tokens, topk, expert_out.shape[1]).to(acc)
+    # row -1 (an unrouted choice) reads an extra zero row
+    padded_out = torch.cat([expert_out, expert_out.new_zeros(1, expert_out.shape[1])])
+    rows = torch.where(rows >= 0, rows, expert_out.shape[0])
+    gathered = padded_out.index_select(0, rows).view(tokens, topk, expert_out.shape[1]).to(acc)
     if weights is not None:  # gathered: [tokens, topk, hidden]
         gathered = gathered * weights.to(acc).unsqueeze(-1)
     return gathered.sum(dim=1).to(expert_out.dtype)

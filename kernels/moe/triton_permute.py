@@ -46,16 +46,18 @@ def _histogram_kernel(experts_ptr, hist_ptr, num_choices, num_experts,
 @triton.jit
 def _rank_kernel(experts_ptr, base_ptr, rows_ptr, num_choices, num_experts,
                  BLOCK_P: tl.constexpr):
-    """rows[p] = base[block, e_p] + number of earlier choices of e_p in the same block."""
+    """rows[p] = base[block, e_p] + number of earlier choices of e_p in the same block; -1 for
+    an unrouted choice (expert -1)."""
     pid = tl.program_id(0)
     i = tl.arange(0, BLOCK_P)
     p = pid * BLOCK_P + i
     ok = p < num_choices
     ex = tl.load(experts_ptr + p, mask=ok, other=-1)
+    routed = ex >= 0
     before = (ex[:, None] == ex[None, :]) & (i[None, :] < i[:, None])
     rank = tl.sum(before.to(tl.int32), axis=1)
-    base = tl.load(base_ptr + pid.to(tl.int64) * num_experts + ex, mask=ok, other=0)
-    tl.store(rows_ptr + p, base + rank, mask=ok)
+    base = tl.load(base_ptr + pid.to(tl.int64) * num_experts + ex, mask=ok & routed, other=0)
+    tl.store(rows_ptr + p, tl.where(routed, base + rank, -1), mask=ok)
 
 
 @triton.jit
@@ -63,8 +65,9 @@ def _scatter_rows_kernel(src_ptr, dst_ptr, rows_ptr, weights_ptr, other_ptr, gra
                          num_tokens, hidden, TOPK: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                          GRAD_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dst[rows[t, k]] = weights[t, k] * src[t]; with GRAD_WEIGHTS also
-    grad_w[t, k] = <src[t], other[rows[t, k]]>. One program owns whole token rows."""
+    """dst[rows[t, k]] = weights[t, k] * src[t] (nothing for row -1); with GRAD_WEIGHTS also
+    grad_w[t, k] = <src[t], other[rows[t, k]]> (0 for row -1). One program owns whole token
+    rows."""
     pid = tl.program_id(0)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < num_tokens
@@ -75,16 +78,17 @@ def _scatter_rows_kernel(src_ptr, dst_ptr, rows_ptr, weights_ptr, other_ptr, gra
         mask = t_ok[:, None] & (h < hidden)[None, :]
         x = tl.load(src_ptr + t[:, None].to(tl.int64) * hidden + h[None, :], mask=mask, other=0.0)
         for k in range(TOPK):
-            row = tl.load(rows_ptr + t.to(tl.int64) * TOPK + k, mask=t_ok, other=0)
+            row = tl.load(rows_ptr + t.to(tl.int64) * TOPK + k, mask=t_ok, other=-1)
             offsets = row[:, None] * hidden + h[None, :]
+            routed = mask & (row >= 0)[:, None]  # row -1: an unrouted choice, no row
             if HAS_WEIGHTS:
                 w = tl.load(weights_ptr + t.to(tl.int64) * TOPK + k, mask=t_ok, other=0.0)
                 y = x.to(tl.float32) * w.to(tl.float32)[:, None]
             else:
                 y = x
-            tl.store(dst_ptr + offsets, y.to(dst_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst_ptr + offsets, y.to(dst_ptr.dtype.element_ty), mask=routed)
             if GRAD_WEIGHTS:
-                o = tl.load(other_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                o = tl.load(other_ptr + offsets, mask=routed, other=0.0).to(tl.float32)
                 dot = tl.sum(x.to(tl.float32) * o, axis=1)
                 dots += tl.where(k_ids == k, dot[:, None], 0.0)
     if GRAD_WEIGHTS:
@@ -97,7 +101,8 @@ def _scatter_rows_kernel(src_ptr, dst_ptr, rows_ptr, weights_ptr, other_ptr, gra
 def _gather_rows_kernel(src_ptr, dst_ptr, rows_ptr, weights_ptr, num_tokens, hidden,
                         TOPK: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """dst[t] = sum over k of weights[t, k] * src[rows[t, k]], accumulated in fp32."""
+    """dst[t] = sum over k of weights[t, k] * src[rows[t, k]] (rows -1 left out), accumulated
+    in fp32."""
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -106,8 +111,9 @@ def _gather_rows_kernel(src_ptr, dst_ptr, rows_ptr, weights_ptr, num_tokens, hid
     mask = t_ok[:, None] & (h < hidden)[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
     for k in range(TOPK):
-        row = tl.load(rows_ptr + t.to(tl.int64) * TOPK + k, mask=t_ok, other=0)
-        x = tl.load(src_ptr + row[:, None] * hidden + h[None, :], mask=mask, other=0.0)
+        row = tl.load(rows_ptr + t.to(tl.int64) * TOPK + k, mask=t_ok, other=-1)
+        x = tl.load(src_ptr + row[:, None] * hidden + h[None, :],
+                    mask=mask & (row >= 0)[:, None], other=0.0)
         x = x.to(tl.float32)
         if HAS_WEIGHTS:
             w = tl.load(weights_ptr + t.to(tl.int64) * TOPK + k, mask=t_ok, other=0.0)
@@ -117,11 +123,13 @@ def _gather_rows_kernel(src_ptr, dst_ptr, rows_ptr, weights_ptr, num_tokens, hid
              acc.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-def permutation_rows(indices: torch.Tensor, num_experts: int, pad_to: int | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(row_map [tokens, topk] int64, tokens_per_expert (padded) [experts] int64, rows)``.
+def permutation_rows(indices: torch.Tensor, num_experts: int, pad_to: int | None,
+                     unrouted: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(row_map [tokens, topk] int64, tokens_per_expert (padded) [experts] int64, rows)``;
+    with ``unrouted``, choices of expert -1 get row -1.
 
-    The row count needs one device-to-host read when ``pad_to`` is set (it sizes the output).
+    The row count needs one device-to-host read when ``pad_to`` or ``unrouted`` is set (it
+    sizes the output).
     """
     experts = indices.reshape(-1).to(torch.int64).contiguous()
     n = experts.numel()
@@ -138,7 +146,7 @@ def permutation_rows(indices: torch.Tensor, num_experts: int, pad_to: int | None
     # base[b, e] = first row of expert e + its choices in the blocks before b
     base = (padded.cumsum(0) - padded)[None, :] + (hist.cumsum(0) - hist)
     _rank_kernel[(blocks,)](experts, base.contiguous(), rows, n, num_experts, BLOCK_P=block_p)
-    total = n if pad_to is None else int(padded.sum())
+    total = n if pad_to is None and not unrouted else int(padded.sum())
     return rows.view(indices.shape), padded, total
 
 

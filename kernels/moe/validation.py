@@ -89,7 +89,7 @@ def check_routing_inputs(logits, topk, score_function, expert_bias, num_groups, 
     )
 
 
-def check_permute_inputs(tokens, indices, num_experts, pad_to) -> None:
+def check_permute_inputs(tokens, indices, num_experts, pad_to, unrouted: bool = False) -> None:
     """Raise ValueError on bad ``permute`` arguments."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
         raise ValueError("tokens must be a [tokens, hidden] tensor")
@@ -107,11 +107,15 @@ def check_permute_inputs(tokens, indices, num_experts, pad_to) -> None:
     _check_int("num_experts", num_experts, 1)
     if pad_to is not None:
         _check_int("pad_to", pad_to, 1)
+        if unrouted:
+            raise ValueError("pad_to and unrouted=True together are not supported")
     if indices.device.type == "cpu" and indices.numel():
         low, high = int(indices.min()), int(indices.max())
-        if low < 0 or high >= num_experts:
-            raise ValueError(f"indices must be expert ids in [0, {num_experts}), got values from "
-                             f"{low} to {high}")
+        lowest = -1 if unrouted else 0
+        if low < lowest or high >= num_experts:
+            ids = f"[0, {num_experts}) or -1 (unrouted)" if unrouted else f"[0, {num_experts})"
+            raise ValueError(f"indices must be expert ids in {ids}, got values from {low} to "
+                             f"{high}")
 
 
 def check_unpermute_inputs(expert_out, row_map, weights) -> None:
@@ -134,6 +138,6 @@ def check_unpermute_inputs(expert_out, row_map, weights) -> None:
             raise ValueError(f"weights must be a floating point tensor on {row_map.device}")
     if row_map.device.type == "cpu" and row_map.numel():
         low, high = int(row_map.min()), int(row_map.max())
-        if low < 0 or high >= expert_out.shape[0]:
+        if low < -1 or high >= expert_out.shape[0]:
             raise ValueError(f"row_map points at rows {low}..{high} but expert_out has "
                              f"{expert_out.shape[0]} rows")

@@ -16,11 +16,16 @@ megatron-core's order (expert by expert, token order inside an expert), so the e
 same rows and the results equal megatron-core's up to the order of the sum over the ``topk``
 outputs of a token.
 
+The ``allgather`` dispatcher at EP > 1 gathers every rank's tokens and each rank permutes only
+the choices of its own experts: the others become expert -1 (:func:`local_indices`), which
+``permute(..., unrouted=True)`` gives no row and ``unpermute`` no term, so a token none of whose
+choices is here comes back as zeros before the reduce-scatter, as from megatron-core's
+``unpermute``.
+
 Covered: dropless routing (no ``moe_expert_capacity_factor``, no router padding for
-quantization) with the ``alltoall`` dispatcher (any EP / TP) and the ``allgather`` dispatcher
-when every expert is local (EP = 1). Elsewhere -- allgather at EP > 1, where each rank permutes
-a varying share of every token's choices, token dropping, megatron-core's own TE fusion
-(``moe_permute_fusion``) -- the layer keeps megatron-core's dispatcher unchanged.
+quantization) with the ``alltoall`` and ``allgather`` dispatchers at any EP / TP. Elsewhere --
+token dropping, megatron-core's own TE fusion (``moe_permute_fusion``) -- the layer keeps
+megatron-core's dispatcher unchanged.
 """
 from __future__ import annotations
 
@@ -41,21 +46,35 @@ def routing_indices(routing_map: torch.Tensor, topk: int) -> torch.Tensor:
     return routing_map.to(torch.int8).topk(topk, dim=1, sorted=False).indices
 
 
+def local_indices(indices: torch.Tensor, local_experts: list[int]) -> torch.Tensor:
+    """``indices`` (global expert ids) as one rank's experts see them: its consecutive
+    ``local_experts`` numbered from 0, every other expert -1 (not routed here)."""
+    local = indices - local_experts[0]
+    return local.masked_fill((local < 0) | (local >= len(local_experts)), -1)
+
+
 def permute_tokens(tokens: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
-                   topk: int, backend: str):
+                   topk: int, backend: str, local_experts: list[int] | None = None):
     """megatron-core's ``permute(tokens, routing_map, probs)`` on mswift's kernels.
 
-    ``tokens [tokens, hidden]``, ``probs [tokens, experts]`` (zero off the route).
-    Returns ``(permuted [tokens * topk, hidden], permuted_probs [tokens * topk], row_map
-    [tokens, topk], tokens_per_expert [experts])``; ``permuted_probs`` follows the rows and
-    carries the gradient back to ``probs``.
+    ``tokens [tokens, hidden]``, ``probs [tokens, experts]`` (zero off the route);
+    ``local_experts``: permute only the choices of these experts (the all-gather dispatcher
+    at EP > 1), None: of all.
+    Returns ``(permuted [rows, hidden], permuted_probs [rows], row_map [tokens, topk] (-1:
+    not here), tokens_per_expert [experts here])``, ``rows`` the choices permuted;
+    ``permuted_probs`` follows the rows and carries the gradient back to ``probs``.
     """
     indices = routing_indices(routing_map, topk)
-    permuted, row_map, tokens_per_expert = permute(tokens, indices, routing_map.shape[1],
-                                                   backend=backend)
     chosen = probs.gather(1, indices)  # [tokens, topk]
-    permuted_probs = chosen.new_zeros(chosen.numel()).scatter(0, row_map.reshape(-1),
-                                                              chosen.reshape(-1))
+    num_experts = routing_map.shape[1]
+    if local_experts is not None:
+        indices, num_experts = local_indices(indices, local_experts), len(local_experts)
+    permuted, row_map, tokens_per_expert = permute(
+        tokens, indices, num_experts, unrouted=local_experts is not None, backend=backend)
+    rows = permuted.shape[0]
+    # choices not permuted here (row -1) write one extra slot, dropped
+    targets = torch.where(row_map >= 0, row_map, rows).reshape(-1)
+    permuted_probs = chosen.new_zeros(rows + 1).scatter(0, targets, chosen.reshape(-1))[:rows]
     return permuted, permuted_probs, row_map, tokens_per_expert
 
 
@@ -96,15 +115,17 @@ class KernelAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
 
 class KernelAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
-    """All-gather dispatcher (every expert local) whose permutation of the gathered tokens and
-    its inverse run on mswift's kernels; see the module doc."""
+    """All-gather dispatcher whose permutation of the gathered tokens (at EP > 1: of the
+    choices of this rank's experts) and its inverse run on mswift's kernels; see the module
+    doc."""
 
     backend = "triton"
 
     def dispatch_postprocess(self, hidden_states, probs):
         self.hidden_shape_before_permute = hidden_states.shape
+        local = self.local_expert_indices if self.ep_size > 1 else None
         permuted, self.local_probs, self.row_map, tokens_per_expert = permute_tokens(
-            hidden_states, probs, self.routing_map, self.router_topk, self.backend)
+            hidden_states, probs, self.routing_map, self.router_topk, self.backend, local)
         self.routing_map = None
         # megatron-core's experts split their rows by host counts
         return permuted, tokens_per_expert.cpu(), self.local_probs
@@ -115,7 +136,7 @@ class KernelAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
         return out
 
 
-def kernel_dispatcher_class(config, ep_size: int):
+def kernel_dispatcher_class(config):
     """The kernel dispatcher for ``config``'s dispatcher type and routing, or None where
     megatron-core's own must stay (see the module doc)."""
     if (config.moe_expert_capacity_factor is not None or config.moe_pad_expert_input_to_capacity
@@ -123,7 +144,7 @@ def kernel_dispatcher_class(config, ep_size: int):
         return None
     if config.moe_token_dispatcher_type == "alltoall":
         return KernelAlltoAllTokenDispatcher
-    if config.moe_token_dispatcher_type == "allgather" and ep_size == 1:
+    if config.moe_token_dispatcher_type == "allgather":
         return KernelAllGatherTokenDispatcher
     return None
 
@@ -140,7 +161,7 @@ def use_kernel_dispatchers(model: torch.nn.Module, backend: str = "triton") -> i
         if not isinstance(layer, MoELayer):
             continue
         old = layer.token_dispatcher
-        dispatcher = kernel_dispatcher_class(layer.config, old.ep_size)
+        dispatcher = kernel_dispatcher_class(layer.config)
         if dispatcher is None:
             continue
         groups = ProcessGroupCollection(ep=old.ep_group, expt_tp=old.tp_group,

@@ -8,6 +8,8 @@
   With the kernels on, the router is mswift's ``HFTopKRouter`` on the Triton routing kernel
   (Qwen3-MoE: softmax, top-2, ``norm_topk_prob``; Llama-4: top-1 sigmoid); off, it is
   megatron-core's ``TopKRouter``, so the losses also compare the two routers.
+* The Qwen3-MoE does the same with the all-gather dispatcher at EP2, where each rank permutes
+  only its own experts' choices of every gathered token (``permute(..., unrouted=True)``).
 * The Qwen3-MoE with the kernels on gives transformers' logits (fp32, 1e-4) at TP1.
 
 Each run checks that the kernel modules are really in place (a swap that silently fell back
@@ -57,7 +59,10 @@ def kernel_modules_report(chunks) -> dict:
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from mswift.models.kernel_modules import KernelLossGPTModel, SwiGLU
-    from mswift.models.moe_dispatch import KernelAlltoAllTokenDispatcher
+    from mswift.models.moe_dispatch import (
+        KernelAllGatherTokenDispatcher,
+        KernelAlltoAllTokenDispatcher,
+    )
     from mswift.models.norm import Norm
     from mswift.models.router import HFTopKRouter
 
@@ -68,22 +73,23 @@ def kernel_modules_report(chunks) -> dict:
     return {
         "loss": all(isinstance(c, KernelLossGPTModel) for c in chunks),
         "swiglu": bool(mlps) and all(isinstance(m.activation_func, SwiGLU) for m in mlps),
-        "dispatch": bool(moes) and all(isinstance(m.token_dispatcher,
-                                                  KernelAlltoAllTokenDispatcher) for m in moes),
+        "dispatch": bool(moes) and all(isinstance(m.token_dispatcher, (
+            KernelAlltoAllTokenDispatcher, KernelAllGatherTokenDispatcher)) for m in moes),
         "norm": bool(norms) and all(n.backend == "triton" for n in norms),
         "router": bool(moes) and all(isinstance(m.router, HFTopKRouter)
                                      and m.router.backend == "triton" for m in moes),
     }
 
 
-def train_on_and_off(hf_dir: str, data: str) -> dict:
+def train_on_and_off(hf_dir: str, data: str, dispatcher: str = "alltoall") -> dict:
     """Rank body: the same training run with the kernels off, then on."""
     from mswift.config import load_config
     from mswift.train.loop import run_training, setup
 
     out = {}
     for name, switches in (("off", KERNELS_OFF), ("on", KERNELS_ON)):
-        cfg = load_config(None, [f"hf_model={hf_dir}", f"dataset=[{data}]"] + TRAIN + switches)
+        cfg = load_config(None, [f"hf_model={hf_dir}", f"dataset=[{data}]",
+                                 f"moe_token_dispatcher_type={dispatcher}"] + TRAIN + switches)
         state = setup(cfg)
         report = kernel_modules_report([ddp.module for ddp in state.model])
         out[name] = {"losses": [row["loss"] for row in run_training(cfg, state)],
@@ -91,11 +97,12 @@ def train_on_and_off(hf_dir: str, data: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", list(MODELS))
-def test_ep2_training_with_kernels_gives_the_same_losses(data, family):
+@pytest.mark.parametrize("family, dispatcher", [(family, "alltoall") for family in MODELS]
+                         + [("qwen3_moe", "allgather")])
+def test_ep2_training_with_kernels_gives_the_same_losses(data, family, dispatcher):
     models, chat = data
     for rank, result in enumerate(run_ranks(2, train_on_and_off, models[family], chat,
-                                            env=INTERPRET, timeout=600)):
+                                            dispatcher, env=INTERPRET, timeout=600)):
         assert result["on"]["modules"] == dict.fromkeys(result["on"]["modules"], True), result
         assert not any(result["off"]["modules"].values()), result["off"]["modules"]
         off, on = result["off"]["losses"], result["on"]["losses"]

@@ -17,10 +17,11 @@ BACKENDS = ("torch", "triton")
 
 
 def _loop_layout(indices, num_experts, pad_to):
-    """Row of each choice and each expert's padded row count, by walking experts then tokens."""
+    """Row of each choice (-1 for expert -1) and each expert's padded row count, by walking
+    experts then tokens."""
     tokens, topk = indices.shape
     ids = indices.tolist()
-    row_map = [[None] * topk for _ in range(tokens)]
+    row_map = [[-1] * topk for _ in range(tokens)]
     counts, row = [], 0
     for e in range(num_experts):
         start = row
@@ -135,6 +136,55 @@ def test_triton_matches_reference_gradients(dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
+def _this_ranks_share(indices, first, count):
+    """Expert ids as one expert-parallel rank sees them (its experts ``first..first+count-1``
+    as 0..count-1, the others -1), with token 0 routed to none of them."""
+    local = indices - first
+    local[(local < 0) | (local >= count)] = -1
+    local[0] = -1
+    return local
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighted", [True, False])
+def test_unrouted_choices_get_no_row(backend, weighted):
+    """The all-gather dispatcher at EP > 1: each rank permutes only its experts' choices
+    (-1 elsewhere) and unpermute gives zeros where none of a token's choices is here; layout,
+    values and gradients against the loop layout and plain torch."""
+    gen = torch.Generator().manual_seed(6)
+    indices, weights = _routing(45, 3, 8, seed=7)
+    local = _this_ranks_share(indices, 2, 3)
+    x = torch.randn(45, 20, generator=gen).to(DEVICE)
+    expert_w = torch.randn(3, 20, 8, generator=gen).to(DEVICE) / 20 ** 0.5
+    grad = torch.randn(45, 8, generator=gen).to(DEVICE)
+    permuted, row_map, counts = permute(x, local, 3, unrouted=True, backend=backend)
+    want_rows, want_counts = _loop_layout(local.cpu(), 3, None)
+    assert torch.equal(row_map.cpu(), want_rows) and torch.equal(counts.cpu(), want_counts)
+    assert permuted.shape == (int((local >= 0).sum()), 20) == (int(want_counts.sum()), 20)
+
+    def run(pipeline):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, expert_w, weights)]
+        out = pipeline(*leaves)
+        out.backward(grad)
+        return [out] + [t.grad for t in leaves[:2 if not weighted else 3]]
+
+    def plain(x, w_e, w):  # every local choice in token order, the others nothing
+        here = (local >= 0).unsqueeze(-1)
+        per_choice = torch.einsum("th,tkhd->tkd", x, w_e[local.clamp(min=0)]) * here
+        return (per_choice * (w.unsqueeze(-1) if weighted else 1)).sum(dim=1)
+
+    def kernels(x, w_e, w):
+        permuted, row_map, counts = permute(x, local, 3, unrouted=True, backend=backend)
+        segments = permuted.split(counts.tolist())
+        expert_out = torch.cat([seg @ w_e[e] for e, seg in enumerate(segments)])
+        return unpermute(expert_out, row_map, w if weighted else None, backend=backend)
+
+    got, want = run(kernels), run(plain)
+    assert not got[0][0].any()  # token 0 has no choice here
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_no_tokens():
     indices = torch.zeros(0, 2, dtype=torch.int64, device=DEVICE)
     for backend in BACKENDS:
@@ -150,6 +200,10 @@ def test_no_tokens():
     (lambda x, i: permute(x, i.float(), 4), "int32 or int64"),
     (lambda x, i: permute(x[:3], i, 4), "indices has 5 rows but tokens has 3"),
     (lambda x, i: permute(x, i, 4, pad_to=0), "pad_to must be >= 1"),
+    (lambda x, i: permute(x, -i, 4), r"expert ids in \[0, 4\), got values from -3"),
+    (lambda x, i: permute(x, i - 2, 4, unrouted=True),
+     r"expert ids in \[0, 4\) or -1 \(unrouted\), got values from -2"),
+    (lambda x, i: permute(x, i, 4, pad_to=8, unrouted=True), "pad_to and unrouted=True"),
     (lambda x, i: unpermute(x[:2], i), "row_map points at rows 0..3 but expert_out has 2"),
     (lambda x, i: unpermute(x, i, torch.ones(5, 1)), r"weights must be a \(5, 2\) tensor"),
 ])
