@@ -466,6 +466,8 @@ def reshard(mcore_dir, out, tp: int, pp: int, ep: int, vpp: int | None = None, h
     from mswift.bridge.byte_copy import LegacyBytes, reshard_applies, write_legacy_copying
 
     source = LegacySource(root, wmap)
+    # the output names expert weights as the input does (grouped or per expert)
+    layout = dataclasses.replace(layout, grouped_experts=source.layout.grouped_experts)
     kind = next(iter(source.pieces.values())).kind
     copying = reshard_applies(source)
     args = megatron_args(template.model, layout, padded,

@@ -1,7 +1,8 @@
 """``moe_grouped_gemm: true`` without Transformer Engine: mswift's grouped expert MLP
 (:mod:`mswift.models.grouped_experts`) on a tiny Qwen3-MoE (4 experts, top-2, fp32).
 
-* Logits equal transformers' (1e-4) at EP1 and EP2 with the grouped experts in place.
+* Logits equal transformers' (1e-4) at EP1 and EP2 with the grouped experts in place (EP1 also
+  for a tiny Llama-4 and DeepSeek-V3).
 * Checkpoints interchange with the per-expert layout (SequentialMLP): a torch_dist checkpoint
   saved with grouped GEMMs loads with them off and vice versa (same logits, bit for bit); HF
   converted to torch_dist and to legacy rank files with either layout's names loads into the
@@ -48,11 +49,42 @@ def grouped_report(chunks) -> list[str]:
                    for chunk in chunks for m in chunk.modules() if isinstance(m, MoELayer)})
 
 
-def logits_and_checkpoints(hf_dir: str, tokens: torch.Tensor, out: str, ep: int,
-                           checkpoints: bool):
-    """Rank body: the grouped model loaded from HF (logits); with ``checkpoints`` also its HF
-    export and torch_dist save, the per-expert model loaded from that save (logits) and saved,
-    the grouped model reloaded from the per-expert save (logits)."""
+def grouped_logits(hf_dirs: list[str], tokens: torch.Tensor) -> list:
+    """Rank body (EP1): each model with grouped experts, loaded from HF: (experts, logits)."""
+    from mswift.bridge.forward import megatron_logits
+    from mswift.bridge.layout import HFModel, Layout, build_chunks
+    from mswift.bridge.model_io import load_hf_into_model
+
+    out = []
+    for hf_dir in hf_dirs:
+        hf = HFModel.open(hf_dir, moe_grouped_gemm=True)
+        chunks = build_chunks(hf.run_config(Layout(), seq_length=tokens.shape[1]))
+        load_hf_into_model(chunks, hf_dir, hf.weight_map(hf.padded_vocab(1)))
+        out.append((grouped_report(chunks), megatron_logits(chunks, tokens, hf.model.vocab_size)))
+    return out
+
+
+def test_grouped_experts_logits_at_ep1(data, tmp_path):
+    """Qwen3-MoE, Llama-4 (top-1, the router weight on the expert input, a shared expert) and
+    DeepSeek-V3 (a dense first layer, shared expert, group-limited routing) with grouped
+    experts give transformers' logits."""
+    from mswift.testing.hf_models import hf_logits, save_tiny_hf_model
+
+    hf_dirs = [data[0]] + [str(save_tiny_hf_model(family, tmp_path / family))
+                           for family in ("llama4", "deepseek_v3")]
+    tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(5))
+    (results,) = run_ranks(1, grouped_logits, hf_dirs, tokens, timeout=600)
+    for hf_dir, (modules, got) in zip(hf_dirs, results):
+        assert modules == ["TEGroupedMLP:ColumnGroupedLinear"], (hf_dir, modules)
+        want = hf_logits(hf_dir, tokens)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-4, hf_dir
+
+
+def logits_and_checkpoints(hf_dir: str, tokens: torch.Tensor, out: str):
+    """Rank body (EP2): the grouped model loaded from HF (logits, HF export, torch_dist save),
+    the per-expert model loaded from that save (logits) and saved, the grouped model reloaded
+    from the per-expert save (logits), then from HF's conversions (logits)."""
     import dataclasses
 
     from mswift.bridge.forward import megatron_logits
@@ -62,7 +94,7 @@ def logits_and_checkpoints(hf_dir: str, tokens: torch.Tensor, out: str, ep: int,
     from mswift.bridge.model_io import load_hf_into_model, load_into_model, model_tensors
     from mswift.bridge.torch_dist import load_torch_dist, save_torch_dist
 
-    layout = Layout(ep=ep)
+    layout = Layout(ep=2)
     models = {g: HFModel.open(hf_dir, moe_grouped_gemm=g) for g in (True, False)}
     cfgs = {g: hf.run_config(layout, seq_length=tokens.shape[1]) for g, hf in models.items()}
     cfgs = {g: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_model=hf_dir))
@@ -73,8 +105,6 @@ def logits_and_checkpoints(hf_dir: str, tokens: torch.Tensor, out: str, ep: int,
     result["grouped_modules"] = grouped_report(grouped)
     load_hf_into_model(grouped, hf_dir, models[True].weight_map(models[True].padded_vocab(1)))
     result["grouped"] = megatron_logits(grouped, tokens, vocab)
-    if not checkpoints:
-        return result
     save_hf_checkpoint(grouped, cfgs[True], f"{out}/hf_back")
     save_torch_dist(grouped, f"{out}/dist_grouped")
     names = {}
@@ -108,28 +138,23 @@ def logits_and_checkpoints(hf_dir: str, tokens: torch.Tensor, out: str, ep: int,
     return result
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_grouped_experts_logits_and_checkpoint_interchange(data, ep, tmp_path):
-    """EP1: logits; EP2 (2 of the 4 experts on each rank): logits and the checkpoints."""
+def test_grouped_experts_at_ep2_logits_and_checkpoint_interchange(data, tmp_path):
+    """2 of the 4 experts on each rank."""
     from mswift.bridge.legacy import FILE
     from mswift.testing.hf_models import hf_logits, read_safetensors_dir
 
-    from mswift.bridge.convert import hf_to_mcore
+    from mswift.bridge.convert import hf_to_mcore, mcore_to_hf, reshard
 
     hf_dir, _, _ = data
     tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
-    if ep == 2:
-        for name, how in CONVERTED.items():
-            hf_to_mcore(hf_dir, tmp_path / name, ep=2, progress=False, **how)
-    results = run_ranks(ep, logits_and_checkpoints, hf_dir, tokens, str(tmp_path), ep,
-                        ep == 2, timeout=600)
+    for name, how in CONVERTED.items():
+        hf_to_mcore(hf_dir, tmp_path / name, ep=2, progress=False, **how)
+    results = run_ranks(2, logits_and_checkpoints, hf_dir, tokens, str(tmp_path), timeout=600)
     want = hf_logits(hf_dir, tokens)
     got = results[0]
     assert got["grouped_modules"] == ["TEGroupedMLP:ColumnGroupedLinear"], got
     assert got["grouped"].shape == want.shape
     assert (got["grouped"] - want).abs().max().item() <= 1e-4
-    if ep == 1:
-        return
     assert got["per_expert_modules"] == ["SequentialMLP:SequentialMLP"], got
     for result in results:
         assert result["names"] and result["same_weights"]
@@ -141,10 +166,18 @@ def test_grouped_experts_logits_and_checkpoint_interchange(data, ep, tmp_path):
     rank_file = tmp_path / "legacy_grouped" / "iter_0000000" / "mp_rank_00_000" / FILE
     assert sorted(torch.load(rank_file, weights_only=False)["model"]) == got["state_dict"]
     assert "decoder.layers.0.mlp.experts.linear_fc1.weight1" in got["state_dict"]
-    source, back = read_safetensors_dir(hf_dir), read_safetensors_dir(tmp_path / "hf_back")
-    assert sorted(back) == sorted(source)
-    for name, tensor in source.items():
-        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    # resharded to EP1, the grouped legacy checkpoint keeps its names and exports to HF
+    reshard(tmp_path / "legacy_grouped", tmp_path / "ep1", tp=1, pp=1, ep=1, progress=False)
+    ep1 = torch.load(tmp_path / "ep1" / "iter_0000000" / "mp_rank_00" / FILE, weights_only=False)
+    assert ep1["args"].moe_grouped_gemm
+    assert "decoder.layers.0.mlp.experts.linear_fc1.weight3" in ep1["model"]
+    mcore_to_hf(tmp_path / "ep1", tmp_path / "ep1_hf", progress=False)
+    source = read_safetensors_dir(hf_dir)
+    for exported in ("hf_back", "ep1_hf"):
+        back = read_safetensors_dir(tmp_path / exported)
+        assert sorted(back) == sorted(source), exported
+        for name, tensor in source.items():
+            assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
 
 
 def train_grouped_on_and_off(hf_dir: str, data: str) -> dict:
