@@ -7,7 +7,12 @@
 * router: ``mswift.kernels.topk_routing`` at DeepSeek-V3's shapes (256 experts, 8 groups, 4
   kept, top-8, sigmoid + expert bias, renormalised, x2.5) vs its torch reference, ms;
 * RMSNorm (hidden 7168) and cross-entropy (vocabulary 129280) forward: Triton vs torch
-  reference, GB/s (bytes read + written once).
+  reference, GB/s (bytes read + written once);
+* expert MLP (``moe_grouped_gemm``) forward: mswift's grouped GEMMs
+  (``mswift.models.grouped_experts.grouped_matmul``: ``torch._grouped_mm`` for CUDA bf16, else
+  one matmul per expert) vs the per-expert loop of megatron-core's ``SequentialMLP``, at one
+  EP8 rank of DeepSeek-V3 (32 local experts, hidden 7168, expert width 2048, top-8), GFLOP/s;
+  on the CPU also ``torch._grouped_mm`` in fp32, which torch 2.13 runs there.
 
     python benchmarks/moe.py            # CUDA: bf16, 4k-64k tokens
     python benchmarks/moe.py --quick    # small sizes (CPU: the torch paths, in seconds)
@@ -25,6 +30,7 @@ import torch
 
 from mswift.kernels import permute, rms_norm, topk_routing, unpermute, vocab_parallel_cross_entropy
 from mswift.kernels.attention.env import interpreter_enabled
+from mswift.models.grouped_experts import grouped_matmul, grouped_mm_usable
 from mswift.runtime import device
 
 
@@ -137,13 +143,48 @@ def bench_cross_entropy(tokens_n, vocab, dtype, dev, iters, triton_ok, rows):
              logits.numel() * logits.element_size())
 
 
-def add_rows(rows, case, results, moved_bytes):
-    """One row per backend: ms, GB/s, share of HBM, and mswift's speed-up over it (its Triton
-    kernels where they run, else its torch path)."""
+def bench_expert_mlp(tokens_n, hidden, ffn, experts, dtype, dev, iters, rows):
+    """One rank's experts: ``tokens_n * 8`` routed rows spread unevenly over ``experts``, each
+    expert's SwiGLU MLP (fc1 ``[2 * ffn, hidden]``, fc2 ``[hidden, ffn]``)."""
+    gen = torch.Generator(device=dev).manual_seed(4)
+    choices = torch.randint(0, experts, (tokens_n * 8,), device=dev, generator=gen)
+    counts = torch.bincount(choices, minlength=experts).tolist()
+    x = torch.randn(len(choices), hidden, dtype=dtype, device=dev, generator=gen)
+    fc1 = torch.randn(experts, 2 * ffn, hidden, dtype=dtype, device=dev, generator=gen)
+    fc2 = torch.randn(experts, hidden, ffn, dtype=dtype, device=dev, generator=gen)
+
+    def swiglu(h):
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def per_expert():
+        outs = [swiglu(seg @ fc1[e].t()) @ fc2[e].t() for e, seg in enumerate(x.split(counts))]
+        return torch.cat(outs)
+
+    def grouped(use_grouped_mm=None):
+        return grouped_matmul(swiglu(grouped_matmul(x, fc1, counts, use_grouped_mm)), fc2,
+                              counts, use_grouped_mm)
+
+    results = {"per-expert loop (SequentialMLP)": time_ms(per_expert, iters),
+               "mswift grouped": time_ms(grouped, iters)}
+    if not grouped_mm_usable(x, fc1) and hasattr(torch, "_grouped_mm") and dtype == torch.float32:
+        results["torch._grouped_mm fp32"] = time_ms(lambda: grouped(True), iters)
+    flops = 2 * len(choices) * 3 * ffn * hidden
+    add_rows(rows, f"expert MLP rows={len(choices)} H={hidden} F={ffn} experts={experts}",
+             results, None, mswift="mswift grouped", flops=flops)
+
+
+def add_rows(rows, case, results, moved_bytes, mswift: str | None = None,
+             flops: int | None = None):
+    """One row per backend: ms, GB/s (or GFLOP/s given ``flops``), share of HBM, and mswift's
+    speed-up over it (``mswift``: its row; default its Triton kernels where they run, else
+    its torch path)."""
     hbm = device.hbm_bytes_per_s()
-    mswift = results.get("mswift triton", results.get("mswift torch reference"))
+    mswift = results.get(mswift or "mswift triton", results.get("mswift torch reference"))
     for name, ms in results.items():
         rate = None if moved_bytes is None else moved_bytes / (ms * 1e-3)
+        if flops is not None:
+            name = f"{name} ({flops / (ms * 1e-3) / 1e9:.1f} GFLOP/s)"
         rows.append((case, name, ms, rate, None if rate is None or hbm is None else rate / hbm,
                      None if mswift is None else ms / mswift))
 
@@ -181,6 +222,10 @@ def main():
         bench_rms_norm(n, hidden, dtype, dev, iters, triton_ok, rows)
     for n in tokens[:2]:  # logits of 64k tokens x 129k ids would not fit next to the rest
         bench_cross_entropy(n, vocab, dtype, dev, iters, triton_ok, rows)
+    # one EP8 rank of DeepSeek-V3 (--quick: 8 experts, width 256)
+    for n in tokens[:2]:
+        bench_expert_mlp(n, hidden, 256 if quick else 2048, 8 if quick else 32, dtype, dev,
+                         iters, rows)
     print_rows(rows)
 
 
