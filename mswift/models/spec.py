@@ -7,7 +7,8 @@ for ``transformer_impl`` (:mod:`mswift.models.impl` resolves ``auto``):
 * ``local``: megatron-core's local spec, with every norm it may pick -- torch's
   (``WrappedTorchNorm``) or, when apex imports, apex's ``FusedLayerNorm``, which refuses RMSNorm
   -- replaced by :class:`mswift.models.norm.Norm`, so tensor + sequence parallelism work and the
-  model does not depend on apex being installed;
+  model does not depend on apex being installed; ``MLASelfAttention`` by
+  :class:`mswift.models.mla.MLAttention` (megatron-core's loses part of k's gradient at TP > 1);
 * ``transformer_engine``: megatron-core's TE spec (``TELayerNormColumnParallelLinear``: the
   norm fused into the next linear layer; ``TENorm`` for the final, qk and MoE norms; TE's
   GEMMs). Its checkpoint keys are the local spec's (see :func:`_same_keys_as_local`).
@@ -27,6 +28,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
@@ -49,6 +51,7 @@ from mswift.models.impl import (
     te_machine_problems,
     te_setting_problems,
 )
+from mswift.models.mla import MLAttention
 from mswift.models.norm import Norm
 
 # Every norm class megatron-core's local spec can choose (its module-level ``LNImpl``: apex's
@@ -133,6 +136,7 @@ def gpt_block_spec(
         vp_stage=vp_stage,
     )
     mapping = {norm: Norm for norm in FOREIGN_NORMS}
+    mapping[MLASelfAttention] = MLAttention
     core = _core_attention(backend)
     if core is not None:
         mapping[_te_attention() if use_te else DotProductAttention] = core

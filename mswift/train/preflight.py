@@ -107,21 +107,6 @@ def triton_problems(cfg: MswiftConfig) -> list[str]:
                                     "fused_kernels": m.fused_kernels})
 
 
-def mla_training_problems(cfg: MswiftConfig) -> list[str]:
-    """Training multi-latent attention at TP > 1 is refused: on megatron-core 0.16.1's local
-    spec the column-parallel kv down projection splits the gradient of k's shared RoPE part
-    back by column, although each TP rank holds only its own heads' share of it, so the other
-    ranks' shares are lost (step 2 of a TP2 run is 1.4e-3 off TP1). Logits (conversion, verify)
-    are right at any TP; only the gradient is wrong."""
-    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-    if m.multi_latent_attention and tp > 1:
-        return [f"tensor_model_parallel_size={tp}: training multi-latent attention "
-                "(DeepSeek-V3) needs tensor_model_parallel_size=1 for now: at TP > 1 the "
-                "gradient of k's RoPE part is summed over one rank's heads only on megatron-core "
-                "0.16.1's local spec; use expert and pipeline parallelism"]
-    return []
-
-
 def indexed_data_problems(cfg: MswiftConfig) -> list[str]:
     """data_path's files, mode, tokenizer and split (mswift.train.indexed_data's check)."""
     from mswift.config.data_path import indexed_data_problems as problems  # no torch
@@ -154,7 +139,6 @@ CHECKS: list[Callable[[MswiftConfig], list[str]]] = [
     attention_backend_problems,
     transformer_engine_problems,
     triton_problems,
-    mla_training_problems,
     indexed_data_problems,
     checkpoint_problems,
     save_dir_problems,

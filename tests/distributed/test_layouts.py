@@ -60,9 +60,9 @@ LAYOUTS = {
     "scout-ep2": ("scout", 2, "scout-dp2", ["expert_model_parallel_size=2"]),
     "scout-tp2-sp": ("scout", 2, "scout-dp1", TP2 + SP),
     "dsv3-ep2": ("dsv3", 2, "dsv3-dp2", ["expert_model_parallel_size=2"]),
-    # No DeepSeek-V3 TP2+SP yet: megatron-core 0.16.1's MLA with column-parallel down
-    # projections (its local spec) drops the other TP ranks' share of the k RoPE gradient
-    # (rows kv_lora_rank: of linear_kv_down_proj; step 2 is 1.4e-3 off TP1).
+    # MLA at TP2: megatron-core 0.16.1's local spec alone loses part of k's RoPE gradient
+    # (step 2 was 1.4e-3 off TP1); mswift.models.mla.MLAttention sums it.
+    "dsv3-tp2-sp": ("dsv3", 2, "dsv3-dp1", TP2 + SP),
 }
 # The Scout-like model: every layer MoE; layer 0 RoPE with chunks of 8, layer 1 NoPE with
 # temperature tuning (floor_scale 4) on the llama4 family's debug config. attn_scale is 1, not

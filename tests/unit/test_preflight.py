@@ -92,22 +92,3 @@ def test_triton_settings_without_cuda_or_the_interpreter_are_refused_before_star
                     "fused_kernels=torch") == []
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert problems("moe_routing_backend=triton", "fused_kernels=triton") == []
-
-
-def test_training_mla_at_tp_above_1_is_refused_before_start(tmp_path):
-    """DeepSeek-V3 (MLA) at TP2: megatron-core 0.16.1's local MLA spec loses part of k's RoPE
-    gradient across TP ranks, so training there is refused by name; TP1 is not."""
-    from mswift.testing.hf_models import tiny_hf_config
-
-    model = tmp_path / "dsv3"
-    tiny_hf_config("deepseek_v3").save_pretrained(model)
-    at_tp2 = problems(f"hf_model={model}", "tensor_model_parallel_size=2",
-                      "sequence_parallel=true")
-    assert [p for p in at_tp2 if "multi-latent" in p] == [
-        "tensor_model_parallel_size=2: training multi-latent attention (DeepSeek-V3) needs "
-        "tensor_model_parallel_size=1 for now: at TP > 1 the gradient of k's RoPE part is summed "
-        "over one rank's heads only on megatron-core 0.16.1's local spec; use expert and "
-        "pipeline parallelism"]
-    at_tp1 = problems(f"hf_model={model}", "tensor_model_parallel_size=1",
-                      "sequence_parallel=false")
-    assert not [p for p in at_tp1 if "multi-latent" in p]
