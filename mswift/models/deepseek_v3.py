@@ -19,6 +19,9 @@ What differs from Llama-3, and where mswift does it:
   choice only, groups scored by their top-2 biased scores (``n_group``, ``topk_group``), weights
   from the unbiased scores, renormalised when ``norm_topk_prob``, times
   ``routed_scaling_factor``.
+- Balancing: the expert bias moves after each step (``moe_router_bias_update_rate``); a
+  balancing loss only when asked (``moe_aux_loss_coeff``, default 0: transformers'
+  ``DeepseekV3ForCausalLM`` adds none).
 
 The multi-token-prediction layers of the released checkpoint (``model.layers.{num_hidden_layers}
 .*``, ``num_nextn_predict_layers`` of them) are not trained yet (no megatron-core MTP block):
@@ -135,7 +138,6 @@ def config_fields(hf: HFConfigReader) -> dict:
         moe_router_enable_expert_bias=True,
         moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
         moe_router_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-        moe_aux_loss_coeff=0.0,  # transformers' DeepseekV3ForCausalLM adds no balancing loss
         moe_layer_freq=[0] * dense + [1] * (layers - dense),
     )
     return fields

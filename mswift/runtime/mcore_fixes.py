@@ -18,6 +18,11 @@ And without a working Transformer Engine, ``multi_latent_attention`` imports pla
 ``isinstance(self.linear_proj, TELinear)``: TE is marked absent there when ``TELinear`` is not a
 class (a real TE install keeps its classes and is left alone).
 
+``TopKRouter._apply_expert_bias`` masks the padding out of its token counts with
+``routing_map & ~padding_mask``, a ``[tokens, experts]`` map and a ``[tokens]`` mask, which
+broadcast along the experts: a RuntimeError whenever a padding mask reaches a router with an
+expert bias (or a wrong count if tokens == experts). The mask is given its expert dimension.
+
 Without Transformer Engine, selective recompute of ``layernorm`` fails at its first forward:
 ``CheckpointWithoutOutput(fp8=False)`` (every caller's default) sets ``self.fp8 = fp8 is not
 None``, i.e. True, and its forward then asks TE's ``FP8GlobalStateManager`` (never imported:
@@ -39,6 +44,7 @@ def apply_mcore_fixes() -> None:
     from megatron.core.optimizer import distrib_optimizer
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe.router import TopKRouter
 
     if not distrib_optimizer.HAVE_APEX_OR_TE:
         _skip_step_when_setting_param_state(distrib_optimizer.DistributedOptimizer)
@@ -47,7 +53,20 @@ def apply_mcore_fixes() -> None:
         multi_latent_attention.HAVE_TE = False
     if not mrandom.HAVE_TE:
         _no_fp8_without_te(mrandom.CheckpointWithoutOutput)
+    _padding_mask_per_token(TopKRouter)
     _APPLIED = True
+
+
+def _padding_mask_per_token(cls) -> None:
+    original = cls._apply_expert_bias
+
+    @functools.wraps(original)
+    def apply_expert_bias(self, routing_map, padding_mask=None):
+        if padding_mask is not None and padding_mask.dim() == 1:
+            padding_mask = padding_mask.unsqueeze(-1)  # [tokens, 1] against [tokens, experts]
+        return original(self, routing_map, padding_mask=padding_mask)
+
+    cls._apply_expert_bias = apply_expert_bias
 
 
 def _no_fp8_without_te(cls) -> None:

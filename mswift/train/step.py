@@ -39,6 +39,10 @@ def model_inputs(batch: dict, device: torch.device | None = None) -> dict:
     (``attention_mask`` False there), so no real token sees a padded one, and padded positions
     have no loss. Labels of tokens without loss (-100 in the data pipeline) become 0:
     the loss mask removes them, and the vocab-parallel cross entropy needs valid ids.
+    ``padding_mask`` (True on padding: ``attention_mask`` False; shaped as the tokens fed, None
+    without an ``attention_mask``) keeps the padding out of MoE routers' statistics -- token
+    counts per expert, hence the expert-bias update, the auxiliary and z losses; prompt tokens
+    without loss are real tokens and count.
     Lengths are read while the batch is still on the host, so moving it costs no device sync.
     """
     device = local_device() if device is None else device
@@ -46,18 +50,35 @@ def model_inputs(batch: dict, device: torch.device | None = None) -> dict:
     labels = batch["labels"].clamp(min=0)
     position_ids = batch["position_ids"]
     packed = None
-    if "attention_mask" in batch and "cu_seqlens" not in batch:
-        real = batch["attention_mask"]
-        assert not (real[:, 1:] & ~real[:, :-1]).any(), "padding must end each row"
+    padding = ~batch["attention_mask"] if "attention_mask" in batch else None
+    if padding is not None and "cu_seqlens" not in batch:
+        assert not (padding[:, :-1] & ~padding[:, 1:]).any(), "padding must end each row"
     if "cu_seqlens" in batch:
         tokens, labels, position_ids = (t.reshape(1, -1) for t in (tokens, labels, position_ids))
+        padding = padding.reshape(1, -1) if padding is not None else None
         cu = batch["cu_seqlens"].to(torch.int32)
         longest = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
         cu = _to(cu, device)
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=longest, max_seqlen_kv=longest)
     return dict(input_ids=_to(tokens, device), position_ids=_to(position_ids, device),
-                attention_mask=None, labels=_to(labels, device), packed_seq_params=packed)
+                attention_mask=None, labels=_to(labels, device), packed_seq_params=packed,
+                padding_mask=_to(padding, device) if padding is not None else None)
+
+
+def stage_padding_mask(model, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``padding_mask`` ``[b, s]`` as ``model``'s MoE layers take it: megatron-core 0.16.1's
+    GPTModel scatters it over the sequence for sequence parallelism on the first pipeline stage
+    only, while later stages' hidden states are scattered too; there this rank's slice."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+    if padding_mask is None or get_attr_wrapped_model(model, "pre_process"):
+        return padding_mask
+    if not get_model_config(model).sequence_parallel:
+        return padding_mask
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    return padding_mask.chunk(size, dim=1)[parallel_state.get_tensor_model_parallel_rank()]
 
 
 def _fed_shape(batch: dict) -> tuple[int, int]:
@@ -74,7 +95,9 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     device = local_device()
-    output = model(**model_inputs(batch, device))
+    inputs = model_inputs(batch, device)
+    inputs["padding_mask"] = stage_padding_mask(model, inputs["padding_mask"])
+    output = model(**inputs)
     return output, partial(_loss_func, _to(batch["loss_mask"], device))
 
 

@@ -113,8 +113,9 @@ def hf_dirs(tmp_path_factory):
     # group-limited top-3 of 8 experts and a shared expert) with YaRN over 32 original positions,
     # which the 29-109-token samples pass. Its aux-loss-free balancing moves the expert bias
     # after every step (moe_router_bias_update_rate 1e-3), so the layouts must count the same
-    # tokens per expert; the family sets moe_aux_loss_coeff to 0 (DeepseekV3ForCausalLM has no
-    # balancing loss), which also keeps megatron-core's aux loss out (see "scout").
+    # tokens per expert (the padding of packed rows not among them); moe_aux_loss_coeff keeps
+    # its default 0 (DeepseekV3ForCausalLM has no balancing loss), which also keeps
+    # megatron-core's aux loss out (see "scout").
     models["dsv3"] = save_tiny_hf_model(
         "deepseek_v3", root / "deepseek_v3", vocab_size=VOCAB, num_hidden_layers=2,
         max_position_embeddings=128, rope_parameters=DSV3_ROPE)
