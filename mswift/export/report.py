@@ -19,11 +19,13 @@ REPORT = "quant_report"
 class DequantizedExport(HFCheckpoint):
     """The 16-bit staging export with each quantized weight replaced by its dequantized value,
     read back from the quantized export's files (compressed-tensors' own decompression, or the
-    bridge's reader of DeepSeek's FP8 layout)."""
+    bridge's reader of DeepSeek's FP8 layout). ``padding``: the checkpoint's head-padding
+    record (:mod:`mswift.bridge.head_padding`; the export dropped the padded heads): the
+    attention tensors are shown padded again with zeros, in the megatron model's shapes."""
 
-    def __init__(self, staging: Path, export: Path, quantized: list[str]):
+    def __init__(self, staging: Path, export: Path, quantized: list[str], padding=None):
         super().__init__(staging)
-        self.export, self.quantized = export, set(quantized)
+        self.export, self.quantized, self.padding = export, set(quantized), padding
         config = json.loads((export / "config.json").read_text(encoding="utf-8"))
         self.qc = config["quantization_config"]
         self._stored = None
@@ -44,14 +46,39 @@ class DequantizedExport(HFCheckpoint):
         prefix = name.removesuffix("weight")
         state = {n[len(prefix):]: self._stored.read(n) for n in self._stored.names
                  if n.startswith(prefix) and "." not in n[len(prefix):]}
+        # in fp32, as transformers runs it: compressed-tensors computes in the scale's dtype,
+        # and q * scale is exact in fp32 (the quantizer's own values), not in bf16
+        state["weight_scale"] = state["weight_scale"].float()
         scheme = QuantizationScheme.model_validate(self.qc["config_groups"]["group_0"])
         compressor = BaseCompressor.get_value_from_registry(self.qc["format"])
         return compressor.decompress(state, scheme)["weight"].float()
 
+    def _pad(self, name: str):
+        """(axis, rows or columns to append) of a padded attention tensor, else None."""
+        from mswift.bridge.head_padding import _head_rule
+
+        rule = _head_rule(name) if self.padding else None
+        if rule is None:
+            return None
+        axis, count = rule
+        added = self.padding["padded"][count] - self.padding["original"][count]
+        return axis, added * self.padding["head_dim"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shape, pad = list(super().shape(name)), self._pad(name)
+        if pad is not None:
+            shape[pad[0]] += pad[1]
+        return tuple(shape)
+
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0):
-        if name not in self.quantized:
+        pad = self._pad(name)
+        if name not in self.quantized and pad is None:
             return super().read(name, dim, start, stop)
-        full = self._dequantized(name)
+        full = self._dequantized(name) if name in self.quantized else super().read(name)
+        if pad is not None:
+            zeros = list(full.shape)
+            zeros[pad[0]] = pad[1]
+            full = torch.cat([full, full.new_zeros(zeros)], dim=pad[0])
         return full if dim is None else full.narrow(dim, start, stop - start)
 
     def read_rows_into(self, name, start, out):
@@ -83,7 +110,10 @@ def quality_report(model, rows, staging: Path, export: Path, scheme, quantized: 
             logits = model.logits(tokens)
             base += _loss_sum(logits, tokens)
             torch.save(logits, kept / f"{i}.pt")
-        model.load(DequantizedExport(staging, export, quantized))
+        from mswift.bridge.head_padding import read_padding_record
+
+        model.load(DequantizedExport(staging, export, quantized,
+                                     read_padding_record(model.hf.hf_dir)))
         worst, total, count = 0.0, 0.0, 0
         for i, tokens in enumerate(rows):
             logits = model.logits(tokens)
@@ -117,9 +147,10 @@ def markdown(report: dict) -> str:
         ]
     else:
         lines.append("- no held-out evaluation (no --eval-dataset or --calib-dataset rows left)")
-    lines.append(f"- time {report['seconds']:.1f} s, peak RSS {report['peak_rss_gib']:.2f} GiB"
-                 + ("" if report["peak_device_gib"] is None
-                    else f", peak device memory {report['peak_device_gib']:.2f} GiB"))
+    device = ("" if report["peak_device_gib"] is None
+              else f", peak device memory {report['peak_device_gib']:.2f} GiB")
+    lines.append(f"- export {report['seconds']:.1f} s (the evaluation not counted), peak RSS "
+                 f"{report['peak_rss_gib']:.2f} GiB{device}")
     return "\n".join(lines) + "\n"
 
 

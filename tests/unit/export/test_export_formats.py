@@ -197,3 +197,48 @@ def test_none_is_the_16bit_export(llama, tmp_path):
     export(ckpt, tmp_path / "plain", "--quant", "none")
     got, want = read_safetensors_dir(tmp_path / "plain"), read_safetensors_dir(hf)
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_report_of_a_checkpoint_with_padded_heads(tmp_path):
+    """A model padded for TP (SmolLM2's 9 heads -> 12): the megatron model keeps the padding,
+    the export drops it; the report's perplexities are transformers' on the same rows."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from mswift.bridge.head_padding import pad_heads, write_padding_record
+    from mswift.export.calibration import calibration_samples
+
+    original = save_tiny_hf_model("llama", tmp_path / "hf", vocab_size=300, seed=7,
+                                  num_attention_heads=6, num_key_value_heads=3, hidden_size=96,
+                                  num_hidden_layers=2)
+    model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
+    config, state = model.config, dict(model.state_dict())
+    padding = pad_heads(state, config, tp=2)  # 3 KV groups -> 4, as examples/smollm2 does
+    padded = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    padded.load_state_dict(state)
+    padded.save_pretrained(tmp_path / "padded")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "padded" / name).write_bytes((original / name).read_bytes())
+    write_padding_record(tmp_path / "padded", padding)
+    hf_to_mcore(tmp_path / "padded", tmp_path / "ckpt", "torch_dist", progress=False)
+    rows = tmp_path / "rows.jsonl"
+    words = [" ".join(f"w{(i * 11 + j * 5) % 290}" for j in range(16)) for i in range(3)]
+    rows.write_text("".join(json.dumps({"text": text}) + "\n" for text in words))
+    out = tmp_path / "w4"
+    assert main(["--load", str(tmp_path / "ckpt"), "--out", str(out), "--no-progress",
+                 "--quant", "w4a16-rtn", "--group-size", "16", "--eval-dataset", str(rows)]) == 0
+    assert read_safetensors_dir(out)["model.layers.0.self_attn.o_proj.weight_packed"].shape[1] \
+        == 96 * 4 // 32  # o_proj's 96 real input columns, packed 8 a word
+    samples = calibration_samples(rows, original, 16, 512)
+
+    def ppl(folder):
+        m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            losses = [m(t, labels=t).loss.item() * (t.shape[1] - 1) for t in samples]
+        return math.exp(sum(losses) / sum(t.shape[1] - 1 for t in samples))
+
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["eval_rows"] == 3
+    assert report["ppl_16bit"] == pytest.approx(ppl(original), rel=1e-4)
+    assert report["ppl_quantized"] == pytest.approx(ppl(out), rel=1e-4)
