@@ -191,3 +191,44 @@ def _rewrite_config_and_index(hf_dir: Path, record: dict, total_size: int) -> No
         index = json.loads(index_path.read_text(encoding="utf-8"))
         index.setdefault("metadata", {})["total_size"] = total_size
         _write_json(index_path, index)
+
+
+class PaddedHeads:
+    """A tensor reader (``read`` / ``shape`` / ``dtype``) over an unpadded HF checkpoint that
+    puts ``record``'s all-zero heads back: what a model built padded (the export's calibration
+    and report model) loads from an HF export, which dropped them."""
+
+    def __init__(self, src, record: dict):
+        self.src, self.record = src, record
+
+    def _padding(self, name: str) -> tuple[int, int] | None:
+        """(axis, rows/columns to append) of ``name``; None for a tensor without heads."""
+        rule = _head_rule(name)
+        if rule is None:
+            return None
+        axis, count = rule
+        extra = self.record["padded"][count] - self.record["original"][count]
+        return axis, extra * self.record["head_dim"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shape = list(self.src.shape(name))
+        padding = self._padding(name)
+        if padding is not None:
+            shape[padding[0]] += padding[1]
+        return tuple(shape)
+
+    def dtype(self, name: str):
+        return self.src.dtype(name)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0):
+        padding = self._padding(name)
+        if padding is None:
+            return self.src.read(name, dim, start, stop)
+        import torch
+
+        tensor = self.src.read(name)
+        axis, extra = padding
+        shape = list(tensor.shape)
+        shape[axis] = extra
+        full = torch.cat([tensor, tensor.new_zeros(shape)], dim=axis)
+        return full if dim is None else full.narrow(dim, start, stop - start)
