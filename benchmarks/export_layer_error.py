@@ -41,15 +41,13 @@ def held_out_hessians(ckpt: Path, dataset: Path, samples: int, seq_len: int) -> 
 
 def dequantized_export(folder: Path, padded_like: Path):
     """A reader of ``folder``'s quantized linears, dequantized, padded as ``padded_like``."""
-    from mswift.bridge.head_padding import PaddedHeads, read_padding_record
+    from mswift.bridge.head_padding import read_padding_record
     from mswift.bridge.hf_io import HFCheckpoint
     from mswift.export.report import DequantizedExport
 
     names = [n.removesuffix("_packed") for n in HFCheckpoint(folder).names
              if n.endswith(".weight_packed")]
-    reader = DequantizedExport(folder, folder, names)
-    record = read_padding_record(padded_like)
-    return names, reader if record is None else PaddedHeads(reader, record)
+    return names, DequantizedExport(folder, folder, names, read_padding_record(padded_like))
 
 
 def main(argv=None) -> int:

@@ -50,9 +50,6 @@ class MegatronModel:
     def load(self, ckpt) -> None:
         """Replace the weights with an HF checkpoint's (an
         :class:`~mswift.bridge.hf_io.HFCheckpoint`: the dequantized export)."""
-        from mswift.bridge.head_padding import PaddedHeads, read_padding_record
         from mswift.bridge.model_io import HFSource, load_into_model
 
-        record = read_padding_record(self.hf.hf_dir)  # the export dropped the padded heads
-        source = ckpt if record is None else PaddedHeads(ckpt, record)
-        load_into_model(self.chunks, HFSource(source, self.wmap))
+        load_into_model(self.chunks, HFSource(ckpt, self.wmap))

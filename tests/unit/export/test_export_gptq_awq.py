@@ -148,23 +148,3 @@ def test_head_padding_is_dropped_from_o_proj_statistics(tmp_path):
     assert torch.equal(got.act_sample, real)
     assert out["model.layers.0.self_attn.q_proj.weight"] is qkv
 
-
-def test_padded_heads_reader_gives_back_what_pad_heads_made(tmp_path):
-    """The report loads an export (heads unpadded) into the padded megatron model: reading
-    the export through PaddedHeads must give exactly the padded tensors, slices included."""
-    from mswift.bridge.head_padding import PaddedHeads, pad_heads
-    from mswift.bridge.hf_io import HFCheckpoint
-    from mswift.testing.hf_models import tiny_hf_config
-
-    hf = save_tiny_hf_model("llama", tmp_path / "hf", vocab_size=300, seed=2,
-                            num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
-    padded = read_safetensors_dir(hf)
-    config = tiny_hf_config("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
-    record = pad_heads(padded, config, 2)
-    assert record["padded"] == {"num_attention_heads": 8, "num_key_value_heads": 4}
-    reader = PaddedHeads(HFCheckpoint(hf), record)
-    for name, tensor in padded.items():
-        assert reader.shape(name) == tuple(tensor.shape) and reader.dtype(name) == tensor.dtype
-        assert torch.equal(reader.read(name), tensor), name
-        if tensor.dim() == 2:
-            assert torch.equal(reader.read(name, 1, 3, tensor.shape[1]), tensor[:, 3:]), name
