@@ -129,8 +129,10 @@ def write_quantized(src: Path, out: Path, scheme: Scheme, group_size: int, stats
         quantized.append(name)
     shards.close()
     copy_aux_files(src, out)
+    # lm_head always: a model with tied embeddings stores none, yet transformers builds it as
+    # a Linear, which the "Linear" target would otherwise quantize (and break the tie)
     config["quantization_config"] = dict(DEEPSEEK_FP8) if deepseek else _ct_config(
-        qs, fmt, ignored)
+        qs, fmt, sorted({"lm_head", *ignored}))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return quantized
 

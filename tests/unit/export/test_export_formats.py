@@ -200,8 +200,9 @@ def test_none_is_the_16bit_export(llama, tmp_path):
 
 
 def test_report_of_a_checkpoint_with_padded_heads(tmp_path):
-    """A model padded for TP (SmolLM2's 9 heads -> 12): the megatron model keeps the padding,
-    the export drops it; the report's perplexities are transformers' on the same rows."""
+    """A model padded for TP (SmolLM2's 9 heads -> 12; tied embeddings, as SmolLM2): the megatron
+    model keeps the padding, the export drops it; the report's perplexities are transformers'
+    on the same rows (the export loads: lm_head, not stored, is in the ignore list)."""
     import math
 
     from transformers import AutoModelForCausalLM
@@ -211,7 +212,7 @@ def test_report_of_a_checkpoint_with_padded_heads(tmp_path):
 
     original = save_tiny_hf_model("llama", tmp_path / "hf", vocab_size=300, seed=7,
                                   num_attention_heads=6, num_key_value_heads=3, hidden_size=96,
-                                  num_hidden_layers=2)
+                                  num_hidden_layers=2, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
     config, state = model.config, dict(model.state_dict())
     padding = pad_heads(state, config, tp=2)  # 3 KV groups -> 4, as examples/smollm2 does
