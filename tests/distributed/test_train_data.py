@@ -1,5 +1,9 @@
 """Training on the data pipeline: a real (trained-here) BPE tokenizer with a ChatML template,
-jsonl chat rows (sft, packed) and text rows (pt), resumed exactly mid-stream on 2 DP ranks."""
+jsonl chat rows (sft, packed) and text rows (pt), resumed exactly mid-stream on 2 DP ranks.
+
+The runs that start from nothing share one spawn of 2 ranks, one after the other (each sets
+itself up from scratch); a run that loads a checkpoint gets fresh processes, so that nothing
+but the checkpoint carries state into it."""
 from pathlib import Path
 
 import pytest
@@ -34,11 +38,34 @@ def train(overrides):
             for r in history]
 
 
-def test_sft_packed_trains_on_assistant_tokens(files):
-    common = ["mode=sft", f"tokenizer={files / 'tokenizer'}", f"dataset=[{files / 'chat.jsonl'}]",
-              "train_iters=6"]
-    packed = run_ranks(2, train, common)[0]
-    padded = run_ranks(2, train, common + ["packing=false"])[0]
+def train_each(runs):
+    return [train(overrides) for overrides in runs]
+
+
+def sft(files):
+    return ["mode=sft", f"tokenizer={files / 'tokenizer'}", f"dataset=[{files / 'chat.jsonl'}]",
+            "train_iters=6"]
+
+
+def pt(files):
+    return ["mode=pt", f"tokenizer={files / 'tokenizer'}", f"dataset=[{files / 'text.jsonl'}]"]
+
+
+@pytest.fixture(scope="module")
+def fresh(files, tmp_path_factory):
+    """The runs that load nothing, by name (rank 0's rows), and their save folders."""
+    saves = {name: tmp_path_factory.mktemp(name) for name in ("stopped", "dp2")}
+    runs = {"packed": sft(files), "padded": sft(files) + ["packing=false"],
+            "straight": pt(files) + ["train_iters=6"],
+            "stopped": pt(files) + ["train_iters=6", f"save={saves['stopped']}",
+                                    "exit_interval=3"],
+            "dp2": pt(files) + ["train_iters=2", f"save={saves['dp2']}"]}
+    rows = run_ranks(2, train_each, list(runs.values()))[0]
+    return dict(zip(runs, rows)), saves
+
+
+def test_sft_packed_trains_on_assistant_tokens(fresh):
+    packed, padded = fresh[0]["packed"], fresh[0]["padded"]
     assert all(loss == loss and loss > 0 for _, loss, _, _, _ in packed)
     assert packed[-1][1] < packed[0][1], packed
     # Packing fills the sequences; one sample per row leaves most of each row empty.
@@ -46,22 +73,18 @@ def test_sft_packed_trains_on_assistant_tokens(files):
     assert sum(r[3] for r in packed) > 2 * sum(r[3] for r in padded)  # more loss tokens/step
 
 
-def test_pt_resumes_the_data_stream_exactly(files, tmp_path):
-    common = ["mode=pt", f"tokenizer={files / 'tokenizer'}", f"dataset=[{files / 'text.jsonl'}]",
-              "train_iters=6"]
-    straight = run_ranks(2, train, common)[0]
-    first = run_ranks(2, train, common + [f"save={tmp_path}", "exit_interval=3"])[0]
-    second = run_ranks(2, train, common + [f"load={tmp_path}"])[0]
+def test_pt_resumes_the_data_stream_exactly(files, fresh):
+    runs, saves = fresh
+    straight, first = runs["straight"], runs["stopped"]
+    second = run_ranks(2, train, pt(files) + ["train_iters=6", f"load={saves['stopped']}"])[0]
     assert [r[0] for r in first + second] == [1, 2, 3, 4, 5, 6]
     assert first + second == straight
 
 
-def test_changing_data_parallel_size_is_refused(files, tmp_path):
+def test_changing_data_parallel_size_is_refused(files, fresh):
     from mswift.testing import RankFailure
 
-    common = ["mode=pt", f"tokenizer={files / 'tokenizer'}", f"dataset=[{files / 'text.jsonl'}]",
-              "train_iters=2", f"save={tmp_path}"]
-    run_ranks(2, train, common)
+    save = fresh[1]["dp2"]
     with pytest.raises(RankFailure, match="saved by 2 data-parallel ranks; this run has 1"):
-        run_ranks(2, train, common + ["train_iters=3", f"load={tmp_path}",
-                                      "tensor_model_parallel_size=2"])
+        run_ranks(2, train, pt(files) + [f"save={save}", "train_iters=3", f"load={save}",
+                                         "tensor_model_parallel_size=2"])
