@@ -149,6 +149,23 @@ def test_reshard_moe_over_experts(hf, tmp_path):
     assert_same_hf(mcore_to_hf(tmp_path / "b", tmp_path / "back", progress=False), src)
 
 
+def test_legacy_with_grouped_expert_names(hf, tmp_path):
+    """--moe-grouped-gemm: rank files with the names moe_grouped_gemm models hold
+    (``mlp.experts.linear_fc1.weight{i}``, one ``_extra_state`` per grouped layer), marked in
+    Megatron-LM's args; they export back to the source bit for bit."""
+    from mswift.bridge.legacy import FILE
+
+    src, out = hf[("qwen3_moe", "fp32")], tmp_path / "grouped"
+    assert hf_to_mcore_main(["--hf-dir", str(src), "--out", str(out), "--format", "legacy",
+                             "--ep", "2", "--moe-grouped-gemm"]) == 0
+    state = torch.load(out / "iter_0000000" / "mp_rank_00_001" / FILE, weights_only=False)
+    experts = sorted(k for k in state["model"] if k.startswith("decoder.layers.0.mlp.experts."))
+    assert state["args"].moe_grouped_gemm
+    assert experts == [f"decoder.layers.0.mlp.experts.linear_fc{i}.{name}" for i in (1, 2)
+                       for name in ("_extra_state", "weight0", "weight1")]
+    assert_same_hf(mcore_to_hf(out, tmp_path / "back", progress=False), src)
+
+
 def test_command_lines_legacy(hf, tmp_path):
     src = hf[("qwen2", "bf16")]
     out, back = tmp_path / "legacy", tmp_path / "back"
