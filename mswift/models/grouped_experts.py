@@ -39,24 +39,47 @@ from mswift.runtime.device import local_device
 
 
 def grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands (``x [rows, in]``, ``weight
-    [experts, out, in]``): CUDA bf16 with both row lengths a multiple of 16 bytes."""
+    """Whether ``torch._grouped_mm`` takes these operands (``x [rows, in]``, an expert's
+    ``weight [out, in]``): CUDA bf16 with both row lengths a multiple of 16 bytes."""
     return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and x.shape[1] % 8 == 0
-            and weight.shape[1] % 8 == 0)
+            and weight.shape[0] % 8 == 0)
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, rows: list[int],
+class GroupedMM(torch.autograd.Function):
+    """``apply(x, ends, *weights)``: one ``torch._grouped_mm`` over every expert's rows. The
+    weights are stacked for the call and again in backward, never kept: a stacked copy saved
+    for backward would hold every expert weight of every layer until then."""
+
+    @staticmethod
+    def forward(ctx, x, ends, *weights):
+        ctx.save_for_backward(x, ends, *weights)
+        return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=ends)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, ends, *weights = ctx.saved_tensors
+        grad = grad.contiguous()  # [rows, out]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad, torch.stack(weights), offs=ends)
+        # [experts, out, in]: expert e's grad^T x over its rows (zero without rows)
+        grad_w = torch._grouped_mm(grad.t(), x, offs=ends).to(weights[0].dtype)
+        return (grad_x, None, *grad_w.unbind(0))
+
+
+def grouped_matmul(x: torch.Tensor, weights, rows: list[int],
                    use_grouped_mm: bool | None = None) -> torch.Tensor:
     """``[rows, out]``: each expert's consecutive rows of ``x [rows, in]`` times its
-    ``weight[e] [out, in]`` transposed; ``rows`` per expert (zeros allowed).
+    ``weights[e] [out, in]`` transposed; ``rows`` per expert (zeros allowed).
     ``use_grouped_mm``: None decides by :func:`grouped_mm_usable`."""
+    weights = list(weights)
     if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_usable(x, weight)
+        use_grouped_mm = grouped_mm_usable(x, weights[0])
     if use_grouped_mm:
         ends = torch.tensor(rows, device=x.device).cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=ends)
-    return torch.cat([part @ w.t() for part, w in zip(x.split(rows), weight)])
+        return GroupedMM.apply(x, ends, *weights)
+    return torch.cat([part @ w.t() for part, w in zip(x.split(rows), weights)])
 
 
 class GroupedLinear(torch.nn.Module):
@@ -102,12 +125,9 @@ class GroupedLinear(torch.nn.Module):
             weight.allreduce = not expert_parallel
             self.register_parameter(f"weight{i}", weight)
 
-    def weights(self) -> torch.Tensor:
-        """``[num_gemms, out, in]`` (a stacked copy: TE's parameter layout is one per expert)."""
-        return torch.stack([getattr(self, f"weight{i}") for i in range(self.num_gemms)])
-
     def forward(self, x: torch.Tensor, rows: list[int]):
-        return grouped_matmul(x, self.weights(), rows), None
+        weights = [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
+        return grouped_matmul(x, weights, rows), None
 
     def get_extra_state(self):
         """None, as megatron-core's linear layers keep (the checkpoints hold the entry)."""

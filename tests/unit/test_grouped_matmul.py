@@ -37,7 +37,7 @@ def test_grouped_matmul_is_one_matmul_per_expert(rows, grouped_mm):
 
 
 def test_grouped_mm_only_for_cuda_bf16_with_aligned_rows():
-    x, weight = torch.zeros(4, 24, dtype=torch.bfloat16), torch.zeros(2, 40, 24,
+    x, weight = torch.zeros(4, 24, dtype=torch.bfloat16), torch.zeros(40, 24,
                                                                        dtype=torch.bfloat16)
     assert not grouped_mm_usable(x, weight)  # CPU tensors: the loop
     assert not grouped_mm_usable(x.float(), weight.float())
