@@ -483,8 +483,8 @@ TE_FUSED_NORMS = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
 # Grouped experts (moe_grouped_gemm: TE's GroupedLinear and mswift's grouped MLP) hold local
 # expert i's weight as ``mlp.experts.linear_fc1.weight{i}``, where the per-expert layout
 # (SequentialMLP, the weight maps' names) has ``mlp.experts.local_experts.{i}.linear_fc1.weight``.
-_GROUPED_EXPERT = re.compile(r"(.*\.mlp\.experts\.)(linear_fc\d)\.weight(\d+)$")
-_PER_EXPERT = re.compile(r"(.*\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc\d)\.weight$")
+_GROUPED_EXPERT = re.compile(r"((?:.*\.)?mlp\.experts\.)(linear_fc\d)\.weight(\d+)$")
+_PER_EXPERT = re.compile(r"((?:.*\.)?mlp\.experts\.)local_experts\.(\d+)\.(linear_fc\d)\.weight$")
 
 
 def local_spec_name(name: str) -> str:

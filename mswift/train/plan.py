@@ -278,7 +278,10 @@ def held_activation_bytes(chunk: "Chunk", granularity: str | None, method: str |
 
 
 def _layer_shapes(layer) -> dict:
-    return {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    """Parameter shapes by name, grouped experts' weights by their per-expert names."""
+    from mswift.models.weight_map import local_spec_name
+
+    return {local_spec_name(name): tuple(p.shape) for name, p in layer.named_parameters()}
 
 
 def _chunk(chunk_model, cfg, tokens: int) -> tuple[Chunk, int, int]:

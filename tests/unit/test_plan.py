@@ -163,3 +163,16 @@ def test_recompute_setting_of_the_config_decides(tmp_path):
     assert chunk.layer_input_bytes == 2 * 4096 * 2048 // 2  # hidden 2048, TP2 + SP
     assert first.memory["activations"] == (2 * len(chunk.layers) * chunk.layer_input_bytes
                                            + max(chunk.layer_bytes))  # 2 in flight, stage 0
+
+
+def test_grouped_experts_are_planned_as_per_expert_ones():
+    """moe_grouped_gemm changes how the experts run, not what they hold or keep for backward:
+    the same parameters (experts counted as expert-parallel) and memory, activations included
+    (the grouped weights are found under their per-expert names)."""
+    layout = dict(tensor_model_parallel_size=2, sequence_parallel="true",
+                  expert_model_parallel_size=8, seq_length=4096, global_batch_size=64)
+    per_expert = plan_of("qwen3_30b_a3b", 2, **layout)
+    grouped = plan_of("qwen3_30b_a3b", 2, moe_grouped_gemm="true", **layout)
+    for a, b in zip(per_expert.places, grouped.places, strict=True):
+        assert (a.dense_params, a.expert_params, a.memory) == (
+            b.dense_params, b.expert_params, b.memory)
