@@ -24,21 +24,41 @@ def train(overrides):
     return [(row["step"], row["loss"], row["grad_norm"]) for row in history]
 
 
+def train_each(runs):
+    return [train(overrides) for overrides in runs]
+
+
 @pytest.fixture(scope="module")
-def straight():
-    return run_ranks(2, train, ["tensor_model_parallel_size=2"])[0]
-
-
-def test_resume_is_bit_exact_and_reshards(tmp_path, straight):
+def fresh(tmp_path_factory):
+    """The runs that start from nothing, in one spawn of 2 ranks (each sets itself up from
+    scratch), by name: rank 0's rows and the save folder; a resumed run gets fresh processes,
+    so that nothing but the checkpoint carries state into it."""
     tp2 = ["tensor_model_parallel_size=2"]
-    first = run_ranks(2, train, tp2 + [f"save={tmp_path}", "exit_interval=4"])[0]
+    saves = {"stop4": tmp_path_factory.mktemp("stop4"),
+             "stop6": tmp_path_factory.mktemp("stop6") / "run"}
+    runs = {"straight": tp2,
+            "stop4": tp2 + [f"save={saves['stop4']}", "exit_interval=4"],
+            "stop6": tp2 + [f"save={saves['stop6']}", "save_interval=2", "save_total_limit=2",
+                            "exit_interval=6"]}
+    rows = run_ranks(2, train_each, list(runs.values()))[0]
+    return {name: (r, saves.get(name)) for name, r in zip(runs, rows)}
+
+
+@pytest.fixture(scope="module")
+def straight(fresh):
+    return fresh["straight"][0]
+
+
+def test_resume_is_bit_exact_and_reshards(fresh, straight):
+    tp2 = ["tensor_model_parallel_size=2"]
+    first, save = fresh["stop4"]
     assert [s for s, _, _ in first] == [1, 2, 3, 4]
-    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    second = run_ranks(2, train, tp2 + [f"load={tmp_path}"])[0]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    second = run_ranks(2, train, tp2 + [f"load={save}"])[0]
     assert [s for s, _, _ in second] == [5, 6, 7, 8]
     assert first + second == straight  # losses and grad norms identical, not just close
 
-    other = run_ranks(2, train, ["pipeline_model_parallel_size=2", f"load={tmp_path}"])[0]
+    other = run_ranks(2, train, ["pipeline_model_parallel_size=2", f"load={save}"])[0]
     assert [s for s, _, _ in other] == [5, 6, 7, 8]
     for (_, got, got_norm), (_, want, want_norm) in zip(other, straight[4:]):
         assert abs(got - want) <= 1e-5 * want and abs(got_norm - want_norm) <= 1e-4 * want_norm
@@ -55,10 +75,10 @@ def refused(overrides):
     return None
 
 
-def test_resume_keeps_metrics_rows_and_checkpoints_it_did_not_write(tmp_path, straight):
-    tp2, save = ["tensor_model_parallel_size=2"], tmp_path / "run"
-    every2 = tp2 + [f"save={save}", "save_interval=2"]
-    first = run_ranks(2, train, every2 + ["save_total_limit=2", "exit_interval=6"])[0]
+def test_resume_keeps_metrics_rows_and_checkpoints_it_did_not_write(fresh, straight):
+    first, save = fresh["stop6"]
+    root = save.parent
+    every2 = ["tensor_model_parallel_size=2", f"save={save}", "save_interval=2"]
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000004", "iter_0000006"]
     metrics = save / "metrics.jsonl"
     logged = metrics.read_text()
@@ -72,10 +92,10 @@ def test_resume_keeps_metrics_rows_and_checkpoints_it_did_not_write(tmp_path, st
     # Rows logged after the step-6 checkpoint, the last one cut short by a crash.
     metrics.write_text(logged + '{"step": 7, "loss": 9.9}\n{"step": 8, "lo')
 
-    before = snapshot(tmp_path)
+    before = snapshot(root)
     for message in run_ranks(2, refused, every2):  # a new run into the used folder
         assert f"pass load={save}" in message and "new or empty folder" in message
-    assert snapshot(tmp_path) == before
+    assert snapshot(root) == before
 
     second = run_ranks(2, train, every2 + [f"load={save}", "save_total_limit=1"])[0]
     assert first + second == straight  # resumed at step 6, bit for bit
