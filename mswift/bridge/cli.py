@@ -70,6 +70,10 @@ def hf_to_mcore_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--moe-grouped-gemm", action="store_true",
                         help="legacy: expert weights named as moe_grouped_gemm models hold them "
                         "(torch_dist checkpoints load either way)")
+    parser.add_argument("--mtp-num-layers", type=positive_int, default=None,
+                        help="map the multi-token-prediction layers (DeepSeek-V3) to megatron-"
+                             "core's MTP block, for a run with this mtp_num_layers (default: "
+                             "carry them through untouched)")
     return parser
 
 
@@ -137,7 +141,7 @@ def hf_to_mcore_main(argv: list[str] | None = None, prog: str = "hf_to_mcore") -
     return _run(prog, lambda: hf_to_mcore(
         a.hf_dir, a.out, a.format, a.tp, a.pp, a.ep, a.etp, a.vpp, a.dtype,
         first=a.decoder_first_pipeline_num_layers, last=a.decoder_last_pipeline_num_layers,
-        grouped_experts=a.moe_grouped_gemm))
+        grouped_experts=a.moe_grouped_gemm, mtp_num_layers=a.mtp_num_layers))
 
 
 def mcore_to_hf_main(argv: list[str] | None = None, prog: str = "mcore_to_hf") -> int:

@@ -53,7 +53,7 @@ from mswift.bridge.legacy import (
     megatron_args,
     write_legacy,
 )
-from mswift.bridge.model_io import HFSource, hf_plan
+from mswift.bridge.model_io import HFSource, check_copies, hf_plan
 from mswift.bridge.quantized import carry_fp8_scales, export_plan, open_checkpoint, plain_config
 from mswift.bridge.tracker import write_tracker
 from mswift.lazy_import import lazy_module
@@ -160,6 +160,7 @@ def write_bridge_metadata(out: Path, hf: HFModel, fmt: str, layout: Layout,
         "format": fmt, "family": hf.family.name, "iteration": iteration,
         "layout": dataclasses.asdict(layout), "padded_vocab_size": padded_vocab,
         "dtype": dtypes.as_kind(dtype).name, "hf_tensors": tensors,
+        "mtp_num_layers": hf.model.mtp_num_layers,
     }
     (out / BRIDGE_METADATA).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
@@ -198,15 +199,18 @@ def conversion_layout(hf: HFModel, tp=1, pp=1, ep=1, etp=None, vpp=None, first=N
 def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, ep: int = 1,
                 etp: int | None = None, vpp: int | None = None, dtype: str | None = None,
                 progress: bool = True, first: int | None = None,
-                last: int | None = None, grouped_experts: bool = False) -> Path:
+                last: int | None = None, grouped_experts: bool = False,
+                mtp_num_layers: int | None = None) -> Path:
     """Convert an HF model directory into a megatron checkpoint at ``out`` (``first`` /
     ``last``: an uneven pipeline's first / last stage layers, for the legacy format;
     ``grouped_experts``: legacy rank files with the state-dict names of ``moe_grouped_gemm``
-    models -- a torch_dist checkpoint holds the same keys either way)."""
+    models -- a torch_dist checkpoint holds the same keys either way; ``mtp_num_layers``: the
+    checkpoint's multi-token-prediction modules become megatron-core's MTP block, for a run
+    that trains them; None: they are carried in ``OUT/hf/``)."""
     hf_dir, out = Path(hf_dir), Path(out)
     if fmt not in FORMATS:
         raise BridgeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    hf = HFModel.open(hf_dir)
+    hf = HFModel.open(hf_dir, mtp_num_layers=mtp_num_layers)
     ckpt = open_checkpoint(hf_dir)  # FP8 / AWQ weights dequantized slice by slice
     layout = conversion_layout(hf, tp, pp, ep, etp, vpp, first, last, grouped_experts)
     hf.check_layout(layout)
@@ -215,6 +219,7 @@ def hf_to_mcore(hf_dir, out, fmt: str = "torch_dist", tp: int = 1, pp: int = 1, 
     padded = hf.padded_vocab(tp)
     wmap = hf.weight_map(padded)
     ckpt.check_tensors(wmap.hf_shapes(), hf.family.name, hf.ignored_tensors)
+    check_copies(ckpt, wmap)
     carried = hf.carried_tensors()
     kind = _dtype_arg(dtype, ckpt)
     check_new_output(out, [hf_dir])
@@ -292,17 +297,19 @@ def _write_torch_dist_from_hf(hf, ckpt, wmap, padded, tmp, kind: dtypes.Dtype,
 
 
 def _template(root: Path, hf_dir) -> HFModel:
+    """The HF model a converted checkpoint came from (with its MTP setting)."""
+    mtp = read_bridge_metadata(root).get("mtp_num_layers")
     if hf_dir:
         template = Path(hf_dir)
         if not (template / "config.json").is_file():
             raise BridgeError(f"--hf-dir {template}: no config.json there (expected the HF "
                               "model's config and tokenizer)")
-        return HFModel.open(template)
+        return HFModel.open(template, mtp_num_layers=mtp)
     template = root / HF_SUBDIR
     if not (template / "config.json").is_file():
         raise BridgeError(f"{root}: carries no {HF_SUBDIR}/config.json (not converted by mswift); "
                           "pass --hf-dir with the HF model's config and tokenizer")
-    return HFModel.open(template)
+    return HFModel.open(template, mtp_num_layers=mtp)
 
 
 def _hf_dtypes(meta: dict, template: HFModel) -> dict[str, dtypes.Dtype]:

@@ -76,6 +76,7 @@ _DCP = "torch.distributed.checkpoint.metadata"
 _FUSED_NORMS = {local + part: fused + part for fused, local in TE_FUSED_NORMS
                 for part in ("weight", "bias")}
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
+_MTP_LAYER = re.compile(r"(mtp\.layers\.\d+\.transformer_layer\.)(.+)$")
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
@@ -131,13 +132,16 @@ def stored_key(name: str, dims) -> tuple[str, tuple[tuple[int, int], ...]]:
     ((index, size) for the layer, then the expert). The layers are stacked along a prepended
     axis only when they are all alike: a model with both dense and MoE layers keeps each
     layer's index in its keys (megatron-core's ``non_homogeneous_layers``)."""
-    layer = _LAYER.match(name)
-    if layer is None:
+    layer, mtp = _LAYER.match(name), _MTP_LAYER.match(name)
+    if mtp is not None:  # an MTP module's decoder layer: its own keys, never stacked
+        prefix, rest, axes = mtp.group(1), mtp.group(2), []
+    elif layer is None:
         return name, ()
-    index, rest = int(layer.group(1)), layer.group(2)
-    stacked = len(set(dims.moe_layers)) <= 1
-    prefix, axes = ("decoder.layers.", [(index, dims.num_layers)]) if stacked else \
-        (f"decoder.layers.{index}.", [])
+    else:
+        index, rest = int(layer.group(1)), layer.group(2)
+        stacked = len(set(dims.moe_layers)) <= 1
+        prefix, axes = ("decoder.layers.", [(index, dims.num_layers)]) if stacked else \
+            (f"decoder.layers.{index}.", [])
     expert = _EXPERT.match(rest)
     if expert is not None:
         axes.append((int(expert.group(1)), dims.experts))
@@ -186,11 +190,12 @@ def global_shape(wmap: WeightMap, name: str) -> tuple[int, ...]:
 
 
 def extra_state_keys(wmap: WeightMap) -> list[str]:
-    """The ``_extra_state`` objects megatron's linear layers (in the layers) save."""
+    """The ``_extra_state`` objects megatron's linear layers (in the layers and the MTP
+    modules) save."""
     keys = []
     for name in wmap.mcore_names(to_hf_only=True):
         rule, _ = wmap.lookup(name)
-        if not (rule.extra_state and _LAYER.match(name)):
+        if not (rule.extra_state and (_LAYER.match(name) or name.startswith("mtp."))):
             continue
         key, axes = stored_key(name, wmap.dims)
         axes = axes or ((0, 1),)  # megatron's offset and shape of an unsharded object

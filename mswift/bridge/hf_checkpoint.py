@@ -50,7 +50,8 @@ def weight_map_for(cfg: MswiftConfig) -> tuple[WeightMap, tuple[str, ...]]:
     family = family_for(config, where=str(hf_dir / "config.json"))
     padded = padded_vocab_for(cfg.model, cfg.parallel.tensor_model_parallel_size)
     return (family.weight_map(config, dims_for(cfg.model, padded)),
-            family.ignored_tensors + family.hf_layout(config).all_carried)
+            family.ignored_tensors
+            + family.hf_layout(config, cfg.model.mtp_num_layers or 0).all_carried)
 
 
 def load_hf_checkpoint(chunks, cfg: MswiftConfig) -> int:
@@ -73,7 +74,8 @@ def save_hf_checkpoint(chunks, cfg: MswiftConfig, out_dir: str | Path,
     dtypes = {name: torch_dtype(kind) for name, kind in kinds.items()}
     config = read_hf_config(source.dir)
     # hf_model's tensors that megatron does not hold (a vision tower): copied as they are.
-    carried = carried_tensors(source.dir, config, family_for(config))
+    carried = carried_tensors(source.dir, config, family_for(config),
+                              cfg.model.mtp_num_layers or 0)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     save_model_to_hf(chunks, wmap, tmp, dtypes, max_shard_bytes, encoder=encoder,

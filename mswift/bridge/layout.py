@@ -94,12 +94,14 @@ class HFModel:
     def ignored_tensors(self) -> tuple[str, ...]:
         """Regexes of the checkpoint's tensors that the weight map does not read: buffers that
         hold no weights and the tensors carried through untouched (a vision tower)."""
-        return self.family.ignored_tensors + self.family.hf_layout(self.config).all_carried
+        return self.family.ignored_tensors + self.family.hf_layout(
+            self.config, self.model.mtp_num_layers or 0).all_carried
 
     def carried_tensors(self):
         """The tensors of this folder's checkpoint that megatron does not hold (a vision
         tower), which conversions carry through: :func:`carried_tensors`."""
-        return carried_tensors(self.hf_dir, self.config, self.family)
+        return carried_tensors(self.hf_dir, self.config, self.family,
+                               self.model.mtp_num_layers or 0)
 
 
     def padded_vocab(self, tp: int) -> int:
@@ -199,15 +201,16 @@ def build_chunks(cfg: MswiftConfig):
     return build_model(cfg)
 
 
-def carried_tensors(hf_dir: Path, config: dict, family: ModelFamily):
+def carried_tensors(hf_dir: Path, config: dict, family: ModelFamily, mtp_layers: int = 0):
     """The tensors of ``hf_dir``'s checkpoint that megatron does not hold
     (:class:`~mswift.bridge.byte_copy.CarriedTensors`), None for an architecture that has
     none; refused when the architecture has them (``HFLayout.carried``, not
-    ``carried_if_present``) and the folder holds none."""
+    ``carried_if_present``) and the folder holds none. ``mtp_layers``: the multi-token-
+    prediction modules the model trains (those are in the weight map, not carried)."""
     from mswift.bridge.byte_copy import CarriedTensors
     from mswift.bridge.hf_io import HFCheckpoint
 
-    layout = family.hf_layout(config)
+    layout = family.hf_layout(config, mtp_layers)
     patterns = layout.carried
     if not layout.all_carried:
         return None

@@ -78,7 +78,19 @@ def chunk_entries(wmap: WeightMap, layout: Layout, pp_rank: int, vp_stage: int,
     experts = list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank))
     entries: dict[str, str | None] = {}
     for rule in wmap.rules:
-        if rule.per_layer:
+        if rule.per_mtp:  # the multi-token-prediction modules: all on the last stage
+            if not last:
+                continue
+            pairs = list(enumerate(experts)) if rule.per_expert else [(None, None)]
+            for mtp in range(d.mtp_layers):
+                if not rule.applies_to_layer(d.num_layers + mtp, d):
+                    continue
+                for local_expert, expert in pairs:
+                    local = rule.mcore.format(mtp=mtp, expert=local_expert)
+                    entries[local] = rule.mcore.format(mtp=mtp, expert=expert)
+                    if rule.extra_state:
+                        entries[_module(local) + "._extra_state"] = None
+        elif rule.per_layer:
             for local_layer, layer in enumerate(layers):
                 if not rule.applies_to_layer(layer, d):
                     continue
@@ -90,7 +102,8 @@ def chunk_entries(wmap: WeightMap, layout: Layout, pp_rank: int, vp_stage: int,
                     entries[local] = rule.mcore.format(layer=layer, expert=expert)
                     if rule.extra_state:
                         entries[_module(local) + "._extra_state"] = None
-        elif first if rule.mcore.startswith("embedding.") else last:
+        # The last stage keeps a copy of the embedding for multi-token prediction.
+        elif (first or last and d.mtp_layers) if rule.mcore.startswith("embedding.") else last:
             # A tied model on a single stage has no output weight: it uses the embedding.
             if not (rule.mcore == "output_layer.weight" and d.tied and first):
                 entries[rule.mcore] = rule.mcore

@@ -27,6 +27,7 @@ torch = lazy_module("torch")  # hf_plan is used by the byte copies, which do wit
 dist = lazy_module("torch.distributed")
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)$")
+_MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.transformer_layer\.(.*)$")
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.*)$")
 
 
@@ -53,14 +54,19 @@ def global_name(chunk, local: str) -> str:
     (a Transformer Engine layer's fused norm by its local-spec name)."""
     local = local_spec_name(local)
     match = _LAYER.match(local)
-    if not match:
+    mtp = _MTP_LAYER.match(local)
+    if not (match or mtp):
         return local
-    layer = chunk.decoder.layers[int(match.group(1))]
-    rest = match.group(2)
+    # a multi-token-prediction module's number is already model-wide (all on one stage)
+    layer = (chunk.decoder.layers[int(match.group(1))] if match
+             else chunk.mtp.layers[int(mtp.group(1))].transformer_layer)
+    rest = (match or mtp).group(2)
     expert = _EXPERT.match(rest)
     if expert:
         index = layer.mlp.local_expert_indices[int(expert.group(1))]
         rest = f"mlp.experts.local_experts.{index}.{expert.group(2)}"
+    if mtp:
+        return f"mtp.layers.{mtp.group(1)}.transformer_layer.{rest}"
     return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 
@@ -116,7 +122,33 @@ def load_hf_into_model(chunks, hf_dir: str | Path, wmap: WeightMap,
 
     ckpt = open_checkpoint(hf_dir)
     ckpt.check_tensors(wmap.hf_shapes(), "this", ignored)
+    check_copies(ckpt, wmap)
     return load_into_model(chunks, HFSource(ckpt, wmap))
+
+
+COPY_ROWS = 4096  # rows compared at a time: a 671B embedding is never read whole twice
+
+
+def check_copies(ckpt, wmap: WeightMap) -> None:
+    """Refuse a checkpoint whose stored copies of a tensor (``Rule.copies``: DeepSeek-V3's MTP
+    ``embed_tokens`` / ``shared_head.head``) differ from it: megatron-core holds one tensor, so
+    loading would silently drop one of them."""
+    from mswift.bridge.errors import BridgeError
+
+    for rule in wmap.rules:
+        for copy in wmap.copies(rule):
+            main = rule.hf[0]
+            rows = ckpt.shape(main)[0]
+            for start in range(0, rows, COPY_ROWS):
+                stop = min(rows, start + COPY_ROWS)
+                same = torch.equal(ckpt.read(main, 0, start, stop),
+                                   ckpt.read(copy, 0, start, stop))
+                if not same:
+                    raise BridgeError(
+                        f"{copy}: differs from {main} (rows {start}..{stop - 1}); megatron-core's "
+                        "multi-token prediction shares the main model's tensor, so mswift loads "
+                        "a checkpoint whose copy equals it (set mtp_num_layers to None to carry "
+                        "the MTP layers through untouched)")
 
 
 def _rank_and_world() -> tuple[int, int]:

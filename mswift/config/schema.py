@@ -220,6 +220,16 @@ class ModelConfig(_Section):
     attn_temperature_floor_scale: Optional[float] = setting(
         None, "NoPE layers' query temperature: floor_scale; None = off")
     attn_temperature_scale: float = setting(0.1, "NoPE layers' query temperature: attn_scale")
+    # Multi-token prediction (DeepSeek-V3; Megatron-LM's names): megatron-core's MTP block on the
+    # last pipeline stage, mtp_num_layers modules each predicting one token further (the
+    # embedding and output layer shared with the main model). Its loss, summed over the loss
+    # tokens and divided by the main loss's token count, is added times
+    # mtp_loss_scaling_factor / mtp_num_layers (the DeepSeek-V3 report's lambda / D). None: no MTP
+    # (an HF checkpoint's MTP layers are then carried through conversions untouched).
+    mtp_num_layers: Optional[int] = positive(
+        None, "multi-token-prediction modules trained after the decoder; None = off")
+    mtp_loss_scaling_factor: float = positive(
+        0.1, "MTP loss weight lambda (the depths' losses summed, divided by D)")
 
     def extra_problems(self):
         problems = []
@@ -280,6 +290,10 @@ class ModelConfig(_Section):
                 groups is not None and not 0 < group_topk <= groups):
             problems.append(f"moe_router_num_groups={groups}, moe_router_group_topk="
                             f"{group_topk}: expected both None or 0 < group_topk <= num_groups")
+        if self.mtp_num_layers and not self.untie_embeddings_and_output_weights:
+            problems.append(f"mtp_num_layers={self.mtp_num_layers}: needs "
+                            "untie_embeddings_and_output_weights=true (mswift maps the MTP "
+                            "layers of DeepSeek-V3, whose embedding and head are untied)")
         if self.moe_apply_probs_on_input and self.moe_router_topk != 1:
             problems.append(f"moe_apply_probs_on_input=true: needs moe_router_topk=1, got "
                             f"{self.moe_router_topk}")

@@ -24,7 +24,7 @@ from mswift.models.moe_dispatch import use_kernel_dispatchers
 from mswift.models.registry import family_named
 from mswift.models.rope import apply_rope_scaling
 from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size  # noqa: F401
-from mswift.models.spec import gpt_block_spec
+from mswift.models.spec import gpt_block_spec, mtp_block_spec
 from mswift.models.vocab_padding import mask_padded_vocabulary
 from mswift.runtime.device import cuda_available, local_device
 
@@ -124,6 +124,8 @@ def transformer_config(cfg: MswiftConfig) -> TransformerConfig:
         use_cpu_initialization=not cuda_available(),
         # Loss is a sum over tokens; gradients are divided by the global token count.
         calculate_per_token_loss=True,
+        mtp_num_layers=m.mtp_num_layers,
+        mtp_loss_scaling_factor=m.mtp_loss_scaling_factor,
         **moe,
         **mla,
     )
@@ -191,6 +193,10 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
             spec = gpt_block_spec(config, vp_stage=vp_stage, attention_backend=backend,
                                   transformer_impl=impl)
         spec = with_kernels(spec, config, fused)
+        mtp = None
+        if m.mtp_num_layers:
+            mtp = mtp_block_spec(config, spec, impl, vp_stage)
+            mtp = with_kernels(mtp, config, fused) if mtp is not None else None
         chunk = (KernelLossGPTModel if fused == "triton" else GPTModel)(
             config=config,
             transformer_layer_spec=spec,
@@ -204,6 +210,7 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
             position_embedding_type=m.position_embedding_type,
             rotary_base=m.rotary_base,
             vp_stage=vp_stage,
+            mtp_block_spec=mtp,
         )
         if fused == "triton":
             chunk.real_vocab_size, chunk.loss_backend = m.vocab_size, fused

@@ -23,11 +23,22 @@ What differs from Llama-3, and where mswift does it:
   balancing loss only when asked (``moe_aux_loss_coeff``, default 0: transformers'
   ``DeepseekV3ForCausalLM`` adds none).
 
-The multi-token-prediction layers of the released checkpoint (``model.layers.{num_hidden_layers}
-.*``, ``num_nextn_predict_layers`` of them) are not trained yet (no megatron-core MTP block):
-conversions and exports carry them through byte for byte (:func:`mtp_tensors`), never drop them.
+Multi-token prediction: the release's MTP modules (``model.layers.{num_hidden_layers + i}.*``,
+``num_nextn_predict_layers`` of them) are megatron-core's MTP block (``mtp.layers.{i}.*``) when
+the model trains them (``mtp_num_layers``, :data:`MTP_RULES`), else carried through every
+conversion byte for byte (:func:`mtp_tensors`), never dropped. As DeepSeek's reference
+(vLLM / SGLang's DeepSeek MTP, which run the released weights) and megatron-core both compute
+it: ``eh_proj([enorm(embedding of token i+1); hnorm(h_i)])`` with ``h_i`` the main model's
+final-normed hidden state, the decoder layer, ``shared_head.norm`` (megatron-core's MTP
+``final_layernorm``), then the output layer. The release stores the module's ``embed_tokens``
+and ``shared_head.head`` as copies of the main model's, which megatron-core shares: a load
+refuses a checkpoint whose copies differ from ``model.embed_tokens`` / ``lm_head``, and an
+export writes them from those (``Rule.copies``), so HF -> mcore -> HF gives them back bit for
+bit and a trained model's copies follow its embedding and head.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 from mswift.models.family import (
     DENSE_MLP_RULES,
@@ -143,11 +154,12 @@ def config_fields(hf: HFConfigReader) -> dict:
     return fields
 
 
-def mtp_tensors(config: dict) -> tuple[str, ...]:
-    """Regexes of the MTP layers' tensors: the layers after the last decoder layer."""
+def mtp_tensors(config: dict, trained: int = 0) -> tuple[str, ...]:
+    """Regexes of the tensors of the MTP layers the model does not train: the layers after the
+    last decoder layer, past the ``trained`` first ones."""
     first = config.get("num_hidden_layers", 0)
-    return tuple(rf"model\.layers\.{n}\..+"
-                 for n in range(first, first + (config.get("num_nextn_predict_layers") or 0)))
+    return tuple(rf"model\.layers\.{n}\..+" for n in range(
+        first + trained, first + (config.get("num_nextn_predict_layers") or 0)))
 
 
 _L = "decoder.layers.{layer}."
@@ -187,12 +199,30 @@ LAYER_RULES = (
          (("H", "FS"),), layers="moe", extra_state=True),
 )
 
+# The MTP modules: each one's decoder layer as the decoder's (megatron-core's
+# ``mtp.layers.{mtp}.transformer_layer.*``, HF's layer num_hidden_layers + mtp), its norms and
+# projection, and the copies the release keeps of the embedding and the output layer.
+_M = "mtp.layers.{mtp}."
+MTP_RULES = tuple(replace(r, mcore=r.mcore.replace(_L, _M + "transformer_layer."))
+                  for r in LAYER_RULES + DENSE_MLP_RULES + MOE_MLP_RULES) + (
+    Rule(_M + "enorm.weight", (_H + "enorm.weight",), REPLICATED, (("H",),)),
+    Rule(_M + "hnorm.weight", (_H + "hnorm.weight",), REPLICATED, (("H",),)),
+    Rule(_M + "eh_proj.weight", (_H + "eh_proj.weight",), COLUMN_PARALLEL, (("H", "H2"),),
+         extra_state=True),
+    Rule(_M + "final_layernorm.weight", (_H + "shared_head.norm.weight",), REPLICATED,
+         (("H",),)),
+)
+_MTP_COPIES = {"model.embed_tokens.weight": ("model.layers.{mtp_layer}.embed_tokens.weight",),
+               "lm_head.weight": ("model.layers.{mtp_layer}.shared_head.head.weight",)}
+SHARED_RULES = tuple(replace(r, copies=_MTP_COPIES.get(r.hf[0], ()) if r.to_hf else ())
+                     for r in EMBEDDING_RULES + OUTPUT_RULES)
+
 FAMILY = ModelFamily(
     name="deepseek_v3",
     model_types=("deepseek_v3",),
     architectures=("DeepseekV3ForCausalLM",),
     config_fields=config_fields,
-    weight_rules=EMBEDDING_RULES + LAYER_RULES + DENSE_MLP_RULES + MOE_MLP_RULES + OUTPUT_RULES,
+    weight_rules=SHARED_RULES + LAYER_RULES + DENSE_MLP_RULES + MOE_MLP_RULES + MTP_RULES,
     mcore_router_exact=False,
     carried_if_present=mtp_tensors,
     # Every feature on at small sizes: q LoRA, YaRN (factor 4 over 16 original positions, so a

@@ -141,11 +141,13 @@ class ModelFamily:
     # Architectures whose checkpoints hold more than the text model, by name (the others keep
     # it at the top level, alone).
     hf_layouts: dict[str, HFLayout] = field(default_factory=dict)
-    # config.json -> regexes of tensors carried when present (HFLayout.carried_if_present).
-    carried_if_present: Callable[[dict], tuple[str, ...]] | None = None
+    # (config.json, MTP modules trained: ModelConfig.mtp_num_layers or 0) -> regexes of tensors
+    # carried when present (HFLayout.carried_if_present).
+    carried_if_present: Callable[[dict, int], tuple[str, ...]] | None = None
 
-    def hf_layout(self, config: dict) -> HFLayout:
-        """The checkpoint layout of config.json's ``architectures``."""
+    def hf_layout(self, config: dict, mtp_layers: int = 0) -> HFLayout:
+        """The checkpoint layout of config.json's ``architectures``, for a model that trains
+        ``mtp_layers`` multi-token-prediction modules."""
         layout = HFLayout()
         for arch in config.get("architectures") or []:
             if arch in self.hf_layouts:
@@ -154,7 +156,7 @@ class ModelFamily:
         if self.carried_if_present is None:
             return layout
         return replace(layout, carried_if_present=layout.carried_if_present
-                                   + self.carried_if_present(config))
+                                   + self.carried_if_present(config, mtp_layers))
 
     def weight_map(self, config: dict, dims) -> WeightMap:
         """The weight map of a checkpoint with this config.json, for a model of ``dims``."""

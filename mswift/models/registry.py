@@ -101,6 +101,7 @@ def dims_for(model: ModelConfig, padded_vocab: int) -> Dims:
         moe_ffn=model.moe_ffn_hidden_size or model.ffn_hidden_size or 0,
         moe_layers=tuple(bool(f) for f in freq) if experts else (),
         shared_ffn=model.moe_shared_expert_intermediate_size or 0,
+        mtp_layers=model.mtp_num_layers or 0,
         **(dict(q_lora_rank=model.q_lora_rank or 0, kv_lora_rank=model.kv_lora_rank,
                 qk_nope_dim=model.qk_head_dim, qk_rope_dim=model.qk_pos_emb_head_dim,
                 v_head_dim=model.v_head_dim) if model.multi_latent_attention else {}),

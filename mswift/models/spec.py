@@ -154,6 +154,23 @@ def gpt_block_spec(
         layer_spec(number, layer) for number, layer in zip(numbers, spec.layer_specs)])
 
 
+def mtp_block_spec(config: TransformerConfig, block_spec: TransformerBlockSubmodules,
+                   transformer_impl: str, vp_stage: int | None = None):
+    """megatron-core's multi-token-prediction block for this (virtual) pipeline stage, or None
+    where it builds none (MTP sits on the last stage). Each MTP module's decoder layer is
+    ``block_spec``'s last layer (mswift's modules, the family's per-layer choices: DeepSeek-V3's
+    MTP layer is one of its MoE layers); its ``enorm`` / ``hnorm`` / final norm are mswift's
+    norm, like every other norm of the model."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    use_te = resolve_transformer_impl(transformer_impl) == "transformer_engine"
+    spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_te,
+                                  vp_stage=vp_stage)
+    if spec is None:
+        return None
+    return replace_modules(spec, {norm: Norm for norm in FOREIGN_NORMS})
+
+
 def _core_attention(backend: str):
     """What replaces the spec's own core attention (None: keep it)."""
     if backend in ("torch", "triton"):

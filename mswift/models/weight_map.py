@@ -47,9 +47,9 @@ class Dims:
 
     Shape symbols: H hidden, Q heads x head_dim, KV groups x head_dim, D head_dim, F dense MLP
     width, FE expert MLP width (FE2 twice it: fused gate + up), FS shared-expert width,
-    V vocabulary, E experts. Multi-latent attention: QL / KVL the q / kv latent widths, KVA the
-    kv down projection (KVL + RoPE dims), QH heads x q/k head dim (with RoPE), KVB heads x
-    (q/k dims without RoPE + v dims), VO heads x v dims.
+    V vocabulary, E experts, H2 twice H (the MTP projection's input). Multi-latent attention:
+    QL / KVL the q / kv latent widths, KVA the kv down projection (KVL + RoPE dims), QH heads x
+    q/k head dim (with RoPE), KVB heads x (q/k dims without RoPE + v dims), VO heads x v dims.
     """
 
     num_layers: int
@@ -71,10 +71,13 @@ class Dims:
     qk_nope_dim: int = 0
     qk_rope_dim: int = 0
     v_head_dim: int = 0
+    # multi-token-prediction modules megatron trains (ModelConfig.mtp_num_layers); HF keeps
+    # module i as decoder layer ``num_layers + i``
+    mtp_layers: int = 0
 
     def size(self, symbol: str) -> int:
         sizes = {
-            "H": self.hidden, "Q": self.heads * self.head_dim,
+            "H": self.hidden, "H2": 2 * self.hidden, "Q": self.heads * self.head_dim,
             "KV": self.groups * self.head_dim, "D": self.head_dim, "F": self.ffn,
             "FE": self.moe_ffn, "FE2": 2 * self.moe_ffn, "FS": self.shared_ffn,
             "V": self.vocab, "E": self.experts,
@@ -92,7 +95,9 @@ class Dims:
                 "q_lora" if self.q_lora_rank else "no_q_lora")
 
     def is_moe_layer(self, layer: int) -> bool:
-        return bool(self.moe_layers) and self.moe_layers[layer]
+        """Layers past ``num_layers`` are the MTP modules' decoder layers, built like the last
+        decoder layer (megatron-core's get_gpt_mtp_block_spec)."""
+        return bool(self.moe_layers) and self.moe_layers[min(layer, self.num_layers - 1)]
 
     def with_padded_vocab(self, padded_vocab: int) -> "Dims":
         return replace(self, padded_vocab=padded_vocab)
@@ -517,8 +522,10 @@ def grouped_experts_name(name: str) -> str:
 class Rule:
     """One row of a weight map.
 
-    ``mcore`` and ``hf`` may hold ``{layer}`` and ``{expert}``; ``shapes`` gives each HF
-    tensor's shape in :class:`Dims` symbols. ``layers`` says which layers have the tensor
+    ``mcore`` and ``hf`` may hold ``{layer}`` and ``{expert}``; a rule of the multi-token-
+    prediction modules has ``{mtp}`` (the module) in ``mcore`` and ``{layer}`` in ``hf``, which
+    is then ``num_layers + mtp`` (HF numbers them after the decoder layers). ``shapes`` gives
+    each HF tensor's shape in :class:`Dims` symbols. ``layers`` says which layers have the tensor
     ("all", "dense" or "moe"); ``when`` whether the model has it ("always", or only when the
     embeddings are "tied" / "untied"). ``to_hf=False`` marks a tensor that is read from HF but
     never written back (a tied model's output layer on the last pipeline stage: a copy of the
@@ -526,6 +533,10 @@ class Rule:
     attention). ``extra_state``: the megatron module also keeps an ``_extra_state`` entry in
     its state dict (megatron's linear layers do). ``fp32``: megatron keeps the tensor in fp32
     whatever the model's dtype (the router's ``expert_bias``), so checkpoints store it so.
+    ``copies``: HF names (``{mtp_layer}``: ``num_layers + mtp``, one per MTP module) of tensors
+    the checkpoint stores as copies of this rule's one HF tensor where megatron-core shares
+    the tensor (DeepSeek-V3's MTP ``embed_tokens`` / ``shared_head.head``): exports write them
+    from it, loads refuse a checkpoint whose copies differ (:meth:`WeightMap.copies`).
     """
 
     mcore: str
@@ -537,10 +548,15 @@ class Rule:
     to_hf: bool = True
     extra_state: bool = False
     fp32: bool = False
+    copies: tuple[str, ...] = ()
 
     @property
     def per_layer(self) -> bool:
         return "{layer}" in self.mcore
+
+    @property
+    def per_mtp(self) -> bool:
+        return "{mtp}" in self.mcore
 
     @property
     def per_expert(self) -> bool:
@@ -558,6 +574,7 @@ class Rule:
 def _pattern(template: str) -> re.Pattern:
     text = re.escape(template)
     text = text.replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+    text = text.replace(r"\{mtp\}", r"(?P<mtp>\d+)")
     return re.compile(text + "$")
 
 
@@ -589,19 +606,26 @@ class WeightMap:
         for pattern, rule in self._patterns:
             match = pattern.match(mcore_name)
             if match:
-                return rule, [h.format(**match.groupdict()) for h in rule.hf]
+                idx = match.groupdict()
+                if rule.per_mtp:
+                    idx["layer"] = self.dims.num_layers + int(idx["mtp"])
+                return rule, [h.format(**idx) for h in rule.hf]
         raise KeyError(f"no weight-map rule for megatron-core tensor {mcore_name!r}")
 
     def expand(self, rule: Rule) -> Iterator[tuple[str, list[str], dict]]:
         """(megatron name, HF names, indices) of every instance of ``rule`` in the model."""
         d = self.dims
         layers = range(d.num_layers) if rule.per_layer else [None]
+        if rule.per_mtp:
+            layers = range(d.num_layers, d.num_layers + d.mtp_layers)
         experts = range(d.experts) if rule.per_expert else [None]
         for layer in layers:
             if layer is not None and not rule.applies_to_layer(layer, d):
                 continue
             for expert in experts:
                 idx = {"layer": layer, "expert": expert}
+                if rule.per_mtp:
+                    idx["mtp"] = layer - d.num_layers
                 yield (rule.mcore.format(**idx), [h.format(**idx) for h in rule.hf], idx)
 
     def mcore_names(self, to_hf_only: bool = False) -> list[str]:
@@ -612,12 +636,19 @@ class WeightMap:
                 names += [name for name, _, _ in self.expand(rule)]
         return sorted(names, key=_model_order)
 
+    def copies(self, rule: Rule) -> list[str]:
+        """The HF names of the copies of ``rule``'s HF tensor (:attr:`Rule.copies`)."""
+        d = self.dims
+        return [c.format(mtp_layer=d.num_layers + m) for c in rule.copies
+                for m in range(d.mtp_layers)]
+
     def hf_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every HF tensor the checkpoint must hold, with its shape."""
         shapes = {}
         for rule in self.rules:
             if not rule.to_hf:
                 continue
+            shapes.update({c: rule.hf_shapes(self.dims)[0] for c in self.copies(rule)})
             for _, hf_names, _ in self.expand(rule):
                 for hf_name, shape in zip(hf_names, rule.hf_shapes(self.dims)):
                     sliced = stacked_slice(hf_name)
@@ -637,6 +668,7 @@ class WeightMap:
                 sliced = stacked_slice(hf_name)
                 if sliced is None:
                     out.append(HFTensor(hf_name, shape, [(name, part)], False))
+                    out += [HFTensor(c, shape, [(name, part)], False) for c in self.copies(rule)]
                     continue
                 base, index = sliced
                 if base not in stacked:
@@ -648,11 +680,14 @@ class WeightMap:
 
 
 def _model_order(name: str):
-    """Sort key: embedding, then layers in order (rules' order inside a layer), final, output."""
+    """Sort key: embedding, then layers in order (rules' order inside a layer), the MTP modules,
+    final, output."""
     match = re.match(r"decoder\.layers\.(\d+)\.", name)
+    mtp = re.match(r"mtp\.layers\.(\d+)\.", name)
     if name.startswith("embedding."):
         return (0, 0, name)
-    if match:
+    if match or mtp:
         expert = re.search(r"local_experts\.(\d+)\.", name)
-        return (1, int(match.group(1)), int(expert.group(1)) if expert else -1, name)
-    return (2, 0, 0 if "final" in name else 1, name)
+        where = (1, int(match.group(1))) if match else (2, int(mtp.group(1)))
+        return (*where, int(expert.group(1)) if expert else -1, name)
+    return (3, 0, 0 if "final" in name else 1, name)

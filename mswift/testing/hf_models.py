@@ -66,6 +66,50 @@ def save_tiny_hf_model(family: str, path: str | Path, dtype: torch.dtype = torch
     return path
 
 
+def add_tiny_mtp_layer(path: str | Path, seed: int = 11, same_copies: bool = True) -> Path:
+    """Write one multi-token-prediction layer into the tiny DeepSeek-V3 checkpoint at ``path``
+    (one safetensors file), with the release's names and shapes (transformers neither builds
+    nor saves it): layer ``num_hidden_layers``'s ``enorm``, ``hnorm``, ``eh_proj`` [H, 2H],
+    ``shared_head.norm``, a decoder layer shaped like the last (MoE) one, random values as
+    :func:`randomize_` draws them, and ``embed_tokens`` / ``shared_head.head``: copies of the
+    main model's (``same_copies``, as released) or random; config.json then counts it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    assert len(files) == 1, f"{path}: expected one safetensors file"
+    tensors = load_file(files[0])
+    config = json.loads((path / "config.json").read_text())
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    main = tensors["model.embed_tokens.weight"]
+    shapes = {"enorm.weight": (hidden,), "hnorm.weight": (hidden,),
+              "eh_proj.weight": (hidden, 2 * hidden), "shared_head.norm.weight": (hidden,),
+              "embed_tokens.weight": tuple(main.shape),
+              "shared_head.head.weight": tuple(tensors["lm_head.weight"].shape)}
+    last = f"model.layers.{layers - 1}."
+    shapes.update({name[len(last):]: tuple(t.shape) for name, t in tensors.items()
+                   if name.startswith(last)})
+    generator = torch.Generator().manual_seed(seed)
+    for name, shape in shapes.items():
+        if name.endswith("e_score_correction_bias"):
+            values = 0.1 * torch.randn(shape, generator=generator)
+        elif len(shape) == 1:
+            values = 0.5 + torch.rand(shape, generator=generator)
+        else:
+            values = 0.2 * torch.randn(shape, generator=generator)
+        tensors[f"model.layers.{layers}.{name}"] = values.to(main.dtype)
+    if same_copies:
+        tensors[f"model.layers.{layers}.embed_tokens.weight"] = main.clone()
+        tensors[f"model.layers.{layers}.shared_head.head.weight"] = \
+            tensors["lm_head.weight"].clone()
+    save_file(tensors, files[0], metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return path
+
+
 def hf_logits(path: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     """transformers' fp32 logits ``[batch, seq, vocab]`` of the model saved at ``path``."""
     from transformers import AutoModelForCausalLM

@@ -38,7 +38,9 @@ def model_inputs(batch: dict, device: torch.device | None = None) -> dict:
     ``[rows, seq]`` with a causal mask on every backend: its padding is at the end of each row
     (``attention_mask`` False there), so no real token sees a padded one, and padded positions
     have no loss. Labels of tokens without loss (-100 in the data pipeline) become 0:
-    the loss mask removes them, and the vocab-parallel cross entropy needs valid ids.
+    the loss mask removes them, and the vocab-parallel cross entropy needs valid ids. The loss
+    mask goes in too: megatron-core's multi-token prediction shifts it with the labels (it
+    would take every token, prompts and padding included, without it).
     ``padding_mask`` (True on padding: ``attention_mask`` False; shaped as the tokens fed, None
     without an ``attention_mask``) keeps the padding out of MoE routers' statistics -- token
     counts per expert, hence the expert-bias update, the auxiliary and z losses; prompt tokens
@@ -49,12 +51,14 @@ def model_inputs(batch: dict, device: torch.device | None = None) -> dict:
     tokens = batch["tokens"] if "tokens" in batch else batch["input_ids"]
     labels = batch["labels"].clamp(min=0)
     position_ids = batch["position_ids"]
+    loss_mask = batch["loss_mask"].float()
     packed = None
     padding = ~batch["attention_mask"] if "attention_mask" in batch else None
     if padding is not None and "cu_seqlens" not in batch:
         assert not (padding[:, :-1] & ~padding[:, 1:]).any(), "padding must end each row"
     if "cu_seqlens" in batch:
-        tokens, labels, position_ids = (t.reshape(1, -1) for t in (tokens, labels, position_ids))
+        tokens, labels, position_ids, loss_mask = (
+            t.reshape(1, -1) for t in (tokens, labels, position_ids, loss_mask))
         padding = padding.reshape(1, -1) if padding is not None else None
         cu = batch["cu_seqlens"].to(torch.int32)
         longest = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
@@ -63,7 +67,8 @@ def model_inputs(batch: dict, device: torch.device | None = None) -> dict:
                                  max_seqlen_q=longest, max_seqlen_kv=longest)
     return dict(input_ids=_to(tokens, device), position_ids=_to(position_ids, device),
                 attention_mask=None, labels=_to(labels, device), packed_seq_params=packed,
-                padding_mask=_to(padding, device) if padding is not None else None)
+                padding_mask=_to(padding, device) if padding is not None else None,
+                loss_mask=_to(loss_mask, device))
 
 
 def stage_padding_mask(model, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
