@@ -15,7 +15,9 @@ one sample). Layouts sharing a world size run one after another in one group of 
 stream depends on the data-parallel size, so each layout is compared with a TP=1 reference of the
 same data-parallel size (EP is carved out of DP: EP=2 on two ranks is DP=2), and each reference's
 step 1 with transformers on every data-parallel rank's samples (each sample on its own: the packed
-loss is the per-sample unpacked loss).
+loss is the per-sample unpacked loss). The DeepSeek-V3 trains once more with the release's
+multi-token-prediction layer added (mtp_num_layers 1, loss weight 0.3): at EP2 (the MTP layer's
+experts split too) it gives its TP=1 reference's losses, whose step 1 is the plain model's.
 """
 import json
 from pathlib import Path
@@ -47,7 +49,7 @@ SP = ["sequence_parallel=true"]
 # References: TP=1 runs, one per (model, data-parallel size); world size -> runs.
 REFERENCES = {"dense-dp1": ("dense", 1), "moe-dp1": ("moe", 1), "moe-dp2": ("moe", 2),
               "scout-dp1": ("scout", 1), "scout-dp2": ("scout", 2),
-              "dsv3-dp1": ("dsv3", 1), "dsv3-dp2": ("dsv3", 2)}
+              "dsv3-dp1": ("dsv3", 1), "dsv3-dp2": ("dsv3", 2), "dsv3mtp-dp2": ("dsv3mtp", 2)}
 # name: (model, world size, reference, layout overrides)
 LAYOUTS = {
     "tp2": ("dense", 2, "dense-dp1", TP2),
@@ -59,7 +61,9 @@ LAYOUTS = {
     "moe-tp2-sp-pp2": ("moe", 4, "moe-dp1", TP2 + SP + ["pipeline_model_parallel_size=2"]),
     "scout-ep2": ("scout", 2, "scout-dp2", ["expert_model_parallel_size=2"]),
     "scout-tp2-sp": ("scout", 2, "scout-dp1", TP2 + SP),
-    "dsv3-ep2": ("dsv3", 2, "dsv3-dp2", ["expert_model_parallel_size=2"]),
+    # DeepSeek-V3 at EP2 with its MTP layer trained (MTP's decoder layer is an MoE layer whose
+    # experts split too); the same model without MTP is the dsv3-dp2 reference.
+    "dsv3mtp-ep2": ("dsv3mtp", 2, "dsv3mtp-dp2", ["expert_model_parallel_size=2"]),
     # MLA at TP2: megatron-core 0.16.1's local spec alone loses part of k's RoPE gradient
     # (step 2 was 1.4e-3 off TP1); mswift.models.mla.MLAttention sums it.
     "dsv3-tp2-sp": ("dsv3", 2, "dsv3-dp1", TP2 + SP),
@@ -73,6 +77,8 @@ SCOUT = dict(interleave_moe_layer_step=1, no_rope_layer_interval=2, attention_ch
 # At lr 1e-3 the DeepSeek-V3's loss does not fall within 5 steps (from ~6.7, step to step noise
 # of the samples larger than the progress).
 MODEL_SFT = {"dsv3": ["lr=1e-2", "min_lr=1e-3"]}
+# The same DeepSeek-V3 with the release's MTP layer, trained (its experts split at EP2 too).
+MODEL_SFT["dsv3mtp"] = MODEL_SFT["dsv3"] + ["mtp_num_layers=1", "mtp_loss_scaling_factor=0.3"]
 DSV3_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
              "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0,
              "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -93,7 +99,7 @@ def write_short_chats(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    from mswift.testing.hf_models import save_tiny_hf_model
+    from mswift.testing.hf_models import add_tiny_mtp_layer, save_tiny_hf_model
     from mswift.testing.tokenizers import train_chatml_tokenizer
 
     root = tmp_path_factory.mktemp("layouts")
@@ -116,9 +122,11 @@ def hf_dirs(tmp_path_factory):
     # tokens per expert (the padding of packed rows not among them); moe_aux_loss_coeff keeps
     # its default 0 (DeepseekV3ForCausalLM has no balancing loss), which also keeps
     # megatron-core's aux loss out (see "scout").
-    models["dsv3"] = save_tiny_hf_model(
-        "deepseek_v3", root / "deepseek_v3", vocab_size=VOCAB, num_hidden_layers=2,
-        max_position_embeddings=128, rope_parameters=DSV3_ROPE)
+    dsv3 = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=128,
+                rope_parameters=DSV3_ROPE)
+    models["dsv3"] = save_tiny_hf_model("deepseek_v3", root / "deepseek_v3", **dsv3)
+    models["dsv3mtp"] = add_tiny_mtp_layer(
+        save_tiny_hf_model("deepseek_v3", root / "deepseek_v3_mtp", **dsv3))
     for model in models.values():
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             (model / name).unlink(missing_ok=True)
@@ -261,3 +269,12 @@ def test_padded_vocabulary_rows_stay_zero(runs, name):
     reports = [result["padded"] for result in runs[name]]
     assert sum(rows for rows, _ in reports) > 0, "no rank holds padded rows"
     assert all(worst == 0.0 for _, worst in reports), reports
+
+
+def test_mtp_trains_beside_the_same_main_model(runs):
+    """The MTP run starts from the same main model and data as dsv3-dp2: the same step-1 loss
+    (MTP adds no term to the reported main loss), then other losses (its gradients moved the
+    shared embedding, head and decoder)."""
+    with_mtp, without = runs["dsv3mtp-dp2"][0]["losses"], runs["dsv3-dp2"][0]["losses"]
+    assert abs(with_mtp[0] - without[0]) <= REL_TOL * without[0]
+    assert all(abs(a - b) > 100 * REL_TOL * b for a, b in zip(with_mtp[1:], without[1:]))
