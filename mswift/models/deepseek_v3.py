@@ -154,7 +154,7 @@ def config_fields(hf: HFConfigReader) -> dict:
     return fields
 
 
-def mtp_tensors(config: dict, trained: int = 0) -> tuple[str, ...]:
+def mtp_tensors(config: dict, trained: int) -> tuple[str, ...]:
     """Regexes of the tensors of the MTP layers the model does not train: the layers after the
     last decoder layer, past the ``trained`` first ones."""
     first = config.get("num_hidden_layers", 0)

@@ -56,9 +56,26 @@ def model_config_from_hf(config: dict, where: str = "config.json", **overrides
     family = family_for(config, where)
     fields = family.model_config_fields(config)
     try:
-        return family, ModelConfig(**{**fields, **overrides})
+        model = ModelConfig(**{**fields, **overrides})
     except ConfigError as err:
         raise ModelError(err.problems, headline=f"{where}: values mswift cannot use") from None
+    check_mtp_layers(family, config, model, where)
+    return family, model
+
+
+def check_mtp_layers(family: ModelFamily, config: dict, model: ModelConfig, where: str) -> None:
+    """Refuse ``mtp_num_layers`` where the checkpoint has no such multi-token-prediction layers
+    to load: a family without MTP weight rules, or fewer than config.json counts."""
+    wanted = model.mtp_num_layers or 0
+    if not wanted:
+        return
+    if not any(rule.per_mtp for rule in family.weight_rules):
+        raise ModelError(f"{where}: mtp_num_layers={wanted}: the {family.name} family has no "
+                         "multi-token-prediction layers to load (deepseek_v3 has)")
+    stored = config.get("num_nextn_predict_layers") or 0
+    if stored < wanted:
+        raise ModelError(f"{where}: mtp_num_layers={wanted}: the checkpoint has "
+                         f"num_nextn_predict_layers={stored} MTP layers")
 
 
 def apply_hf_model(cfg: MswiftConfig) -> MswiftConfig:
@@ -79,6 +96,7 @@ def apply_hf_model(cfg: MswiftConfig) -> MswiftConfig:
     except ConfigError as err:
         raise ModelError(err.problems, headline=f"{path / 'config.json'}: values mswift "
                                                  "cannot use") from None
+    check_mtp_layers(family, config, model, str(path / "config.json"))
     return dataclasses.replace(cfg, model=model)
 
 

@@ -100,3 +100,16 @@ def test_mtp_settings_are_checked_by_name():
     with pytest.raises(ConfigError, match="mtp_num_layers=1: needs "
                                           "untie_embeddings_and_output_weights=true"):
         ModelConfig(mtp_num_layers=1, untie_embeddings_and_output_weights=False)
+
+
+def test_mtp_layers_the_checkpoint_lacks_are_refused_by_name(tmp_path):
+    from mswift.bridge.layout import HFModel
+    from mswift.models.errors import ModelError
+
+    plain = save_tiny_hf_model("deepseek_v3", tmp_path / "dsv3")  # num_nextn_predict_layers 0
+    with pytest.raises(ModelError, match="mtp_num_layers=1: the checkpoint has "
+                                         "num_nextn_predict_layers=0"):
+        HFModel.open(plain, mtp_num_layers=1)
+    llama = save_tiny_hf_model("llama", tmp_path / "llama", tie_word_embeddings=False)
+    with pytest.raises(ModelError, match="the llama family has no multi-token-prediction"):
+        HFModel.open(llama, mtp_num_layers=1)
