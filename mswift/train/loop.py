@@ -147,6 +147,7 @@ def _one_step(cfg: MswiftConfig, state: TrainState, data: TrainData,
         "step_time_s": seconds,
         "padding_efficiency": (stats[1] / stats[2]).item(),
         "updated": out["updated"],
+        **({"mtp_loss": out["mtp_loss"]} if "mtp_loss" in out else {}),
         **throughput.fields(stats[2].item(), seconds),
     }
 

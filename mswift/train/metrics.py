@@ -135,6 +135,8 @@ def progress_line(m: dict, total: int) -> str:
     line = (f"step {m['step']:>5}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
             f"grad norm {m['grad_norm']:.3f} | tokens/s {m['tokens_per_s']:.0f} | "
             f"s/step {m['step_time_s']:.2f} | padding-free {m['padding_efficiency']:.1%}")
+    if "mtp_loss" in m:
+        line += " | mtp loss " + "/".join(f"{x:.4f}" for x in m["mtp_loss"])
     line += f" | TFLOP/s/GPU {m['tflops_per_gpu']:.3g}" if "tflops_per_gpu" in m else ""
     line += f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""
     line += f" | mem {m['mem_peak_gib']:.1f} GiB" if "mem_peak_gib" in m else ""

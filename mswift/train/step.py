@@ -122,13 +122,36 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict:
     if updated:
         state.scheduler.step(increment=1)
     state.iteration += 1  # a skipped step still consumes its batch
-    return {
+    out = {
         "loss": loss,
         "grad_norm": grad_norm,
         "lr": lr,
         "updated": bool(updated),
         "finite": finite,
     }
+    if state.cfg.model.mtp_num_layers:
+        out["mtp_loss"] = mtp_step_losses(state.cfg.model.mtp_num_layers, len(micro_batches))
+    return out
+
+
+def mtp_step_losses(depths: int, micro_batches: int) -> list[float]:
+    """Each multi-token-prediction depth's loss of this step, as Megatron-LM logs it: the mean
+    over micro-batches and data-parallel ranks of each micro-batch's per-token MTP loss
+    (megatron-core adds them up in its tracker during the training forward passes, on the last
+    pipeline stage). Every rank calls this; the tracker is emptied for the next step."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    total = torch.zeros(depths + 1, dtype=torch.float64, device=local_device())
+    if "values" in tracker:  # [depths] sums of per-micro-batch means
+        total[:depths] = tracker["values"].double() / micro_batches
+        total[depths] = 1  # one more rank that holds them
+        tracker["values"].zero_()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    if total[depths] == 0:
+        return [math.nan] * depths
+    return (total[:depths] / total[depths]).tolist()
 
 
 def all_ranks_finite(state: TrainState, loss: float) -> bool:

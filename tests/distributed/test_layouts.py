@@ -173,8 +173,10 @@ def train_layouts(models: dict, data: str, runs: list) -> list[dict]:
         state = setup(cfg)
         # This rank's micro-batches of step 1 (a separate, identical stream), for transformers.
         batches = TrainData(state.cfg, state.cfg.data.dataset).next_step(0) if capture else None
-        losses = [row["loss"] for row in run_training(cfg, state)]
-        results.append({"losses": losses, "batches": batches, "padded": padded_rows_report(state)})
+        rows = run_training(cfg, state)
+        results.append({"losses": [row["loss"] for row in rows], "batches": batches,
+                        "padded": padded_rows_report(state),
+                        "mtp": [row.get("mtp_loss") for row in rows]})
     return results
 
 
@@ -278,3 +280,8 @@ def test_mtp_trains_beside_the_same_main_model(runs):
     with_mtp, without = runs["dsv3mtp-dp2"][0]["losses"], runs["dsv3-dp2"][0]["losses"]
     assert abs(with_mtp[0] - without[0]) <= REL_TOL * without[0]
     assert all(abs(a - b) > 100 * REL_TOL * b for a, b in zip(with_mtp[1:], without[1:]))
+    # the logged MTP loss (one depth): the same at EP2, and falling as it trains
+    mtp = [[step[0] for step in run[0]["mtp"]] for run in (runs["dsv3mtp-dp2"],
+                                                           runs["dsv3mtp-ep2"])]
+    assert all(abs(a - b) <= REL_TOL * a for a, b in zip(*mtp)), mtp
+    assert mtp[0][-1] < mtp[0][0], mtp
