@@ -87,6 +87,8 @@ def chunk_entries(wmap: WeightMap, layout: Layout, pp_rank: int, vp_stage: int,
                     continue
                 for local_expert, expert in pairs:
                     local = rule.mcore.format(mtp=mtp, expert=local_expert)
+                    if layout.grouped_experts:
+                        local = grouped_experts_name(local)
                     entries[local] = rule.mcore.format(mtp=mtp, expert=expert)
                     if rule.extra_state:
                         entries[_module(local) + "._extra_state"] = None

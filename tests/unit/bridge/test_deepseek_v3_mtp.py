@@ -72,10 +72,11 @@ def _stored_mtp_names(root, fmt):
     return {k for k in keys if k.startswith("mtp.") and "_extra_state" not in k}
 
 
-@pytest.mark.parametrize("fmt,pp", [("torch_dist", 1), ("legacy", 2)])
-def test_trained_mtp_layer_round_trips_bit_exact(released, tmp_path, fmt, pp):
+@pytest.mark.parametrize("fmt,pp,grouped", [("torch_dist", 1, False), ("legacy", 2, False),
+                                           ("legacy", 1, True)])
+def test_trained_mtp_layer_round_trips_bit_exact(released, tmp_path, fmt, pp, grouped):
     root = hf_to_mcore(released, tmp_path / "mcore", fmt, pp=pp, progress=False,
-                       mtp_num_layers=1)
+                       mtp_num_layers=1, grouped_experts=grouped)
     assert not list((root / "hf").glob("*.safetensors"))  # nothing carried: all in megatron
     stored = _stored_mtp_names(root, fmt)
     for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "final_layernorm.weight",
