@@ -23,6 +23,7 @@ from mswift.models.kernel_modules import (
 from mswift.models.moe_dispatch import use_kernel_dispatchers
 from mswift.models.registry import family_named
 from mswift.models.rope import apply_rope_scaling
+from mswift.models.router import with_sample_bounds
 from mswift.models.sizes import default_ffn_hidden_size, padded_vocab_size  # noqa: F401
 from mswift.models.spec import gpt_block_spec, mtp_block_spec
 from mswift.models.vocab_padding import mask_padded_vocabulary
@@ -218,6 +219,7 @@ def build_model(cfg: MswiftConfig, config: TransformerConfig | None = None) -> l
             check_activations(chunk)
         if moe_kernels == "triton":
             use_kernel_dispatchers(chunk, moe_kernels)
+        with_sample_bounds(chunk)  # packed samples for HFTopKRouter's sequence-wise loss
         if m.rope_scaling_type == "llama3":
             apply_rope_scaling(chunk.rotary_pos_emb, m)
         # Padded vocabulary rows: zero, and never in a softmax (loss, eval, sampling).

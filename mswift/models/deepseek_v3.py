@@ -21,7 +21,9 @@ What differs from Llama-3, and where mswift does it:
   ``routed_scaling_factor``.
 - Balancing: the expert bias moves after each step (``moe_router_bias_update_rate``); a
   balancing loss only when asked (``moe_aux_loss_coeff``, default 0: transformers'
-  ``DeepseekV3ForCausalLM`` adds none).
+  ``DeepseekV3ForCausalLM`` adds none), e.g. the paper's sequence-wise one
+  (``moe_router_load_balancing_type=seq_aux_loss``, each packed sample a sequence:
+  :meth:`mswift.models.router.HFTopKRouter._apply_sample_aux_loss`).
 
 Multi-token prediction: the release's MTP modules (``model.layers.{num_hidden_layers + i}.*``,
 ``num_nextn_predict_layers`` of them) are megatron-core's MTP block (``mtp.layers.{i}.*``) when

@@ -168,13 +168,16 @@ class ModelFamily:
         """The layers of this pipeline stage (and virtual stage) plus the final norm, each
         layer's spec from :attr:`layer_spec`, MoE layers with the router
         :attr:`mcore_router_exact` and ``moe_routing_backend`` (resolved: ``torch`` or
-        ``triton``) call for. ``config``: the TransformerConfig; ``model``: the ModelConfig.
-        (Imported here: offline conversions never load megatron-core.)"""
+        ``triton``) call for, or ``seq_aux_loss`` (HFTopKRouter: per packed sample).
+        ``config``: the TransformerConfig; ``model``: the ModelConfig. (Imported here: offline
+        conversions never load megatron-core.)"""
         from mswift.models.spec import gpt_block_spec
 
         router = None
+        # (megatron-core's router takes a packed row as one sequence for seq_aux_loss)
         if config.num_moe_experts and (moe_routing_backend == "triton"
-                                       or not self.mcore_router_exact):
+                                       or not self.mcore_router_exact
+                                       or model.moe_router_load_balancing_type == "seq_aux_loss"):
             from mswift.models.router import router_builder, with_router
 
             router = router_builder(normalize=model.moe_router_norm_topk_prob,

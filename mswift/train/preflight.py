@@ -107,6 +107,22 @@ def triton_problems(cfg: MswiftConfig) -> list[str]:
                                     "fused_kernels": m.fused_kernels})
 
 
+def seq_aux_loss_problems(cfg: MswiftConfig) -> list[str]:
+    """The sequence-wise loss's router learns the packed samples' bounds at each layer's
+    forward; a recomputed MoE layer alone (selective ``moe``) under pipelining would run a
+    micro-batch's backward with a later micro-batch's bounds."""
+    m, tr = cfg.model, cfg.training
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if (m.moe_router_load_balancing_type == "seq_aux_loss" and m.moe_aux_loss_coeff > 0
+            and pp > 1 and tr.recompute_granularity == "selective"
+            and "moe" in (tr.recompute_modules or [])):
+        return [f"recompute_modules=[..., moe]: not with moe_router_load_balancing_type="
+                f"seq_aux_loss and pipeline_model_parallel_size={pp} (the recomputed router "
+                "would count another micro-batch's samples); recompute full layers or leave "
+                "moe out"]
+    return []
+
+
 def indexed_data_problems(cfg: MswiftConfig) -> list[str]:
     """data_path's files, mode, tokenizer and split (mswift.train.indexed_data's check)."""
     from mswift.config.data_path import indexed_data_problems as problems  # no torch
@@ -139,6 +155,7 @@ CHECKS: list[Callable[[MswiftConfig], list[str]]] = [
     attention_backend_problems,
     transformer_engine_problems,
     triton_problems,
+    seq_aux_loss_problems,
     indexed_data_problems,
     checkpoint_problems,
     save_dir_problems,

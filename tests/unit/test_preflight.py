@@ -92,3 +92,25 @@ def test_triton_settings_without_cuda_or_the_interpreter_are_refused_before_star
                     "fused_kernels=torch") == []
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert problems("moe_routing_backend=triton", "fused_kernels=triton") == []
+
+
+def test_seq_aux_loss_with_moe_recompute_under_pipelining_is_refused_by_name(tmp_path):
+    """The sequence-wise loss's router takes each layer's packed sample bounds at the layer's
+    forward; an MoE layer recomputed alone under PP would see a later micro-batch's."""
+    from mswift.testing.hf_models import tiny_hf_config
+
+    model = tmp_path / "dsv3"
+    tiny_hf_config("deepseek_v3").save_pretrained(model)
+    run = [f"hf_model={model}", "pipeline_model_parallel_size=2",
+           "moe_router_load_balancing_type=seq_aux_loss", "moe_aux_loss_coeff=1e-4",
+           "recompute_granularity=selective"]
+    refused = [p for p in problems(*run, "recompute_modules=[core_attn,moe]")
+               if "seq_aux_loss" in p]
+    assert refused == ["recompute_modules=[..., moe]: not with moe_router_load_balancing_type="
+                       "seq_aux_loss and pipeline_model_parallel_size=2 (the recomputed router "
+                       "would count another micro-batch's samples); recompute full layers or "
+                       "leave moe out"]
+    assert not [p for p in problems(*run, "recompute_modules=[core_attn]") if "seq_aux" in p]
+    assert not [p for p in problems(*run[:-1], "moe_aux_loss_coeff=0",
+                                    "recompute_granularity=selective",
+                                    "recompute_modules=[moe]") if "seq_aux" in p]
