@@ -139,7 +139,9 @@ def markdown(report: dict) -> str:
              f"- quantized weights: {report['quantized_weights']}"]
     if "ppl_16bit" in report:
         lines += [
-            f"- held-out perplexity: 16-bit {report['ppl_16bit']:.4f}, quantized "
+            f"- held-out perplexity: 16-bit {report['ppl_16bit']:.4f}, quantized weights "
+            "(activations unquantized: the run-time activation quantization of int8 / FP8 "
+            "is not modelled) "
             f"{report['ppl_quantized']:.4f} (+{report['ppl_increase']:.4f}) on "
             f"{report['eval_rows']} rows / {report['eval_tokens']} tokens",
             f"- logit deviation: max {report['max_abs_logit_diff']:.4g}, mean "
