@@ -49,7 +49,7 @@ SP = ["sequence_parallel=true"]
 # References: TP=1 runs, one per (model, data-parallel size); world size -> runs.
 REFERENCES = {"dense-dp1": ("dense", 1), "moe-dp1": ("moe", 1), "moe-dp2": ("moe", 2),
               "scout-dp1": ("scout", 1), "scout-dp2": ("scout", 2),
-              "dsv3-dp1": ("dsv3", 1), "dsv3-dp2": ("dsv3", 2), "dsv3mtp-dp2": ("dsv3mtp", 2)}
+              "dsv3mtp-dp1": ("dsv3mtp", 1), "dsv3-dp2": ("dsv3", 2), "dsv3mtp-dp2": ("dsv3mtp", 2)}
 # name: (model, world size, reference, layout overrides)
 LAYOUTS = {
     "tp2": ("dense", 2, "dense-dp1", TP2),
@@ -65,8 +65,9 @@ LAYOUTS = {
     # experts split too); the same model without MTP is the dsv3-dp2 reference.
     "dsv3mtp-ep2": ("dsv3mtp", 2, "dsv3mtp-dp2", ["expert_model_parallel_size=2"]),
     # MLA at TP2: megatron-core 0.16.1's local spec alone loses part of k's RoPE gradient
-    # (step 2 was 1.4e-3 off TP1); mswift.models.mla.MLAttention sums it.
-    "dsv3-tp2-sp": ("dsv3", 2, "dsv3-dp1", TP2 + SP),
+    # (step 2 was 1.4e-3 off TP1); mswift.models.mla.MLAttention sums it. With the MTP layer
+    # trained: its decoder layer is MLA too, and its loss gradient reaches the shared weights.
+    "dsv3mtp-tp2-sp": ("dsv3mtp", 2, "dsv3mtp-dp1", TP2 + SP),
 }
 # The Scout-like model: every layer MoE; layer 0 RoPE with chunks of 8, layer 1 NoPE with
 # temperature tuning (floor_scale 4) on the llama4 family's debug config. attn_scale is 1, not
