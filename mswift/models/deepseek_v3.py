@@ -120,7 +120,6 @@ def config_fields(hf: HFConfigReader) -> dict:
     hf.refuse_if("topk_method", lambda v: v not in (None, "noaux_tc"), "noaux_tc only")
     hf.refuse_if("moe_layer_freq", lambda v: v not in (None, 1), "every layer past "
                  "first_k_dense_replace is MoE (as in transformers)")
-    hf.refuse_if("quantization_config", bool, "FP8 / AWQ sources are not read yet")
     fields = {**decoder_fields(hf), **yarn_fields(hf)}
     nope, rope = hf.require("qk_nope_head_dim"), hf.require("qk_rope_head_dim")
     layers = fields["num_layers"]

@@ -24,7 +24,10 @@ from mswift.testing.hf_models import read_safetensors_dir
 BLOCK = (128, 128)
 GROUP = 128
 PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of word c holds column 8c + PACK_ORDER[i]
-NOT_QUANTIZED = ("mlp.gate.weight",)  # the MoE router stays plain (as in DeepSeek-V3)
+# Matrices of the decoder layers that DeepSeek-V3's release keeps in bf16: the MoE router, and
+# in the MTP layer the projection and the copies of the embedding and the output layer.
+NOT_QUANTIZED = ("mlp.gate.weight", "eh_proj.weight", "embed_tokens.weight",
+                 "shared_head.head.weight")
 
 
 def quantized_linear(name: str, tensor: torch.Tensor) -> bool:

@@ -92,11 +92,9 @@ def deepseek_v3_counts(c: dict) -> tuple[int, int]:
     ("deepseek_v3_671b_32x8_h100.yaml", 32, 80), ("deepseek_v3_671b_16x8_h200.yaml", 16, 141)])
 def test_deepseek_v3_example_fits_and_has_the_published_counts(example, nodes, gpu_gb, tmp_path,
                                                                capsys, monkeypatch):
-    released = json.loads(DEEPSEEK_V3.read_text())
-    # The examples train a bf16 copy of the FP8 release: its config.json has no
-    # quantization_config (mswift's DeepSeek-V3 bridge does not read FP8 sources yet).
-    bf16_copy = {k: v for k, v in released.items() if k != "quantization_config"}
-    (tmp_path / "config.json").write_text(json.dumps(bf16_copy))
+    released = json.loads(DEEPSEEK_V3.read_text())  # the FP8 release's, quantization_config kept
+    assert released["quantization_config"]["quant_method"] == "fp8"
+    (tmp_path / "config.json").write_text(json.dumps(released))
     import mswift.train.plan as plan_module
 
     plans = []
