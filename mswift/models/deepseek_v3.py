@@ -37,6 +37,12 @@ and ``shared_head.head`` as copies of the main model's, which megatron-core shar
 refuses a checkpoint whose copies differ from ``model.embed_tokens`` / ``lm_head``, and an
 export writes them from those (``Rule.copies``), so HF -> mcore -> HF gives them back bit for
 bit and a trained model's copies follow its embedding and head.
+
+Quantized sources: the released FP8 checkpoint (``weight_scale_inv`` 128 x 128 blocks; router,
+norms, embeddings, head and the MTP layer's ``eh_proj`` / copies kept in bf16) and AWQ GEMM
+ones are read by :mod:`mswift.bridge.quantized`, which dequantizes each slice as it is read
+(the 576-row ``kv_a_proj_with_mqa``'s ragged last block included) and refuses other methods by
+name; an FP8 model is written back as FP8.
 """
 from __future__ import annotations
 
