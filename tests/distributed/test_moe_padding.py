@@ -61,25 +61,14 @@ def train_step_on(hf_dir: str, tokens: torch.Tensor) -> dict:
     )
 
     from mswift.config import load_config
+    from mswift.testing.routers import capture_router_logits
     from mswift.train.loop import setup
     from mswift.train.step import train_step
 
     out = {}
     for name, padding in (("padded", PADDING), ("unpadded", 0)):
         state = setup(load_config(None, [f"hf_model={hf_dir}"] + RUN))
-        routers = {n: m for ddp in state.model for n, m in ddp.module.named_modules()
-                   if getattr(m, "expert_bias", None) is not None}
-        logits = {}
-
-        def capture(key):
-            def hook(module, args):
-                hidden = args[0].detach().float()
-                weight = module.weight.detach().float()
-                logits[key] = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
-            return hook
-
-        for key, router in routers.items():
-            router.register_forward_pre_hook(capture(key))
+        routers, logits = capture_router_logits(state.model)
         before = {key: router.expert_bias.detach().clone() for key, router in routers.items()}
         clear_aux_losses_tracker()
         train_step(state, [packed_batch(tokens, padding)])

@@ -13,6 +13,7 @@ import torch
 from mswift.bridge.convert import hf_to_mcore
 from mswift.export.cli import main
 from mswift.export.qweight import dequantize, rtn_quantize
+from mswift.testing.compressed import ct_decompressed
 from mswift.testing.hf_models import read_safetensors_dir, save_tiny_hf_model
 
 GROUP = 16  # divides hidden 64 and intermediate 96
@@ -40,29 +41,6 @@ def w4(model):
     assert export(model, out, "--quant", "w4a16-rtn", "--group-size", str(GROUP),
                   "--calib-dataset", str(model["calib"]), "--calib-samples", "4",
                   "--eval-samples", "4") == 0
-    return out
-
-
-def ct_decompressed(folder, scale_dtype=None) -> dict[str, torch.Tensor]:
-    """Every quantized weight of a compressed-tensors folder, by compressed-tensors' own
-    decompression of the stored tensors (which computes in the scale's dtype: the stored
-    one, or ``scale_dtype`` as a model of that dtype loads it)."""
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-
-    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-    scheme = QuantizationScheme.model_validate(qc["config_groups"]["group_0"])
-    compressor = BaseCompressor.get_value_from_registry(qc["format"])
-    stored = read_safetensors_dir(folder)
-    out = {}
-    for name in stored:
-        if name.endswith(".weight_scale"):
-            prefix = name[: -len("weight_scale")]
-            local = {n[len(prefix):]: t for n, t in stored.items()
-                     if n.startswith(prefix) and "." not in n[len(prefix):]}
-            if scale_dtype is not None:
-                local["weight_scale"] = local["weight_scale"].to(scale_dtype)
-            out[prefix + "weight"] = compressor.decompress(local, scheme)["weight"]
     return out
 
 

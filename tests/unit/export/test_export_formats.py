@@ -11,32 +11,10 @@ import torch
 from mswift.bridge.convert import hf_to_mcore
 from mswift.export.cli import main
 from mswift.export.qweight import dequantize, dequantize_fp8, fp8_quantize, rtn_quantize
+from mswift.testing.compressed import ct_decompressed
 from mswift.testing.hf_models import read_safetensors_dir, save_tiny_hf_model
 
 TOKENS = torch.tensor([[5, 17, 250, 3, 99, 42, 7, 8]])
-
-
-def ct_decompressed(folder, scale_dtype=None) -> dict[str, torch.Tensor]:
-    """Each quantized weight of a compressed-tensors folder by compressed-tensors' own
-    decompression (in the scale's dtype: the stored one, or ``scale_dtype`` as a model of
-    that dtype loads it)."""
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-
-    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-    scheme = QuantizationScheme.model_validate(qc["config_groups"]["group_0"])
-    compressor = BaseCompressor.get_value_from_registry(qc["format"])
-    stored = read_safetensors_dir(folder)
-    out = {}
-    for name in stored:
-        if name.endswith(".weight_scale"):
-            prefix = name[: -len("weight_scale")]
-            local = {n[len(prefix):]: t for n, t in stored.items()
-                     if n.startswith(prefix) and "." not in n[len(prefix):]}
-            if scale_dtype is not None:
-                local["weight_scale"] = local["weight_scale"].to(scale_dtype)
-            out[prefix + "weight"] = compressor.decompress(local, scheme)["weight"]
-    return out
 
 
 def fake_quantize_input(x: torch.Tensor, activations: str | None) -> torch.Tensor:

@@ -14,8 +14,8 @@ from mswift.bridge.convert import hf_to_mcore
 from mswift.export.calibration import calibration_samples
 from mswift.export.cli import main
 from mswift.export.qweight import dequantize, rtn_quantize
+from mswift.testing.compressed import ct_decompressed
 from mswift.testing.hf_models import read_safetensors_dir, save_tiny_hf_model
-from test_export import ct_decompressed  # compressed-tensors' own decompression of the files
 
 GROUP = 16
 CALIB = 6
