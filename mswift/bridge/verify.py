@@ -95,31 +95,34 @@ def compare(logits: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor,
 
 
 def _dequantized_hf_model(hf_dir):
-    """transformers' model of an FP8 / AWQ checkpoint's dequantized weights (fp32), read one
-    tensor at a time; None for a plain checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """transformers' model of an FP8 / AWQ checkpoint's dequantized weights (fp32); None for a
+    plain checkpoint.
 
-    from mswift.bridge.quantized import DequantizedCheckpoint, open_checkpoint
+    The dequantized tensors are streamed (one at a time) into an fp32 twin in a temporary
+    folder, which transformers loads as any checkpoint, with its own key conversions (its MoE
+    models fuse the stored per-expert tensors into ``experts.gate_up_proj`` on load).
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from mswift.bridge.hf_io import HFShardWriter
+    from mswift.bridge.quantized import DequantizedCheckpoint, open_checkpoint, plain_config
 
     ckpt = open_checkpoint(hf_dir)
     if not isinstance(ckpt, DequantizedCheckpoint):
         return None
-    config = AutoConfig.from_pretrained(hf_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights come dequantized, from ``ckpt``
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                             attn_implementation="eager")
-    params = model.state_dict()
-    missing = sorted(set(params) - set(ckpt.names) - {"lm_head.weight"})
-    if missing:
-        raise BridgeError(f"{hf_dir}: transformers' model needs {missing[:3]}, not stored")
-    with torch.no_grad():
-        for name in ckpt.names:
-            if name in params:
-                params[name].copy_(ckpt.read(name))
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model
+    with tempfile.TemporaryDirectory(prefix="mswift-verify-") as twin:
+        shutil.copy(Path(hf_dir) / "config.json", Path(twin) / "config.json")
+        plain_config(twin, "float32")
+        names = sorted(ckpt.names)
+        writer = HFShardWriter(twin, [(n, torch.float32, tuple(ckpt.shape(n))) for n in names])
+        for name in names:
+            writer.add(name, ckpt.read(name).float())
+        writer.close()
+        return AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32,
+                                                    attn_implementation="eager")
 
 
 def hf_reference_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:

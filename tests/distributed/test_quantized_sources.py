@@ -28,6 +28,7 @@ MTP_PREFIX = "model.layers.4."  # deepseek_v3's MTP layer (after its 4 decoder l
 
 
 def run_cases(cases, tokens):
+    from mswift.bridge import verify
     from mswift.bridge.dtypes import torch_dtype
     from mswift.bridge.forward import megatron_logits
     from mswift.bridge.layout import HFModel, Layout, build_chunks
@@ -50,6 +51,11 @@ def run_cases(cases, tokens):
             save_model_to_hf(chunks, wmap, case["save"],
                              {name: torch_dtype(kind) for name, kind in kinds.items()},
                              encoder=encoder)
+    for case in cases:  # run_verify: main would end the process group
+        if case.get("verify"):
+            args = verify.parser().parse_args(["--hf-dir", case["dir"], "--tp", "2",
+                                               "--seq-len", "12"])
+            out[f"{case['id']}-verify"] = verify.run_verify(args)
     return out
 
 
@@ -69,6 +75,8 @@ def setup(tmp_path_factory):
             case = {"id": cid, "dir": str(quantized), "layout": layout}
             if kind == "fp8":
                 case["save"] = str(root / f"{cid}-saved")
+            if family == "deepseek_v3":
+                case["verify"] = True
             cases.append(case)
     per_rank = run_ranks(2, run_cases, sorted(cases, key=lambda c: sorted(c["layout"])), tokens,
                          timeout=300)
@@ -81,6 +89,14 @@ def test_logits_equal_the_dequantized_model(setup, cid):
     for result in per_rank:
         diff = (result[cid] - references[cid]).abs().max().item()
         assert diff <= TOL, f"{cid}: max abs logit diff {diff:.3e}"
+
+
+@pytest.mark.parametrize("kind", ["fp8", "awq"])
+def test_verify_passes_a_quantized_deepseek_v3_against_its_dequantized_model(setup, kind):
+    """``mswift verify --hf-dir`` on the quantized files: megatron-core at TP2 against
+    transformers' model of the dequantized weights (exit code 0: within 1e-4)."""
+    per_rank, _, _ = setup
+    assert [result[f"deepseek_v3-{kind}-verify"] for result in per_rank] == [0, 0]
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
