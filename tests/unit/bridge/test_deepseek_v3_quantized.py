@@ -33,6 +33,15 @@ def dirs(tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group_left_behind():
+    """The conversions here leave a one-rank process group initialised in this process (cause
+    not found yet); later in-process tests (test_dist_bytes) require that none is."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def test_stored_the_released_way(dirs):
     raw = HFCheckpoint(dirs["fp8_bf16"])
     fp8 = {n for n in raw.names if raw.kind(n).name == "float8_e4m3fn"}
