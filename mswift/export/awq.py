@@ -121,8 +121,8 @@ def layer_folds(tensors: Mapping[str, torch.Tensor], stats: Mapping[str, object]
     """
     folds: dict[str, Fold] = {}
     for group in groups:
-        if group.previous is None:
-            continue
+        if group.previous is None or group.linears[0] not in stats:
+            continue  # (statistics held by another rank, which folds this group)
         first = stats[group.linears[0]]
         s = search_scale([tensors[n] for n in group.linears], first.act_abs_mean,
                          first.act_sample, bits=bits, group_size=group_size,
@@ -172,6 +172,8 @@ def checkpoint_folds(ckpt, stats: Mapping[str, object], group_size: int, *,
         layers = tqdm(layers, desc="AWQ scales", unit="layer", file=sys.stderr)
     folds: dict[str, Fold] = {}
     for layer in layers:
+        if not any(n.startswith(layer) for n in stats):
+            continue  # another rank's linears
         tensors = {n: ckpt.read(n) for n in ckpt.names if n.startswith(layer)}
         folds.update(layer_folds(tensors, stats, llama_scale_groups(tensors, layer), bits=4,
                                  group_size=group_size))
@@ -202,9 +204,21 @@ def prepare_export(staging: Path, stats: Mapping[str, object], group_size: int,
     quality report reads the folded norms."""
     from mswift.bridge.hf_io import HFCheckpoint
 
+    from mswift.bridge.convert import barrier, rank
+    from mswift.export.writer import _all_ranks
+
     ckpt = HFCheckpoint(staging)
     try:
         folds = checkpoint_folds(ckpt, stats, group_size, progress=progress)
     finally:
         ckpt.close()
-    fold_checkpoint(staging, folds)
+    # under several ranks each folds the groups whose statistics it owns; rank 0 rewrites
+    merged: dict[str, Fold] = {}
+    for part in _all_ranks(folds):
+        for name, (columns, rows) in part.items():
+            have = merged.get(name, (None, None))
+            merged[name] = (have[0] if columns is None else columns,
+                            have[1] if rows is None else rows)
+    if rank() == 0:
+        fold_checkpoint(staging, merged)
+    barrier()

@@ -18,9 +18,18 @@ q_proj.weight``, ``model.layers.1.mlp.experts.3.down_proj.weight``) to the
 
 Linears that read one input (q/k/v, gate/up) share one ``LinearStats`` object. An MoE expert's
 statistics hold only the tokens routed to that expert (each expert is its own module in
-megatron-core's SequentialMLP). The model runs in one process at TP1 (a checkpoint of any layout is
-resharded as it loads), so each linear sees its full input and the statistics do not depend on
-the checkpoint's layout.
+megatron-core's SequentialMLP).
+
+The model runs at the export's parallel layout, and each rank keeps the statistics of its own
+linears only. They do not depend on the layout: a hook gathers what a sharded linear does not
+see whole (the input features of a row-parallel linear over its tensor-parallel group, the
+sequence of a sequence-parallel column-parallel one), the data-parallel ranks run different
+calibration rows (row ``step * dp + rank``) and their sums are added up over the replicas of
+each linear (the data-parallel group; an expert's, over the expert data-parallel group), and the
+token rows kept for ``act_sample`` are ordered by calibration row as in one process (an
+expert's: within one step, in the order its token dispatcher delivers them). Each
+linear's statistics then stay on one rank, its owner, which quantizes it
+(:func:`assign_owners`); the others drop theirs.
 """
 from __future__ import annotations
 
@@ -48,16 +57,19 @@ CalibrationStats = dict[str, LinearStats]
 
 class _Accumulator:
     """Sums of one linear's inputs, token rows in fp32 (the sums in fp64 on CPU would cost
-    too much memory for big ``in``; fp32 sums of a few hundred thousand rows are ample)."""
+    too much memory for big ``in``; fp32 sums of a few hundred thousand rows are ample), on
+    the model's device; ``rows``: (step, the first token rows seen at that step) up to
+    ``SAMPLE_ROWS`` rows in all, on the CPU."""
 
-    def __init__(self):
+    def __init__(self, names: list[str], in_features: int):
+        self.names, self.in_features = names, in_features
         self.hessian = None
         self.abs_sum = None
         self.tokens = 0
-        self.rows: list[torch.Tensor] = []
+        self.rows: list[tuple[int, torch.Tensor]] = []
         self.kept = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, step: int) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.hessian is None:
             self.hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
@@ -65,18 +77,70 @@ class _Accumulator:
         self.hessian.addmm_(x.t(), x)
         self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
         self.tokens += x.shape[0]
-        if self.kept < SAMPLE_ROWS:
+        if self.kept < SAMPLE_ROWS and x.shape[0]:
             take = x[: SAMPLE_ROWS - self.kept]
-            self.rows.append(take.cpu().clone())
+            self.rows.append((step, take.cpu().clone()))
             self.kept += take.shape[0]
 
-    def stats(self, in_features: int) -> LinearStats:
+    def reduce(self, group, device) -> None:
+        """Add up the sums of the replicas in ``group`` (all hold this linear); keep the first
+        ``SAMPLE_ROWS`` of their rows, by step, then by the replica's rank in ``group``."""
+        import torch.distributed as dist
+
+        if group is None or dist.get_world_size(group) == 1:
+            return
+        n = self.in_features
+        if self.hessian is None:  # no token reached this replica
+            self.hessian = torch.zeros(n, n, device=device)
+            self.abs_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        tokens = torch.tensor([self.tokens], dtype=torch.float64, device=self.hessian.device)
+        for tensor in (self.hessian, self.abs_sum, tokens):
+            dist.all_reduce(tensor, group=group)
+        self.tokens = int(tokens.item())
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, self.rows, group=group)
+        rows = sorted(((step, replica, t) for replica, kept in enumerate(everyone)
+                       for step, t in kept), key=lambda r: r[:2])
+        self.rows, self.kept = [], 0
+        for step, _, t in rows:
+            take = t[: SAMPLE_ROWS - self.kept]
+            if take.shape[0]:
+                self.rows.append((step, take))
+                self.kept += take.shape[0]
+        if not self.tokens:
+            self.hessian = self.abs_sum = None
+
+    def stats(self) -> LinearStats:
+        n = self.in_features
         if self.hessian is None:
-            zeros = torch.zeros(in_features)
-            return LinearStats(torch.zeros(in_features, in_features), 0, zeros,
-                               torch.zeros(0, in_features))
+            zeros = torch.zeros(n)
+            return LinearStats(torch.zeros(n, n), 0, zeros, torch.zeros(0, n))
         return LinearStats(self.hessian.cpu(), self.tokens,
-                           (self.abs_sum / self.tokens).float().cpu(), torch.cat(self.rows))
+                           (self.abs_sum / self.tokens).float().cpu(),
+                           torch.cat([t for _, t in self.rows]))
+
+
+def _gather_input(module, x: torch.Tensor) -> torch.Tensor:
+    """What the whole (unsharded) linear would read, from this rank's part ``x``: a
+    row-parallel linear's input features are split over its tensor-parallel group, a
+    sequence-parallel column-parallel linear's sequence ([s, b, h], dim 0) is (an expert's
+    linears read the tokens their dispatcher gathered: whole)."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    group = getattr(module, "tp_group", None)
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    if isinstance(module, RowParallelLinear) and module.input_is_parallel:
+        dim = -1
+    elif (isinstance(module, ColumnParallelLinear) and module.sequence_parallel
+          and not module.explicit_expert_comm):
+        dim = 0
+    else:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
 
 
 def calibration_samples(path: str | Path, tokenizer_dir: str | Path, count: int, seq_len: int,
@@ -119,32 +183,119 @@ def calibration_samples(path: str | Path, tokenizer_dir: str | Path, count: int,
 
 
 def collect_stats(model, samples: list[torch.Tensor], progress: bool = True) -> CalibrationStats:
-    """Run ``samples`` through ``model`` (:class:`mswift.export.model.MegatronModel`) with a
-    pre-hook on every quantizable linear; the statistics of each, by HF weight name."""
-    accumulators: dict[str, _Accumulator] = {}
-    sizes: dict[str, int] = {}
+    """Run ``samples`` through ``model`` (:class:`mswift.export.model.MegatronModel`, at any
+    layout) with a pre-hook on every quantizable linear; the statistics of this rank's
+    linears, by HF weight name, each as the whole linear in one process would see it.
+
+    Data-parallel ranks run different samples; when MoE tokens travel between them (expert
+    parallelism) the samples of an incomplete last step are left out (a stand-in row would
+    reach other ranks' experts), with a note."""
+    from megatron.core import parallel_state as ps
+
+    from mswift.export.model import DataParallel
+    from mswift.runtime.device import local_device
+
+    samples = model.fit(samples)
+    if not samples:
+        raise ValueError("--calib-samples: no calibration sample is long enough for this "
+                         "layout")
+    dp = DataParallel.current()
+    steps = dp.steps(len(samples), drop_remainder=dp.expert_parallel)
+    if dp.expert_parallel and len(samples) % dp.size:
+        if len(samples) < dp.size:
+            raise ValueError(f"--calib-samples: {len(samples)} calibration samples for "
+                             f"{dp.size} data-parallel ranks with expert parallelism; at "
+                             f"least {dp.size} are needed")
+        _note(f"calibrating on {len(steps) * dp.size} of {len(samples)} samples (a multiple "
+              f"of the {dp.size} data-parallel ranks: MoE tokens travel between them)")
+    accumulators: list[_Accumulator] = []
     handles = []
+    now = {"step": 0, "mute": False}
+
+    def hook(module, args, acc):
+        x = _gather_input(module, args[0])
+        if not now["mute"]:
+            acc.add(x, now["step"])
+
     for module, hf_names in model.quantizable_linears():
-        acc = _Accumulator()
-        for name in hf_names:
-            accumulators[name] = acc
-        sizes[id(acc)] = module.weight.shape[1]
+        in_features = module.weight.shape[1] * (
+            _tp_size(module) if _input_is_split(module) else 1)
+        acc = _Accumulator(hf_names, in_features)
+        acc.expert = bool(getattr(module, "is_expert", False))
+        accumulators.append(acc)
         handles.append(module.register_forward_pre_hook(
-            lambda mod, args, acc=acc: acc.add(args[0])))
+            lambda mod, args, acc=acc: hook(mod, args, acc)))
     try:
-        batches = samples
+        todo = list(enumerate(steps))
         if progress:
             from tqdm import tqdm
 
-            batches = tqdm(samples, desc="calibration", unit="sample", file=sys.stderr)
-        for tokens in batches:
-            model.logits(tokens)
+            todo = tqdm(todo, desc="calibration", unit="step", file=sys.stderr)
+        for step, row in todo:
+            now.update(step=step, mute=row is None)
+            model.logits(samples[0 if row is None else row])
     finally:
         for handle in handles:
             handle.remove()
-    done: dict[int, LinearStats] = {}
-    return {name: done.setdefault(id(acc), acc.stats(sizes[id(acc)]))
-            for name, acc in accumulators.items()}
+    device = local_device()
+    if ps.model_parallel_is_initialized():
+        for expert in (False, True):  # each group's reductions in the same order on every rank
+            group = (ps.get_expert_data_parallel_group() if expert
+                     else ps.get_data_parallel_group())
+            for acc in accumulators:
+                if acc.expert == expert:
+                    acc.reduce(group, device)
+    owned = assign_owners([acc.names for acc in accumulators])
+    stats: CalibrationStats = {}
+    for acc in accumulators:
+        if acc.names[0] in owned:
+            one = acc.stats()  # one object for the linears that read one input
+            stats.update((name, one) for name in acc.names)
+    return stats
+
+
+def _input_is_split(module) -> bool:
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    return isinstance(module, RowParallelLinear) and module.input_is_parallel
+
+
+def _tp_size(module) -> int:
+    import torch.distributed as dist
+
+    group = getattr(module, "tp_group", None)
+    return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
+
+
+def _note(text: str) -> None:
+    from mswift.bridge.convert import rank
+
+    if rank() == 0:
+        print(f"mswift export: {text}", file=sys.stderr, flush=True)
+
+
+def assign_owners(held: list[list[str]]) -> set[str]:
+    """The names this rank quantizes. ``held``: the HF names of each linear whose statistics
+    this rank holds (or every rank can quantize: a scheme without statistics); each linear
+    goes to one of the ranks that hold it, spread evenly, the same answer on every rank."""
+    import torch.distributed as dist
+
+    mine = {tuple(names) for names in held}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {n for names in mine for n in names}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(mine))
+    holders: dict[tuple[str, ...], list[int]] = {}
+    for r, keys in enumerate(everyone):
+        for key in keys:
+            holders.setdefault(tuple(key), []).append(r)
+    me = dist.get_rank()
+    owned: set[str] = set()
+    for i, key in enumerate(sorted(holders)):
+        ranks = holders[key]
+        if ranks[i % len(ranks)] == me:
+            owned.update(key)
+    return owned
 
 
 def drop_head_padding(stats: CalibrationStats, hf_dir: str | Path) -> CalibrationStats:

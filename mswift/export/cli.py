@@ -1,9 +1,9 @@
 """``mswift export``: a megatron checkpoint (torch_dist or legacy, converted or trained) to a
 serving checkpoint, 16-bit or quantized.
 
-    mswift export --load CKPT --out DIR --quant w4a16-rtn [--group-size 128]
-        [--calib-dataset FILE --calib-samples N --calib-seq-len L]
-        [--eval-dataset FILE --eval-samples N]
+    [torchrun --nproc_per_node W -m] mswift export --load CKPT --out DIR --quant w4a16-gptq
+        [--group-size 128] [--calib-dataset FILE --calib-samples N --calib-seq-len L]
+        [--eval-dataset FILE --eval-samples N] [--tp N --pp N --ep N --etp N]
 
 Steps, each checked before anything is written: the 16-bit HF export (the bridge's
 ``mcore_to_hf``, the HF config and tokenizer found as ``mswift convert mcore-to-hf`` finds
@@ -12,15 +12,22 @@ them) from the megatron model on ``--calib-dataset``; each linear weight read fr
 staging export, quantized and written (:mod:`mswift.export.writer`); the quality report
 (``quant_report.json`` / ``.md``: perplexity of the 16-bit and the quantized model on held-out
 rows, logit deviation, time, peak memory); ``DIR.tmp`` renamed to ``DIR`` when complete.
+
+Under torchrun / srun every step is shared by the ranks: the megatron model is built at
+``--tp/--pp/--ep/--etp`` (data parallel over the remaining ranks; the checkpoint's own layout
+does not matter), each rank collects the calibration statistics of its own linears
+(:mod:`mswift.export.calibration`) and quantizes those, so no process holds the whole model.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from mswift.bridge.cli import positive_int
 from mswift.bridge.errors import BridgeError
 from mswift.export.schemes import DEFAULT_GROUP_SIZE, NAMES, SCHEMES, is_quantizable
 
@@ -48,6 +55,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-dataset", default=None, help="held-out rows for the quality report "
                    "(default: the calibration file's rows after the calibration samples)")
     p.add_argument("--eval-samples", type=int, default=16)
+    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        p.add_argument(flag, type=positive_int, default=1,
+                       help=f"{what}-parallel size of the model that calibrates and evaluates")
+    p.add_argument("--etp", type=positive_int, default=None, help="expert tensor-parallel size")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="sequence parallelism (on by itself for MoE models at --tp > 1)")
     p.add_argument("--no-report", action="store_true", help="skip the quality report")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -89,23 +102,27 @@ def check_request(template, scheme_name: str, group_size: int) -> list[str]:
 def run(args) -> Path:
     from mswift.bridge.convert import (
         _template,
+        barrier,
         check_new_output,
+        conversion_layout,
+        ensure_process_group,
         mcore_to_hf,
+        rank,
         staged_output,
     )
 
     started = time.perf_counter()
     root, out = Path(args.load), Path(args.out)
-    from mswift.bridge.layout import launch_world_size
-
-    if launch_world_size() > 1:
-        raise ExportError(f"mswift export runs in one process ({launch_world_size()} were "
-                          "started): it calibrates and evaluates the model at TP1, where a "
-                          "checkpoint of any layout loads; run it without torchrun / srun")
     if not root.is_dir():
         raise ExportError(f"--load {root}: not a directory")
     template = _template(root, args.hf_dir)
     check_request(template, args.quant, args.group_size)
+    layout = conversion_layout(template, args.tp, args.pp, args.ep, args.etp)
+    if args.sequence_parallel and args.tp > 1:
+        layout = dataclasses.replace(layout, sequence_parallel=True)
+    from mswift.bridge.layout import launch_world_size
+
+    template.check_layout(layout, launch_world_size(), seq_length=args.calib_seq_len)
     if args.quant == "none":
         return mcore_to_hf(root, out, args.hf_dir, progress=not args.no_progress)
     scheme = SCHEMES[args.quant]
@@ -116,37 +133,47 @@ def run(args) -> Path:
     if not args.no_report:
         eval_rows = _eval_samples(args, template)
     check_new_output(out, [root])
-    progress = not args.no_progress
+    progress = not args.no_progress and rank() == 0
+    model = None
+    if calib is not None or eval_rows:
+        from mswift.export.model import MegatronModel
+
+        seq = max(t.shape[1] for t in (calib or []) + (eval_rows or []))
+        model = MegatronModel(template, root, seq, layout)  # starts the process groups
+        calib = None if calib is None else model.fit(calib)
+        eval_rows = None if eval_rows is None else model.fit(eval_rows)
+    else:
+        ensure_process_group()
     with staged_output(out) as tmp:
         staging = tmp / STAGING
         dtype = "bfloat16" if "quantization_config" in template.config else None
         mcore_to_hf(root, staging, args.hf_dir, progress=progress, dtype=dtype)
-        model = None
-        if calib is not None or eval_rows:
-            from mswift.export.model import MegatronModel
-
-            seq = max(t.shape[1] for t in (calib or []) + (eval_rows or []))
-            model = MegatronModel(template, root, seq)
-        stats = None
+        stats = owned = None
         if calib is not None:
             from mswift.export.calibration import collect_stats, drop_head_padding
 
             stats = drop_head_padding(collect_stats(model, calib, progress), template.hf_dir)
+            owned = set(stats)
         scheme.prepare_staging(staging, stats, args.group_size, progress)
         from mswift.export.writer import write_quantized
 
         final = tmp / "model"
-        final.mkdir()
-        quantized = write_quantized(staging, final, scheme, args.group_size, stats, progress)
+        if rank() == 0:
+            final.mkdir()
+        barrier()
+        quantized = write_quantized(staging, final, scheme, args.group_size, stats, progress,
+                                    owned)
         from mswift.export.report import quality_report, write_report
 
         report = quality_report(model, eval_rows, staging, final, scheme, quantized,
                                 time.perf_counter() - started)
-        shutil.rmtree(staging)
-        for path in final.iterdir():
-            path.rename(tmp / path.name)
-        final.rmdir()
-        write_report(tmp, report)
+        barrier()
+        if rank() == 0:
+            shutil.rmtree(staging)
+            for path in final.iterdir():
+                path.rename(tmp / path.name)
+            final.rmdir()
+            write_report(tmp, report)
     return out
 
 
@@ -185,8 +212,12 @@ def _eval_samples(args, template):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from mswift.bridge.convert import rank
+
     try:
         out = run(args)
+        if rank() == 0:
+            print(f"mswift export: wrote {out}")
     except (BridgeError, ValueError) as err:
         print(f"mswift export: {err}", file=sys.stderr)
         return 2
@@ -194,5 +225,4 @@ def main(argv: list[str] | None = None) -> int:
         from mswift.runtime import destroy_distributed
 
         destroy_distributed()
-    print(f"mswift export: wrote {out}")
     return 0

@@ -10,6 +10,7 @@ import resource
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mswift.bridge.hf_io import HFCheckpoint
 
@@ -97,39 +98,58 @@ def _loss_sum(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 def quality_report(model, rows, staging: Path, export: Path, scheme, quantized: list[str],
                    seconds: float) -> dict:
     """The 16-bit pass keeps each row's logits in a file under ``staging`` (removed with it),
-    so that memory holds one row's logits, not the evaluation set's."""
-    from mswift.runtime.device import peak_memory_bytes
+    so that memory holds one row's logits, not the evaluation set's. Data-parallel ranks
+    evaluate different rows; the sums are added up over all ranks (each row counted once: by
+    the first tensor-parallel rank of the last pipeline stage that ran it)."""
+    from mswift.bridge.head_padding import read_padding_record
+    from mswift.runtime.device import collective_device, peak_memory_bytes
 
     report = {"scheme": scheme.name, "quantized_weights": len(quantized),
               "eval_rows": len(rows or []), "eval_tokens": sum(t.shape[1] for t in rows or [])}
+    # loss sums (16-bit, quantized), |diff| sum, diff count; then the maxima
+    sums = torch.zeros(4, dtype=torch.float64, device=collective_device())
+    maxima = torch.zeros(3, dtype=torch.float64, device=collective_device())
     if model is not None and rows:
-        kept = staging / "eval_logits"
-        kept.mkdir()
-        base = quant = 0.0
-        for i, tokens in enumerate(rows):
-            logits = model.logits(tokens)
-            base += _loss_sum(logits, tokens)
-            torch.save(logits, kept / f"{i}.pt")
-        from mswift.bridge.head_padding import read_padding_record
+        from megatron.core import parallel_state as ps
 
+        from mswift.export.model import DataParallel
+
+        steps = DataParallel.current().steps(len(rows), drop_remainder=False)
+        counts = ps.get_tensor_model_parallel_rank() == 0
+        kept = staging / "eval_logits"
+        kept.mkdir(exist_ok=True)
+        for row in steps:
+            logits = model.logits(rows[0 if row is None else row])
+            if logits is not None and row is not None and counts:
+                sums[0] += _loss_sum(logits, rows[row])
+                torch.save(logits, kept / f"{row}.pt")
         model.load(DequantizedExport(staging, export, quantized,
                                      read_padding_record(model.hf.hf_dir)))
-        worst, total, count = 0.0, 0.0, 0
-        for i, tokens in enumerate(rows):
-            logits = model.logits(tokens)
-            quant += _loss_sum(logits, tokens)
-            diff = (logits - torch.load(kept / f"{i}.pt")).abs()
-            worst = max(worst, diff.max().item())
-            total, count = total + diff.sum().item(), count + diff.numel()
-        predicted = sum(t.shape[1] - 1 for t in rows)
-        base, quant = math.exp(base / predicted), math.exp(quant / predicted)
-        report.update({"ppl_16bit": base, "ppl_quantized": quant, "ppl_increase": quant - base,
-                       "max_abs_logit_diff": worst, "mean_abs_logit_diff": total / count})
+        for row in steps:
+            logits = model.logits(rows[0 if row is None else row])
+            if logits is not None and row is not None and counts:
+                sums[1] += _loss_sum(logits, rows[row])
+                diff = (logits - torch.load(kept / f"{row}.pt")).abs()
+                maxima[0] = max(maxima[0].item(), diff.max().item())
+                sums[2] += diff.sum().item()
+                sums[3] += diff.numel()
     device_peak = peak_memory_bytes()
+    maxima[1] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    maxima[2] = -1 if device_peak is None else device_peak / 1024 ** 3
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+    if model is not None and rows:
+        predicted = sum(t.shape[1] - 1 for t in rows)
+        base, quant = (math.exp(v / predicted) for v in sums[:2].tolist())
+        report.update({"ppl_16bit": base, "ppl_quantized": quant, "ppl_increase": quant - base,
+                       "max_abs_logit_diff": maxima[0].item(),
+                       "mean_abs_logit_diff": (sums[2] / sums[3]).item()})
     report.update({
         "seconds": seconds,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
-        "peak_device_gib": None if device_peak is None else device_peak / 1024 ** 3,
+        "peak_rss_gib": maxima[1].item(),
+        "peak_device_gib": None if device_peak is None else maxima[2].item(),
+        "ranks": dist.get_world_size() if dist.is_initialized() else 1,
     })
     return report
 
@@ -151,8 +171,10 @@ def markdown(report: dict) -> str:
         lines.append("- no held-out evaluation (no --eval-dataset or --calib-dataset rows left)")
     device = ("" if report["peak_device_gib"] is None
               else f", peak device memory {report['peak_device_gib']:.2f} GiB")
+    ranks = report.get("ranks", 1)
+    per = f" (the largest of {ranks} ranks)" if ranks > 1 else ""
     lines.append(f"- export {report['seconds']:.1f} s (the evaluation not counted), peak RSS "
-                 f"{report['peak_rss_gib']:.2f} GiB{device}")
+                 f"{report['peak_rss_gib']:.2f} GiB{device}{per}")
     return "\n".join(lines) + "\n"
 
 

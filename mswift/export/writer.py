@@ -64,11 +64,12 @@ def compress(qs, fmt: str, qw) -> dict[str, torch.Tensor]:
 
 
 class _Shards:
-    """safetensors shards of at most ``MAX_SHARD_BYTES`` (one tensor may exceed it), named and
-    indexed as transformers does once all are written."""
+    """safetensors shards of at most ``MAX_SHARD_BYTES`` (one tensor may exceed it), written
+    by this rank under temporary names; :func:`_name_shards` names and indexes every rank's
+    once all are written."""
 
-    def __init__(self, out: Path):
-        self.out, self.tensors, self.bytes, self.files, self.where = out, {}, 0, [], {}
+    def __init__(self, out: Path, rank: int = 0):
+        self.out, self.rank, self.tensors, self.bytes, self.files = out, rank, {}, 0, []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -80,38 +81,59 @@ class _Shards:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        path = self.out / f"part-{len(self.files)}.safetensors"
+        path = self.out / f"part-{self.rank}-{len(self.files)}.safetensors"
         save_file(self.tensors, str(path), metadata={"format": "pt"})
-        self.files.append((path, [(n, t.dtype, tuple(t.shape)) for n, t in self.tensors.items()]))
+        self.files.append((path.name, [(n, t.dtype, tuple(t.shape))
+                                       for n, t in self.tensors.items()]))
         self.tensors, self.bytes = {}, 0
 
     def close(self) -> None:
-        if self.tensors or not self.files:
+        if self.tensors:
             self._flush()
-        for i, (path, _) in enumerate(self.files):
-            path.rename(self.out / shard_file_name(i, len(self.files)))
-        write_index(self.out, [entries for _, entries in self.files])
+
+
+def _name_shards(out: Path, files: list) -> None:
+    """Give every rank's shards (``files``, in rank order) transformers' names and index."""
+    for i, (name, _) in enumerate(files):
+        (out / name).rename(out / shard_file_name(i, len(files)))
+    write_index(out, [entries for _, entries in files])
 
 
 def write_quantized(src: Path, out: Path, scheme: Scheme, group_size: int, stats=None,
-                    progress: bool = True) -> list[str]:
+                    progress: bool = True, owned: set[str] | None = None) -> list[str]:
     """Write the quantized checkpoint of the 16-bit HF checkpoint ``src`` into ``out`` (which
-    exists and is empty); returns the quantized weights' names."""
+    exists and is empty); returns the quantized weights' names (all ranks').
+
+    Under several ranks each quantizes the weights it owns (``owned``: the names whose
+    statistics it holds, :func:`mswift.export.calibration.collect_stats`; without
+    statistics, a share of every quantizable weight), rank 0 copies the rest and writes the
+    index and config.json once every rank's shards are written."""
+    from mswift.bridge.convert import barrier, rank, world_size
+    from mswift.export.calibration import assign_owners
+
     ckpt = HFCheckpoint(src)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     deepseek = deepseek_layout(scheme, config)
     qs = None if deepseek else ct_scheme(scheme, group_size)
     fmt = None if deepseek else FORMATS[scheme.preset]
-    shards = _Shards(out)
+    me = rank()
+    quantizable = [n for n in ckpt.names if is_quantizable(n, ckpt.shape(n))]
+    if owned is None:
+        owned = assign_owners([[n] for n in quantizable])
+    shards = _Shards(out, me)
     quantized, ignored = [], []
-    names = ckpt.names
+    names = [n for n in ckpt.names if n in owned or (me == 0 and n not in quantizable)]
+    missing = sorted(set(quantizable) - owned) if world_size() == 1 else []
+    if missing:
+        raise ValueError(f"{missing[0]}: no calibration statistics (the megatron model holds "
+                         "no linear of that name)")
     if progress:
         from tqdm import tqdm
 
         names = tqdm(names, desc=f"quantizing ({scheme.name})", unit="tensor", file=sys.stderr)
     for name in names:
         shape = ckpt.shape(name)
-        if not is_quantizable(name, shape):
+        if name not in quantizable:
             if len(shape) == 2 and "embed" not in name:
                 ignored.append(name.removesuffix(".weight"))
             shards.add(name, ckpt.read(name))
@@ -128,13 +150,34 @@ def write_quantized(src: Path, out: Path, scheme: Scheme, group_size: int, stats
                 shards.add(prefix + local, tensor)
         quantized.append(name)
     shards.close()
-    copy_aux_files(src, out)
-    # lm_head always: a model with tied embeddings stores none, yet transformers builds it as
-    # a Linear, which the "Linear" target would otherwise quantize (and break the tie)
-    config["quantization_config"] = dict(DEEPSEEK_FP8) if deepseek else _ct_config(
-        qs, fmt, sorted({"lm_head", *ignored}))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return quantized
+    everyone = _all_ranks((shards.files, quantized))
+    barrier()
+    if me == 0:
+        _name_shards(out, [f for files, _ in everyone for f in files])
+        copy_aux_files(src, out)
+        # lm_head always: a model with tied embeddings stores none, yet transformers builds
+        # it as a Linear, which the "Linear" target would otherwise quantize (and break the tie)
+        config["quantization_config"] = dict(DEEPSEEK_FP8) if deepseek else _ct_config(
+            qs, fmt, sorted({"lm_head", *ignored}))
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    barrier()
+    done = sorted(n for _, names in everyone for n in names)
+    if len(done) != len(quantizable):
+        raise ValueError(f"{sorted(set(quantizable) - set(done))[0]}: quantized by no rank")
+    return done
+
+
+def _all_ranks(value) -> list:
+    """``value`` of every rank, by rank."""
+    import torch.distributed as dist
+
+    from mswift.bridge.convert import world_size
+
+    if world_size() == 1:
+        return [value]
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def _ct_config(qs, fmt: str, ignored: list[str]) -> dict:

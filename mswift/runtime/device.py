@@ -111,6 +111,17 @@ def local_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def collective_device() -> torch.device:
+    """Where tensors handed to the default process group's collectives live: the CPU under a
+    gloo group (also the bridge's plain group on a GPU machine, which starts no NCCL), else
+    :func:`local_device`."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    return local_device()
+
+
 def device_name() -> str:
     """What the device is called (``NVIDIA H100 80GB HBM3``), or ``cpu``."""
     if not cuda_available():
