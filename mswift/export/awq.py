@@ -197,24 +197,27 @@ def fold_checkpoint(directory: Path, folds: Mapping[str, Fold]) -> None:
         os.replace(tmp, path)
 
 
-def prepare_export(staging: Path, stats: Mapping[str, object], group_size: int,
+def prepare_export(staging: Path, stats, group_size: int,
                    progress: bool = True) -> None:
     """``mswift export --quant w4a16-awq``'s step before quantizing: fold the AWQ scales into
     the 16-bit staging export in place, so that RTN of its (scaled) linears is AWQ and the
-    quality report reads the folded norms."""
+    quality report reads the folded norms. ``stats``: this rank's statistics, or an iterable
+    of windows of them (:func:`mswift.export.calibration.stats_windows`)."""
     from mswift.bridge.hf_io import HFCheckpoint
 
     from mswift.bridge.convert import barrier, rank
-    from mswift.export.writer import _all_ranks
+    from mswift.export.calibration import all_ranks
 
     ckpt = HFCheckpoint(staging)
-    try:
-        folds = checkpoint_folds(ckpt, stats, group_size, progress=progress)
+    folds: dict[str, Fold] = {}
+    try:  # a window of decoder layers at a time (whole layers: a layer's folds come together)
+        for window in ([stats] if isinstance(stats, Mapping) else stats):
+            folds.update(checkpoint_folds(ckpt, window, group_size, progress=progress))
     finally:
         ckpt.close()
     # under several ranks each folds the groups whose statistics it owns; rank 0 rewrites
     merged: dict[str, Fold] = {}
-    for part in _all_ranks(folds):
+    for part in all_ranks(folds):
         for name, (columns, rows) in part.items():
             have = merged.get(name, (None, None))
             merged[name] = (have[0] if columns is None else columns,

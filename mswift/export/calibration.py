@@ -33,7 +33,9 @@ linear's statistics then stay on one rank, its owner, which quantizes it
 """
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,17 +185,29 @@ def calibration_samples(path: str | Path, tokenizer_dir: str | Path, count: int,
 
 
 def collect_stats(model, samples: list[torch.Tensor], progress: bool = True) -> CalibrationStats:
-    """Run ``samples`` through ``model`` (:class:`mswift.export.model.MegatronModel`, at any
-    layout) with a pre-hook on every quantizable linear; the statistics of this rank's
-    linears, by HF weight name, each as the whole linear in one process would see it.
+    """The statistics of this rank's linears from one pass over ``samples``, by HF weight
+    name, each as the whole linear in one process would see it (:func:`stats_windows` with
+    every layer in one window)."""
+    stats: CalibrationStats = {}
+    for window in stats_windows(model, samples, None, progress):
+        stats.update(window)
+    return stats
 
-    Data-parallel ranks run different samples; when MoE tokens travel between them (expert
-    parallelism) the samples of an incomplete last step are left out (a stand-in row would
-    reach other ranks' experts), with a note."""
-    from megatron.core import parallel_state as ps
 
+def stats_windows(model, samples: list[torch.Tensor], budget_bytes: int | None,
+                  progress: bool = True) -> Iterator[CalibrationStats]:
+    """The statistics of this rank's linears, a window of consecutive decoder layers at a
+    time: each window's accumulators (an ``in x in`` fp32 Hessian per linear) fit
+    ``budget_bytes`` (None: no limit; a layer that alone does not fit is a window of its
+    own), and the calibration samples run through ``model`` once per window; each yielded
+    dict holds the linears of one window that this rank owns. Every rank runs the same
+    number of passes (pipeline stages run together).
+
+    ``model``: :class:`mswift.export.model.MegatronModel`, at any layout. Data-parallel ranks
+    run different samples; when MoE tokens travel between them (expert parallelism) the
+    samples of an incomplete last step are left out (a stand-in row would reach other
+    ranks' experts), with a note."""
     from mswift.export.model import DataParallel
-    from mswift.runtime.device import local_device
 
     samples = model.fit(samples)
     if not samples:
@@ -208,6 +222,45 @@ def collect_stats(model, samples: list[torch.Tensor], progress: bool = True) -> 
                              f"least {dp.size} are needed")
         _note(f"calibrating on {len(steps) * dp.size} of {len(samples)} samples (a multiple "
               f"of the {dp.size} data-parallel ranks: MoE tokens travel between them)")
+    windows = _windows(list(model.quantizable_linears()), budget_bytes)
+    passes = max(all_ranks(len(windows)))
+    for i in range(passes):
+        window = windows[i] if i < len(windows) else []
+        label = "calibration" if passes == 1 else f"calibration {i + 1}/{passes}"
+        yield _one_pass(model, samples, steps, window, label if progress else None)
+
+
+def _layer(name: str) -> int:
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    return -1 if match is None else int(match.group(1))
+
+
+def _windows(linears: list, budget_bytes: int | None) -> list[list]:
+    """``linears`` ((module, names) in model order) in windows of whole decoder layers."""
+    layers: dict[int, list] = {}
+    for module, names in linears:
+        layers.setdefault(_layer(names[0]), []).append((module, names))
+    windows: list[list] = []
+    size = 0
+    for members in layers.values():
+        cost = sum(4 * _in_features(m) ** 2 for m, _ in members)
+        if not windows or (budget_bytes is not None and size + cost > budget_bytes):
+            windows.append([])
+            size = 0
+        windows[-1].extend(members)
+        size += cost
+    return windows
+
+
+def _in_features(module) -> int:
+    return module.weight.shape[1] * (_tp_size(module) if _input_is_split(module) else 1)
+
+
+def _one_pass(model, samples, steps, window: list, label: str | None) -> CalibrationStats:
+    from megatron.core import parallel_state as ps
+
+    from mswift.runtime.device import local_device
+
     accumulators: list[_Accumulator] = []
     handles = []
     now = {"step": 0, "mute": False}
@@ -217,20 +270,18 @@ def collect_stats(model, samples: list[torch.Tensor], progress: bool = True) -> 
         if not now["mute"]:
             acc.add(x, now["step"])
 
-    for module, hf_names in model.quantizable_linears():
-        in_features = module.weight.shape[1] * (
-            _tp_size(module) if _input_is_split(module) else 1)
-        acc = _Accumulator(hf_names, in_features)
+    for module, hf_names in window:
+        acc = _Accumulator(hf_names, _in_features(module))
         acc.expert = bool(getattr(module, "is_expert", False))
         accumulators.append(acc)
         handles.append(module.register_forward_pre_hook(
             lambda mod, args, acc=acc: hook(mod, args, acc)))
     try:
         todo = list(enumerate(steps))
-        if progress:
+        if label is not None:
             from tqdm import tqdm
 
-            todo = tqdm(todo, desc="calibration", unit="step", file=sys.stderr)
+            todo = tqdm(todo, desc=label, unit="step", file=sys.stderr)
         for step, row in todo:
             now.update(step=step, mute=row is None)
             model.logits(samples[0 if row is None else row])
@@ -252,6 +303,17 @@ def collect_stats(model, samples: list[torch.Tensor], progress: bool = True) -> 
             one = acc.stats()  # one object for the linears that read one input
             stats.update((name, one) for name in acc.names)
     return stats
+
+
+def all_ranks(value) -> list:
+    """``value`` of every rank, by rank (``[value]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def _input_is_split(module) -> bool:

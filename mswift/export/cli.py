@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-dataset", default=None, help="calibration rows (chat or text)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--calib-memory-gib", type=float, default=8.0,
+                   help="calibration statistics held at once per rank (the calibration set "
+                        "runs once per window of decoder layers that fits; default 8)")
     p.add_argument("--eval-dataset", default=None, help="held-out rows for the quality report "
                    "(default: the calibration file's rows after the calibration samples)")
     p.add_argument("--eval-samples", type=int, default=16)
@@ -115,6 +118,9 @@ def run(args) -> Path:
     root, out = Path(args.load), Path(args.out)
     if not root.is_dir():
         raise ExportError(f"--load {root}: not a directory")
+    if not args.calib_memory_gib > 0:
+        raise ExportError(f"--calib-memory-gib {args.calib_memory_gib}: expected a positive "
+                          "size")
     template = _template(root, args.hf_dir)
     check_request(template, args.quant, args.group_size)
     layout = conversion_layout(template, args.tp, args.pp, args.ep, args.etp)
@@ -148,21 +154,23 @@ def run(args) -> Path:
         staging = tmp / STAGING
         dtype = "bfloat16" if "quantization_config" in template.config else None
         mcore_to_hf(root, staging, args.hf_dir, progress=progress, dtype=dtype)
-        stats = owned = None
-        if calib is not None:
-            from mswift.export.calibration import collect_stats, drop_head_padding
+        stats = None
+        if calib is not None:  # a window of layers at a time, each rank its own linears
+            from mswift.export.calibration import drop_head_padding, stats_windows
 
-            stats = drop_head_padding(collect_stats(model, calib, progress), template.hf_dir)
-            owned = set(stats)
-        scheme.prepare_staging(staging, stats, args.group_size, progress)
+            budget = int(args.calib_memory_gib * 1024 ** 3)
+            stats = (drop_head_padding(window, template.hf_dir)
+                     for window in stats_windows(model, calib, budget, progress))
+        if scheme.prepare is not None:
+            scheme.prepare_staging(staging, stats, args.group_size, progress)
+            stats = None  # (its quantizer needs none)
         from mswift.export.writer import write_quantized
 
         final = tmp / "model"
         if rank() == 0:
             final.mkdir()
         barrier()
-        quantized = write_quantized(staging, final, scheme, args.group_size, stats, progress,
-                                    owned)
+        quantized = write_quantized(staging, final, scheme, args.group_size, stats, progress)
         from mswift.export.report import quality_report, write_report
 
         report = quality_report(model, eval_rows, staging, final, scheme, quantized,

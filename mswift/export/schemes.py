@@ -33,7 +33,9 @@ class Scheme:
     ``grouped``: ``--group-size`` applies (else one scale per output channel, or FP8 blocks);
     ``prepare``: ``"module:function"`` called as ``prepare(staging, stats, group_size,
     progress)`` before any weight is quantized, to rewrite the 16-bit staging export in
-    place (AWQ folds its scales into the norms and linears there)."""
+    place (AWQ folds its scales into the norms and linears there); ``stats``: this rank's
+    statistics, or an iterable of windows of them (``mswift export`` passes
+    :func:`~mswift.export.calibration.stats_windows`); the quantizer then gets none."""
 
     name: str
     function: str

@@ -100,16 +100,19 @@ def _name_shards(out: Path, files: list) -> None:
 
 
 def write_quantized(src: Path, out: Path, scheme: Scheme, group_size: int, stats=None,
-                    progress: bool = True, owned: set[str] | None = None) -> list[str]:
+                    progress: bool = True) -> list[str]:
     """Write the quantized checkpoint of the 16-bit HF checkpoint ``src`` into ``out`` (which
     exists and is empty); returns the quantized weights' names (all ranks').
 
-    Under several ranks each quantizes the weights it owns (``owned``: the names whose
-    statistics it holds, :func:`mswift.export.calibration.collect_stats`; without
-    statistics, a share of every quantizable weight), rank 0 copies the rest and writes the
-    index and config.json once every rank's shards are written."""
-    from mswift.bridge.convert import barrier, rank, world_size
-    from mswift.export.calibration import assign_owners
+    ``stats``: None (a scheme without statistics), the
+    :class:`~mswift.export.calibration.CalibrationStats` of this rank's linears, or an
+    iterable of them (:func:`~mswift.export.calibration.stats_windows`: each window's
+    weights are quantized as it comes, then its statistics dropped). Under several ranks
+    each quantizes the weights whose statistics it holds (without statistics: a share of
+    every quantizable weight), rank 0 copies the rest and writes the index and config.json
+    once every rank's shards are written."""
+    from mswift.bridge.convert import barrier, rank
+    from mswift.export.calibration import all_ranks, assign_owners
 
     ckpt = HFCheckpoint(src)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -118,39 +121,43 @@ def write_quantized(src: Path, out: Path, scheme: Scheme, group_size: int, stats
     fmt = None if deepseek else FORMATS[scheme.preset]
     me = rank()
     quantizable = [n for n in ckpt.names if is_quantizable(n, ckpt.shape(n))]
-    if owned is None:
-        owned = assign_owners([[n] for n in quantizable])
     shards = _Shards(out, me)
     quantized, ignored = [], []
-    names = [n for n in ckpt.names if n in owned or (me == 0 and n not in quantizable)]
-    missing = sorted(set(quantizable) - owned) if world_size() == 1 else []
-    if missing:
-        raise ValueError(f"{missing[0]}: no calibration statistics (the megatron model holds "
-                         "no linear of that name)")
-    if progress:
-        from tqdm import tqdm
+    if me == 0:  # the tensors kept in 16 bits
+        for name in ckpt.names:
+            if name not in quantizable:
+                if len(ckpt.shape(name)) == 2 and "embed" not in name:
+                    ignored.append(name.removesuffix(".weight"))
+                shards.add(name, ckpt.read(name))
+    windows = [stats] if stats is None or isinstance(stats, dict) else stats
+    for window in windows:
+        owned = (assign_owners([[n] for n in quantizable]) if window is None
+                 else window.keys())
+        names = [n for n in quantizable if n in owned]
+        if progress:
+            from tqdm import tqdm
 
-        names = tqdm(names, desc=f"quantizing ({scheme.name})", unit="tensor", file=sys.stderr)
-    for name in names:
-        shape = ckpt.shape(name)
-        if name not in quantizable:
-            if len(shape) == 2 and "embed" not in name:
-                ignored.append(name.removesuffix(".weight"))
-            shards.add(name, ckpt.read(name))
-            continue
-        weight = ckpt.read(name).float()
-        size = group_size if group_size != -1 else shape[1]
-        qw = scheme.quantize(name, weight, None if stats is None else stats[name], size)
-        prefix = name.removesuffix("weight")
-        if deepseek:
-            shards.add(name, qw.q)
-            shards.add(name + "_scale_inv", qw.scale.float())
-        else:
-            for local, tensor in compress(qs, fmt, qw).items():
-                shards.add(prefix + local, tensor)
-        quantized.append(name)
+            names = tqdm(names, desc=f"quantizing ({scheme.name})", unit="tensor",
+                         file=sys.stderr)
+        for name in names:
+            weight = ckpt.read(name).float()
+            size = group_size if group_size != -1 else weight.shape[1]
+            qw = scheme.quantize(name, weight, None if window is None else window[name], size)
+            prefix = name.removesuffix("weight")
+            if deepseek:
+                shards.add(name, qw.q)
+                shards.add(name + "_scale_inv", qw.scale.float())
+            else:
+                for local, tensor in compress(qs, fmt, qw).items():
+                    shards.add(prefix + local, tensor)
+            quantized.append(name)
     shards.close()
-    everyone = _all_ranks((shards.files, quantized))
+    everyone = all_ranks((shards.files, quantized))
+    done = sorted(n for _, names in everyone for n in names)
+    if len(done) != len(quantizable):
+        missing = sorted(set(quantizable) - set(done))
+        raise ValueError(f"{missing[0]}: no calibration statistics (no rank's megatron model "
+                         "holds a linear of that name)")
     barrier()
     if me == 0:
         _name_shards(out, [f for files, _ in everyone for f in files])
@@ -161,23 +168,7 @@ def write_quantized(src: Path, out: Path, scheme: Scheme, group_size: int, stats
             qs, fmt, sorted({"lm_head", *ignored}))
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     barrier()
-    done = sorted(n for _, names in everyone for n in names)
-    if len(done) != len(quantizable):
-        raise ValueError(f"{sorted(set(quantizable) - set(done))[0]}: quantized by no rank")
     return done
-
-
-def _all_ranks(value) -> list:
-    """``value`` of every rank, by rank."""
-    import torch.distributed as dist
-
-    from mswift.bridge.convert import world_size
-
-    if world_size() == 1:
-        return [value]
-    everyone = [None] * world_size()
-    dist.all_gather_object(everyone, value)
-    return everyone
 
 
 def _ct_config(qs, fmt: str, ignored: list[str]) -> dict:

@@ -32,14 +32,18 @@ def _rank_stats(ckpt, layout: dict, samples):
     """This rank's statistics (tensors) at ``layout``."""
     from mswift.bridge.convert import conversion_layout
     from mswift.bridge.layout import HFModel
-    from mswift.export.calibration import collect_stats
+    from mswift.export.calibration import stats_windows
     from mswift.export.model import MegatronModel
 
     hf = HFModel.open(ckpt / "hf")
     model = MegatronModel(hf, ckpt, max(s.shape[1] for s in samples),
                           conversion_layout(hf, **layout))
-    stats = collect_stats(model, samples, progress=False)
-    return {n: (s.hessian, s.tokens, s.act_abs_mean, s.act_sample) for n, s in stats.items()}
+    stats, layers = {}, []
+    for window in stats_windows(model, samples, 1, progress=False):  # a layer per window
+        stats.update(window)
+        layers.append(sorted({n.split(".")[2] for n in window}))
+    return layers, {n: (s.hessian, s.tokens, s.act_abs_mean, s.act_sample)
+                    for n, s in stats.items()}
 
 
 def _transformers_inputs(hf_dir, samples) -> dict[str, torch.Tensor]:
@@ -82,7 +86,11 @@ def test_rank_statistics_are_transformers_inputs_each_linear_on_one_rank(
     hf = save_tiny_hf_model(family, tmp_path / "hf", seed=5, **overrides)
     hf_to_mcore(hf, tmp_path / "ckpt", "torch_dist", progress=False)
     samples = _samples(count, 300, 14)  # lengths 14, 13, 12, ...
-    per_rank = run_ranks(world, _rank_stats, tmp_path / "ckpt", layout, samples, timeout=600)
+    results = run_ranks(world, _rank_stats, tmp_path / "ckpt", layout, samples, timeout=600)
+    # one calibration pass per decoder layer (1 byte of statistics at once), on every rank;
+    # each rank owns linears of both layers
+    assert [layers for layers, _ in results] == [[["0"], ["1"]]] * world
+    per_rank = [stats for _, stats in results]
     owned = [n for stats in per_rank for n in stats]
     assert len(owned) == len(set(owned))  # one owner each
     if family == "qwen3_moe":  # sequence parallel at TP2: each cut to an even length
@@ -131,9 +139,12 @@ def llama(tmp_path_factory):
     return root
 
 
+# under ranks, 10 KiB of statistics at once: one decoder layer per calibration pass (2 passes
+# per pipeline stage at PP2), against one pass in one process
 @pytest.mark.parametrize("quant, world, layout", [
-    ("w4a16-gptq", 4, ["--tp", "2", "--pp", "2"]),
-    ("w4a16-awq", 2, []),  # 2 data-parallel ranks, 5 samples: the last step's stand-in row
+    ("w4a16-gptq", 4, ["--tp", "2", "--pp", "2", "--calib-memory-gib", "0.00001"]),
+    # 2 data-parallel ranks, 5 samples: the last step's stand-in row
+    ("w4a16-awq", 2, ["--calib-memory-gib", "0.00001"]),
 ])
 def test_export_under_ranks_equals_the_one_process_export(llama, quant, world, layout):
     common = ["--quant", quant, "--group-size", str(GROUP), "--calib-dataset",

@@ -138,6 +138,7 @@ def test_calibration_statistics_match_transformers_inputs(model):
     (["--quant", "fp8-block"], "is [64, 64], not a multiple of the 128x128 blocks"),
     (["--quant", "int8", "--eval-dataset", "EMPTY"], "EMPTY: no usable rows"),
     (["--quant", "int8", "--tp", "2"], "layout TP2 PP1 EP1 does not fit"),
+    (["--quant", "int8", "--calib-memory-gib", "0"], "--calib-memory-gib 0.0: expected a positive"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(model, capsys, monkeypatch, extra,
                                                         message):
