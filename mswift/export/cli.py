@@ -78,11 +78,14 @@ def check_request(template, scheme_name: str, group_size: int) -> list[str]:
     shapes = template.weight_map(template.padded_vocab(1)).hf_shapes()
     if scheme_name == "none":
         return []
-    stacked = sorted(n for n, s in shapes.items() if "experts" in n and len(s) == 3)
-    if stacked:
-        raise ExportError(f"--quant {scheme_name}: the {template.family.name} model stores its "
-                          f"experts stacked ({stacked[0]}, 3-D), which the compressed-tensors "
-                          "formats do not quantize; export it with --quant none")
+    from mswift.export.stacked import expert_names, is_stacked, source
+
+    for name, shape in list(shapes.items()):  # stacked experts (Llama-4): quantized per expert
+        if is_stacked(name, shape):
+            for expert in expert_names(name, shape):
+                # input-major: [E, H, 2I] (gate; up), [E, I, H] (down)
+                down = source(expert)[2] == "down"
+                shapes[expert] = (shape[2] if down else shape[2] // 2, shape[1])
     names = [n for n, s in shapes.items() if is_quantizable(n, s)]
     scheme = SCHEMES[scheme_name]
     if scheme_name == "fp8-block" and template.config.get("model_type") != "deepseek_v3":

@@ -121,8 +121,9 @@ def _current_columns(w: torch.Tensor, block: torch.Tensor, pending: torch.Tensor
 
 def quantize(hf_name: str, weight: torch.Tensor, stats, group_size: int) -> QuantizedWeight:
     """``mswift export --quant w4a16-gptq``: 4 bits, act-order, the Hessian of the linear's
-    calibration inputs; RTN for a linear no calibration token reached (an MoE expert nothing
-    was routed to), whose Hessian is empty."""
-    if stats.tokens == 0:
+    calibration inputs; RTN for a linear no calibration token reached, and for an MoE expert
+    that saw fewer tokens than it has input features (its Hessian is rank-deficient: GPTQ
+    would fit those few rows and move the weight freely in the directions they miss)."""
+    if stats.tokens == 0 or (".experts." in hf_name and stats.tokens < weight.shape[1]):
         return rtn_quantize(weight, bits=4, group_size=group_size)
     return gptq_quantize(weight, stats.hessian, bits=4, group_size=group_size, act_order=True)

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from mswift.export.schemes import is_quantizable
+from mswift.export.stacked import indexed_names
 
 
 class MegatronModel:
@@ -55,6 +56,8 @@ class MegatronModel:
                 except KeyError:
                     continue
                 names = [n for n in hf_names if n in shapes and is_quantizable(n, shapes[n])]
+                for name in hf_names:  # one expert's slice of stacked experts (Llama-4)
+                    names.extend(indexed_names(name) or [])
                 if names:
                     yield module, names
 

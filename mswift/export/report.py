@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mswift.bridge.hf_io import HFCheckpoint
+from mswift.export.stacked import expert_names, is_stacked, restack
 
 REPORT = "quant_report"
 
@@ -73,6 +74,11 @@ class DequantizedExport(HFCheckpoint):
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0):
         pad = self._pad(name)
+        shape = super().shape(name)
+        if is_stacked(name, shape) and set(expert_names(name, shape)) <= self.quantized:
+            full = restack({n: self._dequantized(n) for n in expert_names(name, shape)},
+                           name, shape)
+            return full if dim is None else full.narrow(dim, start, stop - start)
         if name not in self.quantized and pad is None:
             return super().read(name, dim, start, stop)
         full = self._dequantized(name) if name in self.quantized else super().read(name)

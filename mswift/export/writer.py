@@ -24,6 +24,7 @@ import torch
 from mswift.bridge.hf_io import HFCheckpoint, copy_aux_files, shard_file_name, write_index
 from mswift.export.qweight import Fp8Weight, dequantize, dequantize_fp8
 from mswift.export.schemes import FP8_BLOCK, Scheme, is_quantizable
+from mswift.export.stacked import expert_names, expert_weight, is_stacked, source
 
 MAX_SHARD_BYTES = 2 * 1024 ** 3
 FORMATS = {"W4A16": "pack-quantized", "W8A8": "int-quantized",
@@ -120,15 +121,17 @@ def write_quantized(src: Path, out: Path, scheme: Scheme, group_size: int, stats
     qs = None if deepseek else ct_scheme(scheme, group_size)
     fmt = None if deepseek else FORMATS[scheme.preset]
     me = rank()
-    quantizable = [n for n in ckpt.names if is_quantizable(n, ckpt.shape(n))]
+    quantizable = quantized_names(ckpt)
     shards = _Shards(out, me)
     quantized, ignored = [], []
     if me == 0:  # the tensors kept in 16 bits
         for name in ckpt.names:
-            if name not in quantizable:
-                if len(ckpt.shape(name)) == 2 and "embed" not in name:
-                    ignored.append(name.removesuffix(".weight"))
-                shards.add(name, ckpt.read(name))
+            shape = ckpt.shape(name)
+            if name in quantizable or is_stacked(name, shape):
+                continue
+            if len(shape) == 2 and not name.endswith("embed_tokens.weight"):
+                ignored.append(name.removesuffix(".weight"))  # a Linear kept 16-bit
+            shards.add(name, ckpt.read(name))
     windows = [stats] if stats is None or isinstance(stats, dict) else stats
     for window in windows:
         owned = (assign_owners([[n] for n in quantizable]) if window is None
@@ -140,7 +143,7 @@ def write_quantized(src: Path, out: Path, scheme: Scheme, group_size: int, stats
             names = tqdm(names, desc=f"quantizing ({scheme.name})", unit="tensor",
                          file=sys.stderr)
         for name in names:
-            weight = ckpt.read(name).float()
+            weight = read_weight(ckpt, name).float()
             size = group_size if group_size != -1 else weight.shape[1]
             qw = scheme.quantize(name, weight, None if window is None else window[name], size)
             prefix = name.removesuffix("weight")
@@ -169,6 +172,27 @@ def write_quantized(src: Path, out: Path, scheme: Scheme, group_size: int, stats
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     barrier()
     return done
+
+
+def quantized_names(ckpt: HFCheckpoint) -> list[str]:
+    """The weights a quantized export of ``ckpt`` quantizes, in file order: its quantizable
+    linears', and for stacked experts (:mod:`mswift.export.stacked`) each expert's."""
+    names: list[str] = []
+    for name in ckpt.names:
+        shape = ckpt.shape(name)
+        if is_stacked(name, shape):
+            names.extend(expert_names(name, shape))
+        elif is_quantizable(name, shape):
+            names.append(name)
+    return names
+
+
+def read_weight(ckpt: HFCheckpoint, name: str) -> torch.Tensor:
+    """A quantizable weight of ``ckpt`` [out, in]: a tensor, or one expert's of a stacked one."""
+    if name in ckpt.names:
+        return ckpt.read(name)
+    stacked, expert, part = source(name)
+    return expert_weight(ckpt.read(stacked, 0, expert, expert + 1)[0], part)
 
 
 def _ct_config(qs, fmt: str, ignored: list[str]) -> dict:

@@ -221,3 +221,74 @@ def test_report_of_a_checkpoint_with_padded_heads(tmp_path):
     assert report["eval_rows"] == 3
     assert report["ppl_16bit"] == pytest.approx(ppl(original), rel=1e-4)
     assert report["ppl_quantized"] == pytest.approx(ppl(out), rel=1e-4)
+
+
+def test_llama4_stacked_experts_are_quantized_per_expert_and_load_in_transformers(tmp_path):
+    """Llama-4 stores its routed experts stacked ([E, H, 2I] gate;up and [E, I, H] down,
+    input-major); transformers, given a quantization config, builds a Linear per expert, so
+    the export writes each expert's weights ([out, in]) compressed in their place."""
+    import re
+
+    from transformers import AutoModelForImageTextToText
+
+    from mswift.testing.hf_models import save_tiny_llama4_multimodal
+
+    hf = save_tiny_llama4_multimodal(tmp_path / "hf", seed=3)
+    hf_to_mcore(hf, tmp_path / "ckpt", "torch_dist", progress=False)
+    rows = [{"text": " ".join(f"w{(i * 7 + j * 13) % 200}" for j in range(20 + i))}
+            for i in range(6)]
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for quant in ("w4a16-rtn", "w4a16-gptq"):
+        assert main(["--load", str(tmp_path / "ckpt"), "--out", str(tmp_path / quant),
+                     "--no-progress", "--quant", quant, "--group-size", "16", "--calib-dataset",
+                     str(calib), "--calib-samples", "4", "--eval-samples", "2"]) == 0
+    out = tmp_path / "w4a16-rtn"
+    gptq = ct_decompressed(tmp_path / "w4a16-gptq", torch.float32)
+    original, stored = read_safetensors_dir(hf), read_safetensors_dir(out)
+    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in stored)
+    decompressed = ct_decompressed(out, torch.float32)
+    stacked = {n: t for n, t in original.items()
+               if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    assert len(stacked) == 4  # layers 1 and 3 are MoE
+    for name, t in stacked.items():
+        experts, inner = t.shape[0], t.shape[2] // 2
+        for e in range(experts):
+            prefix = name.rsplit(".", 1)[0] + f".{e}."
+            if name.endswith("down_proj"):
+                want = {prefix + "down_proj.weight": t[e].t()}
+            else:
+                want = {prefix + "gate_proj.weight": t[e][:, :inner].t(),
+                        prefix + "up_proj.weight": t[e][:, inner:].t()}
+            for n, w in want.items():  # RTN of each expert's own [out, in] weight
+                qw = rtn_quantize(w.float(), bits=4, group_size=16)
+                assert torch.equal(decompressed[n], dequantize(qw)), n
+                assert gptq[n].shape == w.shape, n
+    experts = [n for n in decompressed if re.search(r"experts\.\d+\.", n)]
+    assert len(experts) == 2 * 4 * 3 and set(gptq) == set(decompressed)
+    # the loaded model's logits are the reference's with the dequantized weights put back
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    reference = AutoModelForImageTextToText.from_pretrained(hf, dtype=torch.float32).eval()
+    tokens = torch.tensor([[5, 17, 150, 3, 99, 42, 7, 8]])
+    with torch.no_grad():
+        for name, w in decompressed.items():
+            if name not in experts:
+                reference.get_parameter(name).copy_(w)
+        for name, t in stacked.items():
+            inner = t.shape[2] // 2
+            prefix = name.rsplit(".", 1)[0]
+            for e in range(t.shape[0]):
+                if name.endswith("down_proj"):
+                    rebuilt = decompressed[f"{prefix}.{e}.down_proj.weight"].t()
+                else:
+                    rebuilt = torch.cat([decompressed[f"{prefix}.{e}.gate_proj.weight"].t(),
+                                         decompressed[f"{prefix}.{e}.up_proj.weight"].t()], 1)
+                assert rebuilt.shape == (t.shape[1], 2 * inner if "gate" in name else t.shape[2])
+                reference.get_parameter(name)[e].copy_(rebuilt)
+        torch.testing.assert_close(model(input_ids=tokens).logits,
+                                   reference(input_ids=tokens).logits, rtol=0, atol=1e-4)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "language_model.model.layers.1.feed_forward.router" in qc["ignore"]
+    assert "vision_model.patch_embedding.linear" in qc["ignore"]  # a Linear kept 16-bit
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["quantized_weights"] == len(decompressed)

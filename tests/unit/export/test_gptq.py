@@ -89,3 +89,22 @@ def test_gptq_beats_rtn_on_the_layer_output_objective(act_order):
     gptq = output_error(gptq_quantize(w, calib.T @ calib, group_size=32, act_order=act_order))
     rtn = output_error(rtn_quantize(w, bits=4, group_size=32))
     assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+def test_an_expert_with_fewer_tokens_than_inputs_falls_back_to_rtn():
+    from mswift.export.calibration import LinearStats
+    from mswift.export.gptq import quantize
+
+    w = torch.randn(24, 48, generator=torch.Generator().manual_seed(4))
+
+    def stats(tokens):
+        x = _correlated_inputs(tokens, 48, seed=tokens)
+        return LinearStats(x.t() @ x, tokens, x.abs().mean(0), x)
+
+    rtn = dequantize(rtn_quantize(w, bits=4, group_size=16))
+    expert = "model.layers.0.mlp.experts.3.down_proj.weight"
+    # 40 tokens for 48 input features: rank-deficient, RTN; a dense linear still gets GPTQ
+    assert torch.equal(dequantize(quantize(expert, w, stats(40), 16)), rtn)
+    assert not torch.equal(dequantize(quantize("model.layers.0.mlp.down_proj.weight", w,
+                                               stats(40), 16)), rtn)
+    assert not torch.equal(dequantize(quantize(expert, w, stats(200), 16)), rtn)
