@@ -88,6 +88,12 @@ def check_request(template, scheme_name: str, group_size: int) -> list[str]:
                 shapes[expert] = (shape[2] if down else shape[2] // 2, shape[1])
     names = [n for n, s in shapes.items() if is_quantizable(n, s)]
     scheme = SCHEMES[scheme_name]
+    if scheme_name == "w4a16-awq" and not any(n.endswith("self_attn.v_proj.weight")
+                                              for n in names):
+        raise ExportError(f"--quant w4a16-awq: AWQ's scale groups are those of Llama-style "
+                          "layers (q/k/v_proj after input_layernorm); the "
+                          f"{template.family.name} model has no v_proj (its attention is "
+                          "another kind); use --quant w4a16-gptq")
     if scheme_name == "fp8-block" and template.config.get("model_type") != "deepseek_v3":
         from mswift.export.schemes import FP8_BLOCK
 

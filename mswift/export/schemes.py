@@ -89,7 +89,7 @@ NAMES = ("none", *SCHEMES)  # "none": the 16-bit HF export
 
 def is_quantizable(hf_name: str, shape: tuple[int, ...]) -> bool:
     """A linear weight llm-compressor quantizes: a 2-D ``*proj.weight`` (attention, MLP and
-    expert projections); not embeddings, lm_head, norms, MoE routers (``mlp.gate``) or vision
-    towers."""
-    return (len(shape) == 2 and hf_name.endswith("proj.weight")
+    expert projections, DeepSeek's ``kv_a_proj_with_mqa``); not embeddings, lm_head, norms,
+    MoE routers (``mlp.gate``) or vision towers."""
+    return (len(shape) == 2 and hf_name.endswith(("proj.weight", "proj_with_mqa.weight"))
             and not any(part in hf_name for part in ("vision", "visual", "multi_modal")))

@@ -126,8 +126,9 @@ def test_deepseek_v3_fp8_block_is_deepseeks_layout_read_back_bit_exact(tmp_path)
                   "weight_block_size": [128, 128]}
     stored, original = read_safetensors_dir(out), read_safetensors_dir(hf)
     back = open_checkpoint(out)  # the bridge's reader of DeepSeek's release layout
-    quantized = [n for n in original if n.endswith("proj.weight")]
+    quantized = [n for n in original if n.endswith(("proj.weight", "proj_with_mqa.weight"))]
     assert quantized and "model.layers.1.mlp.experts.7.down_proj.weight" in quantized
+    assert "model.layers.1.self_attn.kv_a_proj_with_mqa.weight" in quantized  # as released
     for name in quantized:
         assert stored[name].dtype == torch.float8_e4m3fn
         assert stored[name + "_scale_inv"].dtype == torch.float32
@@ -292,3 +293,39 @@ def test_llama4_stacked_experts_are_quantized_per_expert_and_load_in_transformer
     assert "vision_model.patch_embedding.linear" in qc["ignore"]  # a Linear kept 16-bit
     report = json.loads((out / "quant_report.json").read_text())
     assert report["quantized_weights"] == len(decompressed)
+
+
+def test_deepseek_v3_w4a16_gptq_experts_and_mla_load_in_transformers(tmp_path):
+    """DeepSeek-V3 (MLA's low-rank projections, shared and routed experts, a dense first
+    layer) calibrated and GPTQ-quantized: every linear compressed, the router kept, and
+    transformers' logits those of the dequantized weights."""
+    hf = save_tiny_hf_model("deepseek_v3", tmp_path / "hf", vocab_size=300, seed=2)
+    hf_to_mcore(hf, tmp_path / "ckpt", "torch_dist", progress=False, tp=2, ep=2)
+    rows = [{"text": " ".join(f"w{(i * 7 + j * 13) % 290}" for j in range(24 + i))}
+            for i in range(8)]
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "w4"
+    assert main(["--load", str(tmp_path / "ckpt"), "--out", str(out), "--no-progress",
+                 "--quant", "w4a16-gptq", "--group-size", "8", "--calib-dataset", str(calib),
+                 "--calib-samples", "6", "--eval-samples", "2"]) == 0
+    original = read_safetensors_dir(hf)
+    decompressed = ct_decompressed(out)
+    linears = {n for n in original if n.endswith(("proj.weight", "proj_with_mqa.weight"))}
+    assert set(decompressed) == linears
+    assert {"model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+            "model.layers.1.mlp.shared_experts.down_proj.weight",
+            "model.layers.1.mlp.experts.7.up_proj.weight"} <= linears
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.mlp.gate" in qc["ignore"]
+    assert torch.equal(read_safetensors_dir(out)["model.layers.1.mlp.gate.weight"],
+                       original["model.layers.1.mlp.gate.weight"])
+    experts = {n for n in linears if ".mlp.experts." in n}
+    weights = {n: (decompressed[n] if n in experts else w)
+               for n, w in ct_decompressed(out, torch.float32).items()}
+    want = reference_logits(hf, weights, tmp_path, bf16_experts=True)
+    torch.testing.assert_close(loaded_logits(out), want, rtol=0, atol=1e-4)
+    # AWQ's groups are Llama-style layers': refused by name, nothing written
+    assert main(["--load", str(tmp_path / "ckpt"), "--out", str(tmp_path / "awq"),
+                 "--quant", "w4a16-awq", "--calib-dataset", str(calib)]) == 2
+    assert not (tmp_path / "awq").exists() and not (tmp_path / "awq.tmp").exists()
