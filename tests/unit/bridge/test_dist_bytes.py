@@ -35,6 +35,57 @@ def hf(tmp_path_factory):
             for case, overrides in CASES.items() for dtype in ("bfloat16", "float32")}
 
 
+CAST_CASES = [("llama", "float32", "bf16"), ("qwen3_moe", "bfloat16", "fp32")]
+
+
+@pytest.fixture(scope="module")
+def tensor_made(hf, tmp_path_factory):
+    """Every case's checkpoints by both paths: the byte path here (``copied``), the tensor
+    paths (megatron-core's save ``made``, PyTorch's reader of ``copied``: ``back_read``; for
+    the dtype changes ``made`` and ``made_back``) in ONE spawned process for all cases, not
+    one each: a spawn pays megatron-core's imports (~5 s of CPU). A case whose tensor path
+    failed carries its traceback, raised by that case's test alone."""
+    root = tmp_path_factory.mktemp("paths")
+    jobs, out = [], {}
+    for (case, dtype), src in hf.items():
+        where = root / f"{case}-{dtype}"
+        copied = hf_to_mcore(src, where / "copied", "torch_dist", progress=False)
+        out[(case, dtype)] = {"copied": copied, "made": where / "made",
+                              "back_read": where / "back_read"}
+        jobs.append(((case, dtype), "tensor_paths",
+                     (str(src), str(where / "made"), str(copied), str(where / "back_read"))))
+    for case, src_dtype, dtype in CAST_CASES:
+        where = root / f"cast-{case}-{src_dtype}-{dtype}"
+        out[(case, src_dtype, dtype)] = {"made": where / "made", "made_back": where / "made_back"}
+        jobs.append(((case, src_dtype, dtype), "cast_tensor_paths",
+                     (str(hf[(case, src_dtype)]), str(where / "made"), dtype,
+                      str(where / "made_back"))))
+    (failures,) = run_ranks(1, run_tensor_paths, jobs, timeout=900)
+    for key, error in failures.items():
+        out[key]["error"] = error
+    return out
+
+
+def run_tensor_paths(jobs) -> dict:
+    """Rank body: each job's tensor paths in turn; {job key: traceback} of those that failed."""
+    import traceback
+
+    failures = {}
+    for key, body, args in jobs:
+        try:
+            globals()[body](*args)
+        except Exception:  # noqa: BLE001 - reported by the test of that case
+            failures[key] = traceback.format_exc()
+    return failures
+
+
+def paths_of(tensor_made, key) -> dict:
+    made = tensor_made[key]
+    if "error" in made:
+        pytest.fail(f"the tensor paths of {key} failed:\n{made['error']}")
+    return made
+
+
 def items(root: Path) -> tuple[dict, dict, dict]:
     """(structure, payload per item, common.pt) of a torch_dist checkpoint, read with torch."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -78,15 +129,14 @@ def tensor_paths(src: str, made: str, copied: str, back: str) -> None:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_copied_torch_dist_equals_megatrons_and_converts_back(hf, tmp_path, case, dtype):
+def test_copied_torch_dist_equals_megatrons_and_converts_back(hf, tensor_made, tmp_path, case,
+                                                              dtype):
     src = hf[(case, dtype)]
-    copied = hf_to_mcore(src, tmp_path / "copied", "torch_dist", progress=False)
+    paths = paths_of(tensor_made, (case, dtype))
+    copied, made = paths["copied"], paths["made"]  # bytes; megatron-core's save (fixture)
     back = mcore_to_hf(copied, tmp_path / "back", progress=False)  # bytes both ways
     assert_same_hf(back, src)
-    made = tmp_path / "made"
-    run_ranks(1, tensor_paths, str(src), str(made), str(copied), str(tmp_path / "back_read"),
-              timeout=300)
-    assert_same_hf(tmp_path / "back_read", src)  # our checkpoint, read by PyTorch's reader
+    assert_same_hf(paths["back_read"], src)  # our checkpoint, read by PyTorch's reader
     ours, theirs = items(copied), items(made)
     assert ours[0] == theirs[0]  # keys, global shapes, dtype properties, chunks
     assert ours[1].keys() == theirs[1].keys()
@@ -113,18 +163,17 @@ def cast_tensor_paths(src: str, made: str, dtype: str, back: str) -> None:
         mcore_to_hf(made, back, progress=False)
 
 
-@pytest.mark.parametrize("case,src_dtype,dtype", [("llama", "float32", "bf16"),
-                                                  ("qwen3_moe", "bfloat16", "fp32")])
-def test_a_changed_dtype_is_cast_as_megatron_saves_it(hf, tmp_path, case, src_dtype, dtype):
+@pytest.mark.parametrize("case,src_dtype,dtype", CAST_CASES)
+def test_a_changed_dtype_is_cast_as_megatron_saves_it(hf, tensor_made, tmp_path, case,
+                                                      src_dtype, dtype):
     """--dtype other than the weights': the copied checkpoint's items equal megatron-core's
     save of the tensors cast by torch; back to HF (cast to the original dtype) both give the
     same tensors."""
     src = hf[(case, src_dtype)]
     copied = hf_to_mcore(src, tmp_path / "copied", "torch_dist", dtype=dtype, progress=False)
     back = mcore_to_hf(copied, tmp_path / "back", progress=False)
-    run_ranks(1, cast_tensor_paths, str(src), str(tmp_path / "made"), dtype,
-              str(tmp_path / "made_back"), timeout=300)
-    ours, theirs = items(copied), items(tmp_path / "made")
+    paths = paths_of(tensor_made, (case, src_dtype, dtype))
+    ours, theirs = items(copied), items(paths["made"])
     assert ours[0] == theirs[0]
     assert ours[1].keys() == theirs[1].keys()
     want = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -133,7 +182,7 @@ def test_a_changed_dtype_is_cast_as_megatron_saves_it(hf, tmp_path, case, src_dt
             got = ours[1][where]
             assert got.dtype == value.dtype == want and got.shape == value.shape, where
             assert torch.equal(got.view(torch.uint8), value.view(torch.uint8)), where
-    assert_same_hf(back, tmp_path / "made_back")
+    assert_same_hf(back, paths["made_back"])
     assert HFCheckpoint(back).read(HFCheckpoint(src).names[0]).dtype == getattr(torch, src_dtype)
 
 
