@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_multinode import EXAMPLE, ROOT, Processes
-
-from mswift.testing.ranks import free_port
+from test_multinode import EXAMPLE, Processes
 
 pytestmark = pytest.mark.slow  # mpirun and torchrun trainings
 
@@ -44,25 +42,25 @@ def losses(save: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["grad_norm"]) for r in rows]
 
 
-def test_mpirun_trains_with_the_same_losses_as_torchrun(tmp_path, monkeypatch):
+def test_mpirun_trains_with_the_same_losses_as_torchrun(tmp_path, monkeypatch,
+                                                        tiny_tp2_torchrun):
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(free_port())]
+    # the torchrun run of the job (conftest.py; test_train_cli checks it too)
+    reference, reference_save, args = tiny_tp2_torchrun
+    assert reference.returncode == 0, reference.stderr[-3000:]
     with Processes(tmp_path) as procs:
-        reference = procs.start([*torchrun, *TRAIN, f"save={tmp_path / 'torchrun'}"], "torchrun")
-        procs.run_to_end([reference])
-    with Processes(tmp_path) as procs:
-        job = procs.start([*mpirun(2, sys.executable), *TRAIN, f"save={tmp_path / 'mpi'}"],
+        job = procs.start([*mpirun(2, sys.executable), "launch/pretrain_sft.py", *args,
+                           f"save={tmp_path / 'mpi'}"],
                           "mpirun", env=RUN_AS_ROOT)
         output = procs.run_to_end([job])
 
-    expected = losses(tmp_path / "torchrun")
-    assert [step for step, _, _ in expected] == [1, 2, 3, 4]
+    expected = losses(reference_save)
+    assert [step for step, _, _ in expected] == [1, 2, 3, 4, 5, 6]
     # Same ranks, seeds and gloo reductions: the same floats, bit for bit.
     assert losses(tmp_path / "mpi") == expected, output[-4000:]
-    for run in ("torchrun", "mpi"):
-        assert (tmp_path / run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    for save in (reference_save, tmp_path / "mpi"):
+        assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
 
 
 def test_mpi4py_shares_rank0_host_and_port_across_hosts(tmp_path, monkeypatch):

@@ -21,12 +21,10 @@ def run(cmd, timeout=600):
 
 
 @pytest.mark.slow  # a torchrun training
-def test_tiny_llama_tp2_trains_and_checkpoints(tmp_path):
-    save = tmp_path / "run"
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(free_port()), "launch/pretrain_sft.py",
-                "--config", str(EXAMPLE), "train_iters=6", "log_interval=1", "save_interval=3",
-                f"save={save}", "peak_tflops=0.001"])
+def test_tiny_llama_tp2_trains_and_checkpoints(tiny_tp2_torchrun):
+    # conftest.py's run (also test_mpi's reference): train_iters=6 log_interval=1
+    # save_interval=3 peak_tflops=0.001
+    proc, save, _ = tiny_tp2_torchrun
     assert proc.returncode == 0, proc.stderr[-3000:]
     # nothing but torchrun's own banner on stderr: no warnings that do not apply on a CPU
     assert "Warning" not in proc.stderr, proc.stderr
