@@ -14,6 +14,12 @@ megatron checkpoint (the baseline starts from that HF folder).
 
     python benchmarks/export_quant.py                       # ~0.1 B parameters, CPU
     python benchmarks/export_quant.py --hidden 1024 --layers 16 --repeat 3
+    python benchmarks/export_quant.py --ranks 2             # + GPTQ: 1 process vs TP2
+
+``--ranks N`` also runs a calibrated export (``w4a16-gptq`` on ``--calib-samples`` rows of
+random words) in one process and under ``torchrun --nproc_per_node N`` at ``--tp N``, and
+prints the largest process's peak RSS and the time of each: what sharding the model over ranks
+saves each process.
 """
 from __future__ import annotations
 
@@ -67,6 +73,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--ranks", type=int, default=1, help="also GPTQ at TP N under torchrun")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-len", type=int, default=256)
     args = p.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="export_quant."))
     env = dict(os.environ)
@@ -93,9 +102,43 @@ def main() -> None:
                   f"{rss / 2**30:6.2f} GiB ({rss / 2**30 / billions:7.2f} GiB/B)")
         print(f"  ratio mswift / baseline: time {pick(ours, 'wall') / pick(base, 'wall'):.2f}x, "
               f"peak RSS {max(r['rss'] for r in ours) / max(r['rss'] for r in base):.2f}x")
+        if args.ranks > 1:
+            ranks(workdir, ckpt, args, env)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ranks(workdir: Path, ckpt: Path, args, env: dict) -> None:
+    """GPTQ export in one process and at TP ``args.ranks`` under torchrun."""
+    import json
+    import random
+
+    rows = workdir / "calib.jsonl"
+    rng = random.Random(0)
+    rows.write_text("".join(json.dumps({"text": " ".join(
+        f"w{rng.randrange(5000)}" for _ in range(args.calib_len))}) + "\n"
+        for _ in range(args.calib_samples)))
+    common = ["--load", str(ckpt), "--quant", "w4a16-gptq", "--calib-dataset", str(rows),
+              "--calib-samples", str(args.calib_samples), "--calib-seq-len",
+              str(args.calib_len), "--no-report", "--no-progress"]
+    runs = {}
+    for world in (1, args.ranks):
+        out = workdir / f"gptq-{world}"
+        shutil.rmtree(out, ignore_errors=True)
+        launch = ([sys.executable, "-m", "mswift"] if world == 1 else
+                  [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                   str(world), "-m", "mswift"])
+        tp = [] if world == 1 else ["--tp", str(world)]
+        runs[world] = measure([*launch, "export", "--out", str(out), *common, *tp], env)
+    print(f"w4a16-gptq, {args.calib_samples} calibration rows of {args.calib_len} tokens:")
+    for world, run in runs.items():
+        print(f"  {world} process(es){' at TP' + str(world) if world > 1 else '':<7} "
+              f"{run['wall']:7.2f} s  largest process's peak RSS {run['rss'] / 2**30:6.2f} GiB"
+              f"  (all processes together {run['tree_rss'] / 2**30:6.2f} GiB)")
+    one, many = runs[1], runs[args.ranks]
+    print(f"  ratio TP{args.ranks} / one process: time {many['wall'] / one['wall']:.2f}x, "
+          f"largest process's peak RSS {many['rss'] / one['rss']:.2f}x")
 
 
 if __name__ == "__main__":

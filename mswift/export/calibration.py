@@ -28,8 +28,9 @@ calibration rows (row ``step * dp + rank``) and their sums are added up over the
 each linear (the data-parallel group; an expert's, over the expert data-parallel group), and the
 token rows kept for ``act_sample`` are ordered by calibration row as in one process (an
 expert's: within one step, in the order its token dispatcher delivers them). Each
-linear's statistics then stay on one rank, its owner, which quantizes it
-(:func:`assign_owners`); the others drop theirs.
+linear's statistics are accumulated by one of its tensor-parallel ranks (they all see the
+same gathered input) in each data-parallel replica, and kept by one of those, its owner, which
+quantizes it; linears are spread over the ranks that hold them.
 """
 from __future__ import annotations
 
@@ -266,13 +267,22 @@ def _one_pass(model, samples, steps, window: list, label: str | None) -> Calibra
     now = {"step": 0, "mute": False}
 
     def hook(module, args, acc):
-        x = _gather_input(module, args[0])
-        if not now["mute"]:
+        x = _gather_input(module, args[0])  # (a collective: on every rank of the group)
+        if acc.accumulates and not now["mute"]:
             acc.add(x, now["step"])
 
+    order = sorted({key for keys in all_ranks([tuple(n) for _, n in window]) for key in keys})
+    index = {key: i for i, key in enumerate(order)}
     for module, hf_names in window:
         acc = _Accumulator(hf_names, _in_features(module))
         acc.expert = bool(getattr(module, "is_expert", False))
+        # Who keeps what: the tensor-parallel ranks of a linear see the same (gathered)
+        # input, so one of them accumulates; its data-parallel replicas see other rows and
+        # all accumulate, to be added up; one of those owns the result. Spread by linear.
+        i = index[tuple(hf_names)]
+        (tp_rank, tp), (dp_rank, dp) = _position(module, acc.expert)
+        acc.accumulates = tp_rank == i % tp
+        acc.owned = acc.accumulates and dp_rank == (i // tp) % dp
         accumulators.append(acc)
         handles.append(module.register_forward_pre_hook(
             lambda mod, args, acc=acc: hook(mod, args, acc)))
@@ -294,15 +304,30 @@ def _one_pass(model, samples, steps, window: list, label: str | None) -> Calibra
             group = (ps.get_expert_data_parallel_group() if expert
                      else ps.get_data_parallel_group())
             for acc in accumulators:
-                if acc.expert == expert:
+                if acc.expert == expert and acc.accumulates:
                     acc.reduce(group, device)
-    owned = assign_owners([acc.names for acc in accumulators])
     stats: CalibrationStats = {}
     for acc in accumulators:
-        if acc.names[0] in owned:
+        if acc.owned:
             one = acc.stats()  # one object for the linears that read one input
             stats.update((name, one) for name in acc.names)
     return stats
+
+
+def _position(module, expert: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(rank, size) of this rank in ``module``'s tensor-parallel group and in its
+    data-parallel group (an expert's: the expert data-parallel group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = getattr(module, "tp_group", None)
+    tp = ((0, 1) if group is None or not dist.is_initialized()
+          else (dist.get_rank(group), dist.get_world_size(group)))
+    if not ps.model_parallel_is_initialized():
+        return tp, (0, 1)
+    if expert:
+        return tp, (ps.get_expert_data_parallel_rank(), ps.get_expert_data_parallel_world_size())
+    return tp, (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
 
 
 def all_ranks(value) -> list:
