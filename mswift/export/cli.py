@@ -157,6 +157,10 @@ def run(args) -> Path:
         model = MegatronModel(template, root, seq, layout)  # starts the process groups
         calib = None if calib is None else model.fit(calib)
         eval_rows = None if eval_rows is None else model.fit(eval_rows)
+        if calib == []:
+            raise ExportError(f"--calib-dataset {args.calib_dataset}: no sample of at least "
+                              f"{args.tp} tokens (sequence parallelism cuts each to a multiple "
+                              "of --tp)")
     else:
         ensure_process_group()
     with staged_output(out) as tmp:
