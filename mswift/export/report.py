@@ -101,6 +101,16 @@ def _loss_sum(logits: torch.Tensor, tokens: torch.Tensor) -> float:
                                              reduction="sum").item()
 
 
+def _kl_sum(base: torch.Tensor, quant: torch.Tensor) -> float:
+    """Sum over positions of KL(16-bit || quantized) of the next-token distributions, in nats:
+    unlike perplexity, it weighs every position by how far the quantized model moved, not by
+    how well either predicts the text (a chat template's fixed prefix, which both predict
+    badly, dominates a perplexity)."""
+    p = torch.log_softmax(base.double(), dim=-1)
+    q = torch.log_softmax(quant.double(), dim=-1)
+    return (p.exp() * (p - q)).sum().item()
+
+
 def quality_report(model, rows, staging: Path, export: Path, scheme, quantized: list[str],
                    seconds: float) -> dict:
     """The 16-bit pass keeps each row's logits in a file under ``staging`` (removed with it),
@@ -112,8 +122,8 @@ def quality_report(model, rows, staging: Path, export: Path, scheme, quantized: 
 
     report = {"scheme": scheme.name, "quantized_weights": len(quantized),
               "eval_rows": len(rows or []), "eval_tokens": sum(t.shape[1] for t in rows or [])}
-    # loss sums (16-bit, quantized), |diff| sum, diff count; then the maxima
-    sums = torch.zeros(4, dtype=torch.float64, device=collective_device())
+    # loss sums (16-bit, quantized), |diff| sum, diff count, KL sum, KL tokens; then the maxima
+    sums = torch.zeros(6, dtype=torch.float64, device=collective_device())
     maxima = torch.zeros(3, dtype=torch.float64, device=collective_device())
     if model is not None and rows:
         from megatron.core import parallel_state as ps
@@ -135,10 +145,13 @@ def quality_report(model, rows, staging: Path, export: Path, scheme, quantized: 
             logits = model.logits(rows[0 if row is None else row])
             if logits is not None and row is not None and counts:
                 sums[1] += _loss_sum(logits, rows[row])
-                diff = (logits - torch.load(kept / f"{row}.pt")).abs()
+                base_logits = torch.load(kept / f"{row}.pt")
+                diff = (logits - base_logits).abs()
                 maxima[0] = max(maxima[0].item(), diff.max().item())
                 sums[2] += diff.sum().item()
                 sums[3] += diff.numel()
+                sums[4] += _kl_sum(base_logits, logits)
+                sums[5] += logits.shape[0] * logits.shape[1]
     device_peak = peak_memory_bytes()
     maxima[1] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     maxima[2] = -1 if device_peak is None else device_peak / 1024 ** 3
@@ -150,7 +163,8 @@ def quality_report(model, rows, staging: Path, export: Path, scheme, quantized: 
         base, quant = (math.exp(v / predicted) for v in sums[:2].tolist())
         report.update({"ppl_16bit": base, "ppl_quantized": quant, "ppl_increase": quant - base,
                        "max_abs_logit_diff": maxima[0].item(),
-                       "mean_abs_logit_diff": (sums[2] / sums[3]).item()})
+                       "mean_abs_logit_diff": (sums[2] / sums[3]).item(),
+                       "mean_kl": (sums[4] / sums[5]).item()})
     report.update({
         "seconds": seconds,
         "peak_rss_gib": maxima[1].item(),
@@ -171,7 +185,8 @@ def markdown(report: dict) -> str:
             f"{report['ppl_quantized']:.4f} (+{report['ppl_increase']:.4f}) on "
             f"{report['eval_rows']} rows / {report['eval_tokens']} tokens",
             f"- logit deviation: max {report['max_abs_logit_diff']:.4g}, mean "
-            f"{report['mean_abs_logit_diff']:.4g}",
+            f"{report['mean_abs_logit_diff']:.4g}; mean KL(16-bit || quantized) per token "
+            f"{report['mean_kl']:.4g} nats",
         ]
     else:
         lines.append("- no held-out evaluation (no --eval-dataset or --calib-dataset rows left)")

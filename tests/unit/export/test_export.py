@@ -92,6 +92,13 @@ def test_w4a16_loads_in_transformers_with_the_dequantized_logits(model, w4):
     assert report["ppl_16bit"] == pytest.approx(ppl(original), rel=1e-4)
     assert report["ppl_quantized"] == pytest.approx(ppl(loaded), rel=1e-4)
     assert report["max_abs_logit_diff"] > report["mean_abs_logit_diff"] > 0
+    with torch.no_grad():  # KL(16-bit || quantized) per position, transformers' distributions
+        kl = [torch.nn.functional.kl_div(loaded(t).logits.log_softmax(-1).double(),
+                                         original(t).logits.log_softmax(-1).double(),
+                                         log_target=True, reduction="sum").item()
+              for t in rows]
+    assert report["mean_kl"] == pytest.approx(sum(kl) / sum(t.shape[1] for t in rows),
+                                              rel=1e-3)
     assert (w4 / "quant_report.md").is_file()
 
 
