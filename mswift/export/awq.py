@@ -8,8 +8,14 @@ or the output rows of the preceding linear when the two are connected by an elem
 operation only (``up_proj`` -> ``down_proj`` through ``act(gate) * up``; ``v_proj`` ->
 ``o_proj`` through attention, which mixes tokens but not channels, when every query head
 has its own value head, as AutoAWQ requires). ``s = mean|x| ** alpha`` (normalised) with
-``alpha`` searched on a grid to minimise the quantized output error on a token sample; the
-scaled weights are then quantized on the shared grid of :mod:`mswift.export.qweight`.
+``alpha`` searched on a grid to minimise the quantized output error on a token sample.
+Then, as AutoAWQ's ``auto_clip``, every scaled linear but ``q_proj`` / ``k_proj`` (whose errors
+act through the attention scores) gets its weights clipped per output row and group of input
+columns: ``max|w|`` shrunk by the ratio of ``1, 0.95, .., 0.55`` whose quantized group has the
+least output error ``e^T H_g e`` on the calibration inputs (``H_g`` the group's block of the
+linear's Hessian over all calibration tokens, in the scaled input's coordinates). The clipped
+weights are then quantized on the shared grid of :mod:`mswift.export.qweight`: a clipped group's
+scale is ``clip / 7.5`` and its largest weights round to the grid's ends.
 
 Everything here works on Hugging Face tensors keyed by HF names: one decoder layer's in
 memory, or an HF checkpoint's files (the export's 16-bit staging copy) rewritten in place.
@@ -25,10 +31,12 @@ from pathlib import Path
 
 import torch
 
-from mswift.export.qweight import dequantize, rtn_quantize
+from mswift.export.qweight import dequantize, quantize_to_grid, rtn_quantize, symmetric_scale
 
 N_GRID = 20  # alphas 0, 0.05, ..., 0.95, as AutoAWQ; alpha 0 is plain RTN
 MIN_SCALE = 1e-4  # floor of mean|x| ** alpha, so channels that never fire stay finite
+CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))  # AutoAWQ's auto_clip: 1, 0.95, .., 0.55
+NO_CLIP = ("q_proj.weight", "k_proj.weight")  # AutoAWQ does not clip q and k either
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,58 @@ def search_scale(weights: Sequence[torch.Tensor], act_abs_mean: torch.Tensor,
     return best
 
 
+def search_clip(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
+                scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Per output row and group of ``group_size`` input columns of ``weight`` [out, in], the
+    clip ratio ``r`` of :data:`CLIP_RATIOS` [out, groups] (fp32) whose clipped group
+    (:func:`clip_weight`: clamped to ``max|w| * r``) has the least quantized output error
+    ``e^T H_g e``: ``e`` the group's weights minus their quantization after clipping, ``H_g``
+    the group's diagonal block of ``hessian`` [in, in] (``sum_t x_t x_t^T`` of the linear's
+    inputs). Ratio 1 (no clipping) wins ties, so a linear no token reached is left as it is.
+    A ratio, not a clip value: it chooses the same for a row scaled by any factor, so a fold
+    into the rows (``up_proj``'s, from another rank's ``down_proj``) may come after.
+    ``group_size`` -1: one group per row."""
+    out_features, in_features = weight.shape
+    if group_size == -1:
+        group_size = in_features
+    groups = in_features // group_size
+    w = weight.float().reshape(out_features, groups, group_size)
+    blocks = hessian.float().reshape(groups, group_size, groups, group_size)
+    blocks = blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [groups, g, g]
+    best_err = torch.full((out_features, groups), float("inf"))
+    best = torch.ones(out_features, groups)
+    for ratio in CLIP_RATIOS:
+        limit = _clip_limit(weight, torch.full_like(best, ratio))
+        clipped = torch.minimum(torch.maximum(w, -limit[..., None]), limit[..., None])
+        scale = symmetric_scale(limit, bits, scale_dtype)[..., None]
+        e = quantize_to_grid(clipped, scale, bits).float() * scale - w
+        err = torch.einsum("ogi,gij,ogj->og", e, blocks, e)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    return best
+
+
+def _clip_limit(weight: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """``max|w| * ratio`` per row and group [out, groups], rounded to ``weight``'s dtype (the
+    clamped weights are stored in it, so this is the group's max the quantizer sees), fp32."""
+    out_features, in_features = weight.shape
+    groups = ratio.shape[1]
+    amax = weight.float().reshape(out_features, groups, in_features // groups).abs().amax(-1)
+    return (amax * ratio).to(weight.dtype).float()
+
+
+def clip_weight(weight: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] clamped to ``[-max|w| * ratio, max|w| * ratio]`` per row and group
+    of columns (``ratio`` [out, groups], as :func:`search_clip` returns), in ``weight``'s dtype;
+    a clipped group's largest magnitude is then exactly its clip."""
+    out_features, in_features = weight.shape
+    groups = ratio.shape[1]
+    bound = _clip_limit(weight, ratio)[..., None]
+    w = weight.float().reshape(out_features, groups, in_features // groups)
+    return torch.minimum(torch.maximum(w, -bound), bound).reshape(weight.shape).to(weight.dtype)
+
+
 Fold = tuple[torch.Tensor | None, torch.Tensor | None]  # (multiply columns by, divide rows by)
 
 
@@ -158,12 +218,33 @@ def fold_scale(tensors: MutableMapping[str, torch.Tensor], group: ScaleGroup,
             tensors[name] = apply_fold(tensors[name], (None, s))
 
 
+def layer_clips(tensors: Mapping[str, torch.Tensor], stats: Mapping[str, object],
+                folds: Mapping[str, Fold], *, bits: int, group_size: int,
+                scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """AWQ's clipping of one layer: per quantized linear in ``stats`` but ``q_proj`` /
+    ``k_proj``, the :func:`search_clip` ratios of its weight with its columns folded (the
+    column factor comes from the linear's own group, searched where its statistics are; a
+    row factor does not change the ratio), in the weight's own dtype, the one the files hold,
+    its Hessian taken in the folded input's coordinates (the input divided by ``s``)."""
+    clips: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name not in stats or name.endswith(NO_CLIP):
+            continue
+        columns = folds.get(name, (None, None))[0]
+        hessian = stats[name].hessian.float()
+        if columns is not None:
+            hessian = hessian / (columns[:, None] * columns[None, :])
+        clips[name] = search_clip(apply_fold(tensor, (columns, None)), hessian, bits=bits,
+                                  group_size=group_size, scale_dtype=scale_dtype)
+    return clips
+
+
 _LAYER = re.compile(r"(.*\.layers\.\d+\.)input_layernorm\.weight$")
 
 
-def checkpoint_folds(ckpt, stats: Mapping[str, object], group_size: int, *,
-                     progress: bool = True) -> dict[str, Fold]:
-    """The AWQ folds of every decoder layer of ``ckpt`` (an
+def checkpoint_folds(ckpt, stats: Mapping[str, object], group_size: int, *, clip: bool = True,
+                     progress: bool = True) -> tuple[dict[str, Fold], dict[str, torch.Tensor]]:
+    """The AWQ folds and (``clip``) clip ratios of every decoder layer of ``ckpt`` (an
     :class:`~mswift.bridge.hf_io.HFCheckpoint`), one layer's tensors in memory at a time."""
     layers = [m.group(1) for m in map(_LAYER.match, ckpt.names) if m]
     if progress:
@@ -171,38 +252,49 @@ def checkpoint_folds(ckpt, stats: Mapping[str, object], group_size: int, *,
 
         layers = tqdm(layers, desc="AWQ scales", unit="layer", file=sys.stderr)
     folds: dict[str, Fold] = {}
+    clips: dict[str, torch.Tensor] = {}
     for layer in layers:
         if not any(n.startswith(layer) for n in stats):
             continue  # another rank's linears
         tensors = {n: ckpt.read(n) for n in ckpt.names if n.startswith(layer)}
-        folds.update(layer_folds(tensors, stats, llama_scale_groups(tensors, layer), bits=4,
-                                 group_size=group_size))
-    return folds
+        found = layer_folds(tensors, stats, llama_scale_groups(tensors, layer), bits=4,
+                            group_size=group_size)
+        folds.update(found)
+        if clip:
+            clips.update(layer_clips(tensors, stats, found, bits=4, group_size=group_size))
+    return folds, clips
 
 
-def fold_checkpoint(directory: Path, folds: Mapping[str, Fold]) -> None:
-    """Apply ``folds`` to the safetensors files of the HF checkpoint in ``directory``, one
-    file at a time; a rewritten file is saved under a temporary name and renamed."""
+def fold_checkpoint(directory: Path, folds: Mapping[str, Fold],
+                    clips: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Apply ``folds``, then ``clips`` (:func:`clip_weight`), to the safetensors files of the
+    HF checkpoint in ``directory``, one file at a time; a rewritten file is saved under a
+    temporary name and renamed."""
+    clips = clips or {}
     from safetensors.torch import load_file, save_file
 
     for path in sorted(Path(directory).glob("*.safetensors")):
         tensors = load_file(path)
-        hit = folds.keys() & tensors.keys()
+        hit = (folds.keys() | clips.keys()) & tensors.keys()
         if not hit:
             continue
         for name in hit:
-            tensors[name] = apply_fold(tensors[name], folds[name])
+            if name in folds:
+                tensors[name] = apply_fold(tensors[name], folds[name])
+            if name in clips:
+                tensors[name] = clip_weight(tensors[name], clips[name])
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
 
 
-def prepare_export(staging: Path, stats, group_size: int,
-                   progress: bool = True) -> None:
+def prepare_export(staging: Path, stats, group_size: int, progress: bool = True,
+                   clip: bool = True) -> None:
     """``mswift export --quant w4a16-awq``'s step before quantizing: fold the AWQ scales into
-    the 16-bit staging export in place, so that RTN of its (scaled) linears is AWQ and the
-    quality report reads the folded norms. ``stats``: this rank's statistics, or an iterable
-    of windows of them (:func:`mswift.export.calibration.stats_windows`)."""
+    the 16-bit staging export in place and (``clip``) clip its linears' weights, so that RTN
+    of its (scaled, clipped) linears is AWQ and the quality report reads the folded norms.
+    ``stats``: this rank's statistics, or an iterable of windows of them
+    (:func:`mswift.export.calibration.stats_windows`)."""
     from mswift.bridge.hf_io import HFCheckpoint
 
     from mswift.bridge.convert import barrier, rank
@@ -210,9 +302,13 @@ def prepare_export(staging: Path, stats, group_size: int,
 
     ckpt = HFCheckpoint(staging)
     folds: dict[str, Fold] = {}
+    clips: dict[str, torch.Tensor] = {}
     try:  # a window of decoder layers at a time (whole layers: a layer's folds come together)
         for window in ([stats] if isinstance(stats, Mapping) else stats):
-            folds.update(checkpoint_folds(ckpt, window, group_size, progress=progress))
+            found, ratios = checkpoint_folds(ckpt, window, group_size, clip=clip,
+                                             progress=progress)
+            folds.update(found)
+            clips.update(ratios)
     finally:
         ckpt.close()
     # under several ranks each folds the groups whose statistics it owns; rank 0 rewrites
@@ -222,6 +318,7 @@ def prepare_export(staging: Path, stats, group_size: int,
             have = merged.get(name, (None, None))
             merged[name] = (have[0] if columns is None else columns,
                             have[1] if rows is None else rows)
+    merged_clips = {n: r for part in all_ranks(clips) for n, r in part.items()}
     if rank() == 0:
-        fold_checkpoint(staging, merged)
+        fold_checkpoint(staging, merged, merged_clips)
     barrier()

@@ -8,7 +8,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mswift.export.awq import fold_scale, llama_scale_groups, prepare_export, search_scale
+from mswift.export.awq import (
+    clip_weight,
+    fold_scale,
+    llama_scale_groups,
+    prepare_export,
+    search_clip,
+    search_scale,
+)
 from mswift.export.qweight import dequantize, rtn_quantize
 
 
@@ -84,8 +91,8 @@ def _linear_stats(model, tokens):
         model(tokens)
     for hook in hooks:
         hook.remove()
-    return {k: SimpleNamespace(act_abs_mean=torch.cat(v).abs().mean(0), act_sample=torch.cat(v))
-            for k, v in seen.items()}
+    return {k: SimpleNamespace(act_abs_mean=torch.cat(v).abs().mean(0), act_sample=torch.cat(v),
+                               hessian=torch.cat(v).T @ torch.cat(v)) for k, v in seen.items()}
 
 
 def test_awq_export_folds_the_checkpoint_and_beats_rtn(tmp_path):
@@ -102,7 +109,7 @@ def test_awq_export_folds_the_checkpoint_and_beats_rtn(tmp_path):
     held_out = torch.randint(0, 97, (4, 32), generator=gen)
     stats = _linear_stats(model, calib)
     model.save_pretrained(tmp_path / "hf")
-    prepare_export(tmp_path / "hf", stats, 16, progress=False)
+    prepare_export(tmp_path / "hf", stats, 16, progress=False, clip=False)
     folded = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         reference = model(held_out).logits
@@ -120,3 +127,79 @@ def test_awq_export_folds_the_checkpoint_and_beats_rtn(tmp_path):
 
     awq_error, rtn_error = rtn_logit_error(folded), rtn_logit_error(model)
     assert awq_error < 0.7 * rtn_error, (awq_error, rtn_error)
+
+    # with clipping (the export's default): the same folds, then every linear but q/k clipped
+    # with the ratios a search on the folded model's own inputs (taken by hooks, not derived
+    # from the scales) picks; up_proj's ratios are searched before its rows are divided by
+    # down_proj's scale (a ratio does not depend on a row's scale but for the bf16 rounding
+    # of the group scales), that scale read off down_proj's folded columns
+    model.save_pretrained(tmp_path / "clipped")
+    prepare_export(tmp_path / "clipped", stats, 16, progress=False)
+    clipped = LlamaForCausalLM.from_pretrained(tmp_path / "clipped").eval()
+    folded_inputs = _linear_stats(folded, calib)
+    original, state = model.state_dict(), folded.state_dict()
+    for name, weight in state.items():
+        got = clipped.state_dict()[name]
+        if not name.endswith("proj.weight") or name.endswith(("q_proj.weight", "k_proj.weight")):
+            assert torch.equal(got, weight), name
+            continue
+        searched = weight
+        if name.endswith("up_proj.weight"):
+            down = name.replace("up_proj", "down_proj")
+            searched = weight * (state[down] / original[down])[0][:, None]
+        ratios = search_clip(searched, folded_inputs[name].hessian, bits=4, group_size=16)
+        torch.testing.assert_close(got, clip_weight(weight, ratios), rtol=0, atol=0, msg=name)
+    assert not all(torch.equal(clipped.state_dict()[n], folded.state_dict()[n])
+                   for n in folded.state_dict())
+    assert rtn_logit_error(clipped) < awq_error, (rtn_logit_error(clipped), awq_error)
+
+
+def _brute_force_clip(weight, x, group_size, ratios):
+    """Per (row, group): the ratio whose RTN group (clamped to its max |w| times the ratio,
+    rounded to the weight's dtype, then quantized by rtn_quantize on its own) has the least sum
+    over tokens of (error . x_t)^2; first wins ties. Plain loops, no Hessian."""
+    rows, cols = weight.shape
+    out = torch.empty(rows, cols // group_size)
+    for r in range(rows):
+        for g in range(cols // group_size):
+            cut = slice(g * group_size, (g + 1) * group_size)
+            w, xg = weight[r, cut].float(), x[:, cut].float()
+            best = None
+            for ratio in ratios:
+                limit = (w.abs().max() * ratio).to(weight.dtype).float()
+                q = dequantize(rtn_quantize(w.clamp(-limit, limit)[None], bits=4,
+                                            group_size=group_size))[0]
+                err = sum(float(((q - w) * xt).sum()) ** 2 for xt in xg)
+                if best is None or err < best[0]:
+                    best = (err, ratio)
+            out[r, g] = best[1]
+    return out
+
+
+@pytest.mark.parametrize("dtype,group_size", [(torch.float32, 16), (torch.bfloat16, 16),
+                                              (torch.float32, -1)])
+def test_search_clip_matches_a_brute_force_search(dtype, group_size):
+    gen = torch.Generator().manual_seed(5)
+    # heavy-tailed weights (so clipping pays off on some groups, not all) and outlier inputs
+    weight = (torch.randn(6, 48, generator=gen) ** 3).to(dtype)
+    x = _outlier_inputs(40, 48, seed=6)
+    ratios = search_clip(weight, x.T @ x, bits=4, group_size=group_size)
+    expected = _brute_force_clip(weight, x, 48 if group_size == -1 else group_size,
+                                 [1 - i / 20 for i in range(10)])
+    torch.testing.assert_close(ratios, expected, rtol=0, atol=0)
+    assert (ratios < 1).any() and (ratios == 1).any()  # some groups clipped, some not
+    # the clipped weight quantizes with the clip as its group max: scale = clip / 7.5
+    clipped = clip_weight(weight, ratios)
+    assert clipped.dtype == dtype
+    groups = ratios.shape[1]
+    limits = (weight.float().reshape(6, groups, -1).abs().amax(-1) * ratios).to(dtype).float()
+    qw = rtn_quantize(clipped.float(), bits=4, group_size=48 // groups)
+    torch.testing.assert_close(qw.scale.float(), (limits / 7.5).to(torch.bfloat16).float(),
+                               rtol=0, atol=0)
+
+
+def test_search_clip_leaves_a_linear_no_token_reached():
+    weight = torch.randn(4, 32, generator=torch.Generator().manual_seed(7)) ** 3
+    ratios = search_clip(weight, torch.zeros(32, 32), bits=4, group_size=16)
+    torch.testing.assert_close(ratios, torch.ones(4, 2), rtol=0, atol=0)
+    assert torch.equal(clip_weight(weight, ratios), weight)
