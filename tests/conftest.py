@@ -31,3 +31,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+# In-process tools pick a rendezvous port by writing MASTER_PORT into this process's environment
+# (mswift.bridge.layout.ensure_rendezvous_port); every later test's subprocess would inherit it
+# and listen on a port that is not free any more (EADDRINUSE). Restored after every test.
+_RENDEZVOUS = {name: os.environ.get(name) for name in ("MASTER_ADDR", "MASTER_PORT")}
+
+
+def pytest_runtest_teardown(item, nextitem):
+    for name, value in _RENDEZVOUS.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -45,9 +45,9 @@ def free_port() -> int:
 def _context():
     """The forkserver with :data:`PRELOAD` (set before the server starts, at the first call);
     spawn where CUDA is present, as a fork after an import that touched CUDA is unsafe."""
-    import torch
+    from mswift.runtime.device import cuda_available
 
-    if torch.cuda.is_available():
+    if cuda_available():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
